@@ -1,0 +1,28 @@
+"""msfin_fast: an inference engine for MSFIN / MSFIN-S image super-resolution.
+
+Read top-down, the package follows the data: ``config`` → ``model`` (the reference) →
+``weights`` → ``upscaler`` (the user API); ``evaluate`` holds the paper's metrics.
+"""
+
+__version__ = "0.1.0"
+
+from .config import PRESETS, MSFINConfig, get_config
+from .errors import (
+    ConfigError,
+    DeviceError,
+    ImageReadError,
+    ImageWriteError,
+    InvalidInputError,
+    MSFINError,
+    WeightsError,
+)
+from .model import MSFIN, msfin_s_x4, msfin_x4
+from .upscaler import Upscaler
+from .weights import load_pretrained
+
+__all__ = [
+    "PRESETS", "MSFINConfig", "get_config",
+    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler",
+    "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
+    "InvalidInputError", "WeightsError",
+]

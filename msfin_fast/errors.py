@@ -1,0 +1,29 @@
+"""Typed errors. Every message says what went wrong and what to do about it."""
+
+
+class MSFINError(Exception):
+    """Base class for every error msfin_fast raises on purpose."""
+
+
+class ConfigError(MSFINError, ValueError):
+    """An unknown preset or an impossible model configuration."""
+
+
+class InvalidInputError(MSFINError, ValueError):
+    """A tensor or array that the model cannot take (shape, dtype, size, NaN/Inf)."""
+
+
+class WeightsError(MSFINError):
+    """Weights that cannot be found, downloaded, verified or loaded into the model."""
+
+
+class ImageReadError(MSFINError, OSError):
+    """A file that does not exist, cannot be read, or is not a supported image."""
+
+
+class ImageWriteError(MSFINError, OSError):
+    """An output that cannot be written."""
+
+
+class DeviceError(MSFINError, RuntimeError):
+    """A device or precision that this machine cannot provide."""
