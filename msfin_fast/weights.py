@@ -1,0 +1,249 @@
+"""Released weights by name: registry, lookup, download, checksum and strict loading.
+
+Lookup order for a preset's file (e.g. ``MSFIN_X4.pt``):
+  1. ``$MSFIN_WEIGHTS_DIR/<file>``
+  2. the torch hub cache, ``<torch.hub.get_dir()>/checkpoints/<file>``
+  3. download from the upstream repository into the hub cache (unless ``MSFIN_OFFLINE=1``).
+A file found by name must match the registered SHA-256. Files are loaded with
+``weights_only=True`` onto the CPU (the released files were saved from CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import PRESETS, get_config
+from .errors import WeightsError
+from .fileio import atomic_write
+from .model import MSFIN
+
+# The upstream commit that added the released files; pinning it keeps the URLs immutable.
+UPSTREAM_COMMIT = "faf809547c6faa3f66ac6318f4c09622cfb95bd8"
+UPSTREAM_BASE = f"https://github.com/wzx0826/MSFIN/raw/{UPSTREAM_COMMIT}/test/model"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    preset: str
+    filename: str
+    sha256: str
+
+    @property
+    def url(self) -> str:
+        return f"{UPSTREAM_BASE}/{self.filename}"
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    "msfin-x4": WeightsEntry(
+        "msfin-x4", "MSFIN_X4.pt", "339a637d4b2fefd7ee52a553f3729d895381a01c94a68436c75bbf97d5c44345"
+    ),
+    "msfin-s-x4": WeightsEntry(
+        "msfin-s-x4", "MSFIN-S_X4.pt", "ddf9b187e848618a28769b66c7cbe00a54e33887a11b3d284371f26edae2ff91"
+    ),
+}
+assert set(REGISTRY) == set(PRESETS)
+
+_WRAPPER_KEYS = ("state_dict", "model", "params_ema", "params")
+
+
+def registry_entry(preset: str) -> WeightsEntry:
+    get_config(preset)  # raises ConfigError naming the presets
+    return REGISTRY[preset]
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def candidate_paths(preset: str) -> list[tuple[str, Path]]:
+    """Where ``preset``'s file is looked for, in order, as (source, path)."""
+    entry = registry_entry(preset)
+    candidates = []
+    env_dir = os.environ.get("MSFIN_WEIGHTS_DIR")
+    if env_dir:
+        candidates.append(("MSFIN_WEIGHTS_DIR", Path(env_dir).expanduser() / entry.filename))
+    candidates.append(("torch hub cache", hub_checkpoint_dir() / entry.filename))
+    return candidates
+
+
+def locate(preset: str) -> Path | None:
+    """The first existing file for ``preset`` (no download, no checksum), or None."""
+    for _, path in candidate_paths(preset):
+        if path.is_file():
+            return path
+    return None
+
+
+def verify(preset: str, path: Path) -> None:
+    entry = registry_entry(preset)
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        raise WeightsError(
+            f"{path} is not the released {preset} checkpoint: SHA-256 {actual[:16]}… expected "
+            f"{entry.sha256[:16]}…; the file is corrupt, truncated or a different model. "
+            "Delete it (it is downloaded again) or pass your own file with weights=/--weights"
+        )
+
+
+def download(preset: str, *, progress: bool | None = None, timeout: float = 60.0) -> Path:
+    """Download ``preset``'s file into the hub cache, verify it, and return its path.
+
+    ``progress`` (default: when stderr is a terminal) prints a percentage on stderr.
+    """
+    entry = registry_entry(preset)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if os.environ.get("MSFIN_OFFLINE", "") not in ("", "0"):
+        raise WeightsError(
+            f"{preset}: weights {entry.filename} not found (looked in "
+            f"{', '.join(str(p) for _, p in candidate_paths(preset))}) and MSFIN_OFFLINE is set; "
+            "set MSFIN_WEIGHTS_DIR to a folder that holds the file"
+        )
+    target = hub_checkpoint_dir() / entry.filename
+    try:
+        with atomic_write(target) as out, urllib.request.urlopen(entry.url, timeout=timeout) as resp:
+            digest = hashlib.sha256()
+            total, done = int(resp.headers.get("Content-Length") or 0), 0
+            for chunk in iter(lambda: resp.read(1 << 16), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress and total:
+                    print(f"\rdownloading {entry.filename}: {100 * done // total}%", end="",
+                          file=sys.stderr, flush=True)
+            if progress and total:
+                print(file=sys.stderr)
+            if digest.hexdigest() != entry.sha256:
+                raise WeightsError(
+                    f"{preset}: download from {entry.url} has SHA-256 {digest.hexdigest()[:16]}…, "
+                    f"expected {entry.sha256[:16]}…; nothing was saved"
+                )
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(
+            f"{preset}: weights {entry.filename} not found locally and the download from "
+            f"{entry.url} failed ({reason}); set MSFIN_WEIGHTS_DIR to a folder that holds the file"
+        ) from None
+    return target
+
+
+def fetch(preset: str, *, allow_download: bool = True, progress: bool | None = None) -> Path:
+    """Path of ``preset``'s verified weights file, downloading it if needed."""
+    path = locate(preset)
+    if path is not None:
+        verify(preset, path)
+        return path
+    if not allow_download:
+        places = ", ".join(str(p) for _, p in candidate_paths(preset))
+        raise WeightsError(f"{preset}: weights not found (looked in {places})")
+    return download(preset, progress=progress)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file safely and return a flat state_dict of tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found" if not path.exists() else f"{path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"{path} holds Python objects other than tensors; refused by weights-only loading"
+        ) from None
+    except Exception as exc:  # torch.load raises many types on garbage; all mean "not loadable"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(
+            f"{path} cannot be loaded as a PyTorch checkpoint (corrupt or truncated?): {first_line[:160]}"
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and not isinstance(obj.get("head.weight"), torch.Tensor):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(model: MSFIN, state: Mapping[str, torch.Tensor], preset: str, source: str) -> None:
+    """Raise WeightsError naming the mismatched keys unless ``state`` fits ``model`` exactly."""
+    expected = model.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or wrong_shape):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} shape mismatches ({_names(wrong_shape, 3)})")
+    hint = ""
+    head = state.get("head.weight")
+    if isinstance(head, torch.Tensor) and head.dim() == 4:
+        fits = [p for p, c in PRESETS.items() if c.n_feats == head.shape[0] and p != preset]
+        if fits:
+            hint = f"; it looks like a {fits[0]} checkpoint (n_feats {head.shape[0]})"
+    raise WeightsError(f"{source} does not fit preset {preset!r}: " + "; ".join(parts) + hint)
+
+
+def load_pretrained(
+    name: str = "msfin-x4",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    weights: str | Path | None = None,
+    allow_download: bool = True,
+    progress: bool | None = None,
+) -> MSFIN:
+    """An MSFIN preset with its released weights, in eval mode, on ``device`` in ``dtype``.
+
+    ``weights`` loads your own checkpoint for the preset's architecture instead of the released
+    file (no checksum; keys and shapes must still match exactly).
+    """
+    config = get_config(name)
+    path = Path(weights) if weights is not None else fetch(name, allow_download=allow_download, progress=progress)
+    state = read_state_dict(path)
+    model = MSFIN(config)
+    check_state_dict(model, state, name, str(path))
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
