@@ -1,0 +1,48 @@
+"""What can run the network on this machine, reported honestly for ``msfin-fast info``."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str
+
+
+def cuda_devices() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    return [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+
+
+def available_backends() -> list[BackendStatus]:
+    gpus = cuda_devices()
+    statuses = [
+        BackendStatus(
+            "reference (PyTorch)",
+            True,
+            f"torch {torch.__version__} on cpu" + (", " + ", ".join(gpus) if gpus else ""),
+        )
+    ]
+    if importlib.util.find_spec("triton") is None:
+        statuses.append(BackendStatus("triton kernels", False, "triton is not installed"))
+    else:
+        import triton
+
+        statuses.append(
+            BackendStatus(
+                "triton kernels",
+                False,
+                f"triton {triton.__version__} installed; this version ships no Triton kernels yet",
+            )
+        )
+    statuses.append(
+        BackendStatus("CUDA C++ extension", False, "not built (this version has no csrc sources yet)")
+    )
+    return statuses

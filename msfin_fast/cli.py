@@ -1,0 +1,241 @@
+"""``msfin-fast``: upscale images, evaluate on benchmark sets, show what is installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import InvalidInputError, MSFINError
+
+PROG = "msfin-fast"
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal, one line per item otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{rate:.2f} img/s  {label[:40]:<40}"
+            )
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"[{self.done}/{self.total}] {label}\n")
+        self.stream.flush()
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                      help="float32 (default; the exact reference)")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="float16 (for GPUs)")
+    p.set_defaults(precision="fp32")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="your own checkpoint for the preset's architecture instead of the released file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(prog=PROG, description="MSFIN ×4 image super-resolution.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("upscale", help="upscale an image file or every image in a folder")
+    up.add_argument("-i", "--input", required=True, type=Path, help="image file or folder")
+    up.add_argument("-o", "--output", required=True, type=Path,
+                    help="output file (its suffix picks the format) or folder")
+    up.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
+    _add_model_options(up)
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM (Y, paper convention) on HR image folders")
+    ev.add_argument("--model", nargs="+", default=["msfin-x4"], choices=[*PRESETS, "bicubic"],
+                    help="one or more presets; 'bicubic' is the MATLAB-bicubic baseline")
+    ev.add_argument("--data", nargs="+", required=True, type=Path, help="folders of HR images")
+    ev.add_argument("--per-image", action="store_true", help="also print every image's scores")
+    _add_model_options(ev)
+
+    sub.add_parser("info", help="presets, weights, devices and backends")
+
+    sm = sub.add_parser("sample", help="write a synthetic low-resolution test picture")
+    sm.add_argument("output", type=Path, help="where to write it (png, jpg, bmp, webp, tif)")
+    sm.add_argument("--size", type=int, default=128, help="width and height in pixels (default 128)")
+    return parser
+
+
+def _make_upscaler(model: str, args):
+    from .upscaler import Upscaler
+
+    return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights)
+
+
+def cmd_upscale(args) -> int:
+    from .images import READ_SUFFIXES, check_writable, list_image_files
+
+    src, dst = args.input, args.output
+    if not src.exists():
+        raise InvalidInputError(f"{src}: no such file or folder")
+    if src.is_dir():
+        files = list_image_files(src)
+        if not files:
+            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) in this folder")
+        if dst.exists() and not dst.is_dir():
+            raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
+        if dst.resolve() == src.resolve():
+            raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
+        jobs = [(f, dst / f.name) for f in files]
+    else:
+        if dst.is_dir():
+            raise InvalidInputError(f"{dst}: is a folder; give an output file name such as {dst / src.name}")
+        if dst.resolve() == src.resolve():
+            raise InvalidInputError(f"{dst}: would overwrite the input; choose another output name")
+        jobs = [(src, dst)]
+    for _, out in jobs:
+        check_writable(out)
+
+    upscaler = _make_upscaler(args.model, args)
+    progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
+    failures, px_in, px_out = [], 0, 0
+    start = time.perf_counter()
+    for src_file, out in jobs:
+        try:
+            (w, h), (W, H) = upscaler.upscale_file(src_file, out)
+            px_in, px_out = px_in + w * h, px_out + W * H
+        except MSFINError as exc:
+            if len(jobs) == 1:
+                raise
+            failures.append(str(exc))
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        progress.step(src_file.name)
+    seconds = time.perf_counter() - start
+    done = len(jobs) - len(failures)
+    if not args.quiet:
+        print(
+            f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model} on "
+            f"{upscaler.device} ({args.precision}): {px_in / 1e6:.2f} → {px_out / 1e6:.2f} Mpx in "
+            f"{seconds:.2f} s, {px_out / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out"
+            + (f"; {len(failures)} failed" if failures else "")
+        )
+    return 1 if failures else 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import bicubic_upscaler, evaluate_folder
+
+    for folder in args.data:
+        if not folder.is_dir():
+            raise InvalidInputError(f"{folder}: not a folder of HR images")
+    rows = []
+    for model in args.model:
+        if model == "bicubic":
+            upscale, scale = bicubic_upscaler(4), 4
+        else:
+            upscaler = _make_upscaler(model, args)
+            upscale, scale = upscaler.upscale_rgb, upscaler.scale
+        for folder in args.data:
+            def show(score, model=model, folder=folder):
+                if args.per_image:
+                    print(f"  {model:<11} {folder.name:<10} {score.name:<16} "
+                          f"{score.psnr:8.4f}  {score.ssim:.4f}", flush=True)
+
+            result = evaluate_folder(upscale, folder, scale, on_image=show)
+            rows.append((model, result))
+    print(f"{'model':<11}  {'set':<10} {'images':>6}  {'PSNR (dB)':>9}  {'SSIM':>6}  {'seconds':>7}")
+    for model, r in rows:
+        print(f"{model:<11}  {r.name:<10} {len(r.images):>6}  {r.psnr:>9.4f}  {r.ssim:>6.4f}  {r.seconds:>7.1f}")
+    print("Y of BT.601, ×4, HR cropped to a multiple of 4, LR by MATLAB bicubic, 4-pixel shave.")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from .backends import available_backends
+    from .config import PRESETS
+    from .model import MSFIN
+    from .weights import REGISTRY, candidate_paths, locate, sha256_of
+
+    print(f"msfin_fast {__version__}  (python {platform.python_version()}, torch {torch.__version__})")
+    print("presets:")
+    for name, c in PRESETS.items():
+        params = sum(p.numel() for p in MSFIN(c).parameters())
+        print(f"  {name:<11} ×{c.scale}  n_feats {c.n_feats}  groups {c.groups}  reduction {c.reduction}  "
+              f"num_steps {c.num_steps}  {params:,} parameters")
+    print("weights:")
+    for name, entry in REGISTRY.items():
+        path = locate(name)
+        if path is None:
+            looked = ", ".join(str(p) for _, p in candidate_paths(name))
+            print(f"  {name:<11} not found locally (looked in {looked}); downloads from {entry.url}")
+        else:
+            ok = "SHA-256 ok" if sha256_of(path) == entry.sha256 else "SHA-256 MISMATCH (corrupt?)"
+            print(f"  {name:<11} {path} ({ok})")
+    print("backends:")
+    for b in available_backends():
+        print(f"  {b.name:<20} {'yes' if b.available else 'no ':<4} {b.detail}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .images import Picture, write_image
+    from .sample import sample_lr
+
+    if not 16 <= args.size <= 4096:
+        raise InvalidInputError(f"--size {args.size} is out of range (16 to 4096)")
+    write_image(args.output, Picture(sample_lr(args.size)))
+    print(f"wrote {args.output} ({args.size}×{args.size}, synthetic low-resolution test picture)")
+    return 0
+
+
+COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
+        try:
+            return COMMANDS[args.command](args)
+        except MSFINError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 1
+        except MemoryError:
+            print(f"{PROG}: error: out of memory; try a smaller image or another device", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                print(f"{PROG}: error: out of memory ({str(exc).splitlines()[0][:120]}); "
+                      "try a smaller image, --fp16 on a GPU, or --device cpu", file=sys.stderr)
+                return 1
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

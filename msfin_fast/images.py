@@ -1,0 +1,168 @@
+"""Reading and writing image files as uint8 RGB arrays (+ optional alpha), with typed errors.
+
+Writes are atomic: the image goes to a hidden temporary file beside the target, which is renamed
+over the target only once it is complete, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageReadError, ImageWriteError, InvalidInputError
+from .fileio import atomic_write
+
+# suffix → (Pillow format, save options)
+WRITE_FORMATS: dict[str, tuple[str, dict]] = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95}),
+    ".jpeg": ("JPEG", {"quality": 95}),
+    ".bmp": ("BMP", {}),
+    ".webp": ("WEBP", {"quality": 95}),
+    ".tif": ("TIFF", {}),
+    ".tiff": ("TIFF", {}),
+}
+READ_SUFFIXES = tuple(WRITE_FORMATS)
+_NO_ALPHA_FORMATS = {"JPEG"}
+
+
+@dataclass
+class Picture:
+    """An image as the model sees it: uint8 RGB, plus what is needed to give it back its form.
+
+    rgb:   H×W×3 uint8.
+    alpha: H×W uint8, or None when the source had no transparency.
+    grey:  the source was single-channel (it is replicated into ``rgb``; written back as grey).
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    grey: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Image files (by suffix) directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: not a folder")
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES
+    )
+
+
+def from_pil(img: Image.Image) -> Picture:
+    """Convert any Pillow image to a Picture (palette, CMYK, 16-bit grey and 1-bit handled)."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("I", "F") or mode.startswith("I;16"):
+        # 16-bit (or 32-bit) greyscale: the model works in 8 bits, so scale 0..65535 to 0..255.
+        values = np.asarray(img, dtype=np.float64)
+        if mode == "F" or values.max(initial=0) > 65535:
+            raise ImageReadError(f"unsupported image mode {mode!r} (float or >16-bit samples)")
+        img = Image.fromarray(np.round(values * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode == "La":
+        img = img.convert("LA")
+    elif mode == "RGBa":
+        img = img.convert("RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGB")
+
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.size == 0:
+        raise InvalidInputError(f"empty image of size {img.size}")
+    if img.mode == "L":
+        return Picture(np.repeat(arr[..., None], 3, axis=2), None, grey=True)
+    if img.mode == "LA":
+        return Picture(np.repeat(arr[..., :1], 3, axis=2), arr[..., 1].copy(), grey=True)
+    if img.mode == "RGBA":
+        return Picture(arr[..., :3].copy(), arr[..., 3].copy())
+    return Picture(arr.copy())
+
+
+def read_image(path: str | Path) -> Picture:
+    """Read an image file; the EXIF orientation is applied so the pixels are upright."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, not an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: refused, too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: cannot read image ({exc})") from None
+    return from_pil(img)
+
+
+def to_pil(picture: Picture) -> Image.Image:
+    """A Pillow image in the form of the source: L / LA for grey, RGB / RGBA otherwise."""
+    rgb, alpha = picture.rgb, picture.alpha
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidInputError(f"expected uint8 H×W×3 RGB, got {rgb.dtype} {rgb.shape}")
+    img = Image.fromarray(rgb, mode="RGB")
+    if picture.grey:
+        img = img.convert("L")
+    if alpha is not None:
+        img.putalpha(Image.fromarray(alpha, mode="L"))
+    return img
+
+
+def _output_format(path: Path) -> tuple[str, dict]:
+    try:
+        return WRITE_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise ImageWriteError(
+            f"{path}: unsupported output type {path.suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(WRITE_FORMATS)}"
+        ) from None
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, before any computation, if ``path`` clearly cannot be written."""
+    path = Path(path)
+    _output_format(path)
+    if path.is_dir():
+        raise ImageWriteError(f"{path}: is a folder; give a file name for the output")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ImageWriteError(f"{path}: cannot write, {ancestor} is not a folder")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ImageWriteError(f"{path}: cannot write into {ancestor} (permission denied)")
+            break
+
+
+def write_image(path: str | Path, picture: Picture) -> None:
+    """Write atomically; the format follows the suffix (png, jpg, bmp, webp, tif)."""
+    path = Path(path)
+    fmt, options = _output_format(path)
+    check_writable(path)
+    img = to_pil(picture)
+    if fmt in _NO_ALPHA_FORMATS and img.mode in ("RGBA", "LA"):
+        warnings.warn(f"{path.name}: {fmt} has no transparency; the alpha channel is dropped")
+        img = img.convert(img.mode[:-1])
+    try:
+        with atomic_write(path) as f:
+            img.save(f, format=fmt, **options)
+    except OSError as exc:
+        raise ImageWriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
