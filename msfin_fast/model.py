@@ -43,15 +43,17 @@ def downsample2(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
 
 
 class MeanShift(nn.Conv2d):
-    """Adds ``sign · rgb_range · mean`` per channel, as a fixed 1×1 conv (it is stored in the files)."""
+    """A 1×1 conv 3→3 initialised to the identity with bias ``sign · rgb_range · mean``.
+
+    It is an ordinary, trainable conv: the released checkpoints hold trained values (weights
+    within about 0.03 of the identity), so engines must apply it as a full 3×3 channel mix.
+    """
 
     def __init__(self, rgb_range: float, rgb_mean: tuple[float, float, float], sign: int):
         super().__init__(3, 3, 1)
         with torch.no_grad():
             self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
             self.bias.copy_(sign * rgb_range * torch.tensor(rgb_mean))
-        self.weight.requires_grad_(False)
-        self.bias.requires_grad_(False)
 
 
 class ChannelAttention(nn.Module):

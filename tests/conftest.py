@@ -1,0 +1,65 @@
+"""Shared fixtures: where the released weights and the benchmark images are.
+
+Weights come from ``MSFIN_WEIGHTS_DIR`` or ``../shared/weights``; images from ``MSFIN_DATA_DIR`` or
+``../shared/data``. Without them the tests that need them skip locally and fail under CI.
+Tests never touch the network or the user's torch hub cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def _resource(env: str, default: Path, needed: list[str]) -> Path:
+    base = Path(os.environ.get(env) or default)
+    missing = [name for name in needed if not (base / name).exists()]
+    if missing:
+        message = f"{', '.join(missing)} not found in {base} (set {env})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return base
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    return _resource("MSFIN_WEIGHTS_DIR", SHARED / "weights", ["MSFIN_X4.pt", "MSFIN-S_X4.pt"])
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _resource("MSFIN_DATA_DIR", SHARED / "data", ["Set5", "Set14"])
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path_factory):
+    """No downloads, a private hub cache, and MSFIN_WEIGHTS_DIR as the test run found it."""
+    hub = tmp_path_factory.mktemp("hub")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setenv("MSFIN_OFFLINE", "1")
+    weights = os.environ.get("MSFIN_WEIGHTS_DIR") or str(SHARED / "weights")
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", weights)
+
+
+@pytest.fixture(scope="session")
+def pretrained(weights_dir):
+    """Cached pretrained fp32 CPU models by preset name."""
+    from msfin_fast.weights import load_pretrained
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            os.environ["MSFIN_WEIGHTS_DIR"] = str(weights_dir)
+            cache[name] = load_pretrained(name, allow_download=False)
+        return cache[name]
+
+    return get

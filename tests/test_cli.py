@@ -1,0 +1,146 @@
+"""The msfin-fast CLI: the main job, folders, and one-line errors with a non-zero exit."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msfin_fast.cli import main
+
+RNG = np.random.default_rng(0)
+
+
+def _png(path, shape=(12, 10, 3), mode=None):
+    arr = RNG.integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(arr, mode).save(path)
+    return path
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("msfin-fast: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_sample_then_upscale(tmp_path, weights_dir, capsys):
+    lr = tmp_path / "lr.png"
+    assert main(["sample", str(lr), "--size", "24"]) == 0
+    assert Image.open(lr).size == (24, 24)
+    assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "sr.png"), "--model", "msfin-s-x4"]) == 0
+    assert Image.open(tmp_path / "sr.png").size == (96, 96)
+    summary = capsys.readouterr().out
+    assert "upscaled 1 image ×4 with msfin-s-x4 on cpu (fp32)" in summary and "Mpx/s" in summary
+
+
+def test_folder_with_every_kind_and_one_bad_file(tmp_path, weights_dir, capsys):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _png(src / "rgb.png")
+    _png(src / "grey.bmp", (9, 7), "L")
+    _png(src / "alpha.webp", (8, 8, 4), "RGBA")
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(src / "photo.jpg")
+    (src / "broken.png").write_bytes(b"garbage")
+    (src / "notes.txt").write_text("skipped")
+    rc = main(["upscale", "-i", str(src), "-o", str(dst), "--model", "msfin-s-x4"])
+    assert rc == 1  # one image failed; the rest were written
+    captured = capsys.readouterr()
+    assert "broken.png: not an image file" in captured.err
+    assert "[5/5]" in captured.err  # progress
+    assert "upscaled 4 images" in captured.out and "1 failed" in captured.out
+    assert sorted(p.name for p in dst.iterdir()) == ["alpha.webp", "grey.bmp", "photo.jpg", "rgb.png"]
+    assert Image.open(dst / "grey.bmp").mode == "L" and Image.open(dst / "grey.bmp").size == (28, 36)
+    assert Image.open(dst / "alpha.webp").mode == "RGBA"
+    assert Image.open(dst / "rgb.png").size == (40, 48)
+
+
+@pytest.mark.parametrize(
+    "setup, args, fragments",
+    [
+        (lambda d: None, ["-i", "{d}/none.png", "-o", "{d}/o.png"], ["none.png", "no such file"]),
+        (lambda d: (d / "x.png").write_bytes(b"no"), ["-i", "{d}/x.png", "-o", "{d}/o.png"], ["not an image"]),
+        (lambda d: _png(d / "x.png"), ["-i", "{d}/x.png", "-o", "{d}/o.gif"], ["unsupported output type"]),
+        (lambda d: (_png(d / "x.png"), (d / "f").write_text("")), ["-i", "{d}/x.png", "-o", "{d}/f/o.png"],
+         ["is not a folder"]),
+        (lambda d: _png(d / "x.png"), ["-i", "{d}/x.png", "-o", "{d}/x.png"], ["would overwrite the input"]),
+        (lambda d: _png(d / "x.png"), ["-i", "{d}/x.png", "-o", "{d}/o.png", "--weights", "{d}/w.pt"],
+         ["w.pt not found"]),
+        (lambda d: _png(d / "x.png"), ["-i", "{d}/x.png", "-o", "{d}/o.png", "--device", "tpu"],
+         ["unknown device"]),
+        (lambda d: (d / "empty").mkdir(), ["-i", "{d}/empty", "-o", "{d}/out"], ["no images"]),
+    ],
+    ids=["missing", "not-image", "bad-suffix", "parent-is-file", "overwrite-input", "no-weights",
+         "bad-device", "empty-folder"],
+)
+def test_bad_input_gives_one_line_and_exit_1(tmp_path, weights_dir, capsys, setup, args, fragments):
+    setup(tmp_path)
+    argv = ["upscale", "--model", "msfin-s-x4"] + [a.format(d=tmp_path) for a in args]
+    assert main(argv) == 1
+    _one_line_error(capsys, *fragments)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_released_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(tmp_path / "nothing"))
+    _png(tmp_path / "x.png")
+    assert main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png")]) == 1
+    _one_line_error(capsys, "msfin-x4", "MSFIN_X4.pt", "MSFIN_WEIGHTS_DIR")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_corrupt_released_weights(tmp_path, weights_dir, capsys, monkeypatch):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "MSFIN_X4.pt").write_bytes((weights_dir / "MSFIN_X4.pt").read_bytes()[:5000])
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(tmp_path / "w"))
+    _png(tmp_path / "x.png")
+    assert main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png")]) == 1
+    _one_line_error(capsys, "not the released msfin-x4 checkpoint")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["upscale", "-i", "x.png"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["upscale", "-i", "x", "-o", "y", "--model", "edsr"])
+    assert info.value.code == 2
+
+
+def test_eval_prints_a_table(tmp_path, weights_dir, data_dir, capsys):
+    folder = tmp_path / "Mini"
+    folder.mkdir()
+    Image.open(data_dir / "Set5" / "butterfly.png").save(folder / "butterfly.png")
+    rc = main(["eval", "--model", "msfin-s-x4", "bicubic", "--data", str(folder), "--per-image"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "butterfly" in out and "PSNR (dB)" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("msfin-s-x4 ", "bicubic "))]
+    scores = {row[0]: float(row[3]) for row in rows}
+    assert scores["msfin-s-x4"] > scores["bicubic"] + 2  # SR must beat bicubic clearly
+
+
+def test_eval_on_a_missing_folder(tmp_path, capsys):
+    assert main(["eval", "--model", "bicubic", "--data", str(tmp_path / "nope")]) == 1
+    _one_line_error(capsys, "not a folder")
+
+
+def test_info(weights_dir, capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "682,159 parameters" in out and "351,851 parameters" in out
+    assert f"{weights_dir / 'MSFIN_X4.pt'} (SHA-256 ok)" in out
+    assert "reference (PyTorch)" in out and "triton" in out
+
+
+def test_console_entry_point_runs_without_traceback(tmp_path):
+    # A real process: the module entry point, a bad input, one line on stderr, exit 1.
+    proc = subprocess.run(
+        [sys.executable, "-m", "msfin_fast", "upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"msfin-fast: error: {tmp_path / 'x.png'}: no such file or folder"]

@@ -1,0 +1,92 @@
+"""The Upscaler API keeps the kind of its input and refuses what it cannot take."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msfin_fast import DeviceError, InvalidInputError, Upscaler
+from msfin_fast.upscaler import resolve_device, resolve_dtype
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def upscaler(pretrained):
+    return Upscaler(pretrained("msfin-s-x4"), device="cpu")
+
+
+def test_array_matches_the_reference_model(upscaler, pretrained):
+    rgb = RNG.integers(0, 256, (11, 7, 3), dtype=np.uint8)
+    out = upscaler.upscale(rgb)
+    assert out.shape == (44, 28, 3) and out.dtype == np.uint8
+    with torch.no_grad():
+        ref = pretrained("msfin-s-x4")(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())
+    expected = ref[0].clamp(0, 255).round().permute(1, 2, 0).to(torch.uint8).numpy()
+    assert np.array_equal(out, expected)
+
+
+def test_pil_in_pil_out_keeps_mode(upscaler):
+    rgb = RNG.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    assert upscaler.upscale(Image.fromarray(rgb)).size == (20, 24)
+    grey = upscaler.upscale(Image.fromarray(rgb[..., 0], "L"))
+    assert grey.mode == "L" and grey.size == (20, 24)
+    rgba = Image.fromarray(np.dstack([rgb, np.full((6, 5), 200, np.uint8)]), "RGBA")
+    out = upscaler.upscale(rgba)
+    assert out.mode == "RGBA" and np.all(np.asarray(out)[..., 3] == 200)
+
+
+def test_grey_arrays_stay_grey_and_keep_their_rank(upscaler):
+    grey = RNG.integers(0, 256, (6, 5), dtype=np.uint8)
+    assert upscaler.upscale(grey).shape == (24, 20)
+    assert upscaler.upscale(grey[..., None]).shape == (24, 20, 1)
+
+
+def test_alpha_is_upscaled_beside_the_colour(upscaler):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, 4:, 3] = 255
+    out = upscaler.upscale(rgba)
+    assert out.shape == (32, 32, 4)
+    assert np.all(out[:, :12, 3] == 0) and np.all(out[:, 20:, 3] == 255)
+
+
+def test_tensor_in_tensor_out(upscaler):
+    x = torch.rand(2, 3, 5, 6, dtype=torch.float64) * 255  # cast to the model dtype
+    y = upscaler.upscale(x)
+    assert y.shape == (2, 3, 20, 24) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((4, 4, 3), np.float32), "uint8"),
+        (np.zeros((4, 4, 2), np.uint8), "H×W×3"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "H×W×3"),
+        (torch.zeros(1, 3, 4, 4).fill_(float("nan")), "NaN"),
+        (torch.zeros(1, 1, 4, 4), "3 RGB channels"),
+        ("photo.png", "cannot upscale a str"),
+    ],
+)
+def test_bad_images(upscaler, image, message):
+    with pytest.raises(InvalidInputError, match=message):
+        upscaler.upscale(image)
+
+
+def test_devices_and_precisions():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert resolve_dtype("fp16") == torch.float16 and resolve_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu:0")
+    with pytest.raises(DeviceError, match="unknown precision"):
+        resolve_dtype("int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_by_name_with_weights_dir(weights_dir):
+    up = Upscaler("msfin-x4", device="cpu")
+    assert up.scale == 4 and up.name == "msfin-x4"
+    assert up.upscale(np.zeros((3, 3, 3), np.uint8)).shape == (12, 12, 3)
