@@ -14,13 +14,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import InvalidInputError
+from .images import READ_SUFFIXES, list_image_files, read_image
 
 _BT601_Y = np.array([65.481, 128.553, 24.966]) / 255.0
 
@@ -150,9 +151,6 @@ def ssim(a: np.ndarray, b: np.ndarray, shave: int = 0, peak: float = 255.0) -> f
 # Data sets
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
 @dataclass
 class ImageScore:
     name: str
@@ -187,12 +185,6 @@ def score_pair(sr: np.ndarray, hr: np.ndarray, shave: int) -> tuple[float, float
     return psnr(y_sr, y_hr, shave), ssim(y_sr, y_hr, shave)
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    from .images import list_image_files
-
-    return list_image_files(folder)
-
-
 def evaluate_folder(
     upscale: Callable[[np.ndarray], np.ndarray],
     folder: str | Path,
@@ -204,12 +196,10 @@ def evaluate_folder(
     Greyscale HR images are replicated to three channels before cropping, like the authors'
     test-data script; PSNR and SSIM are taken on Y with a ``scale``-pixel shave.
     """
-    from .images import read_image
-
     folder = Path(folder)
-    files = list_images(folder)
+    files = list_image_files(folder)
     if not files:
-        raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
+        raise InvalidInputError(f"no images ({', '.join(READ_SUFFIXES)}) found in {folder}")
     result = SetScore(folder.name)
     start = time.perf_counter()
     for path in files:
@@ -236,9 +226,3 @@ def bicubic_upscaler(scale: int) -> Callable[[np.ndarray], np.ndarray]:
         return imresize(lr, float(scale))
 
     return upscale
-
-
-def evaluate_sets(
-    upscale: Callable[[np.ndarray], np.ndarray], folders: Iterable[str | Path], scale: int
-) -> list[SetScore]:
-    return [evaluate_folder(upscale, f, scale) for f in folders]

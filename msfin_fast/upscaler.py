@@ -156,25 +156,17 @@ def _check_uint8_image(rgb: np.ndarray) -> None:
 
 
 def _array_to_picture(arr: np.ndarray) -> Picture:
-    if arr.dtype != np.uint8:
-        raise InvalidInputError(
-            f"expected a uint8 image array, got dtype {arr.dtype}; "
-            "for float data use a tensor [N, 3, h, w] with values in 0–255"
-        )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim == 2:
         picture = Picture(np.repeat(arr[..., None], 3, axis=2), None, grey=True)
-    elif arr.ndim == 3 and arr.shape[2] == 3:
-        picture = Picture(arr)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        picture = Picture(arr[..., :3], arr[..., 3])
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        picture = Picture(arr[..., :3], arr[..., 3] if arr.shape[2] == 4 else None)
     else:
         raise InvalidInputError(
             f"expected an image array H×W, H×W×1, H×W×3 or H×W×4, got shape {arr.shape}"
         )
-    if picture.rgb.shape[0] == 0 or picture.rgb.shape[1] == 0:
-        raise InvalidInputError(f"empty image: shape {arr.shape}")
+    _check_uint8_image(picture.rgb)
     return picture
 
 
