@@ -20,7 +20,8 @@ from msfin_fast.evaluate import (
 
 
 def test_imresize_matches_matlab_on_a_3x3_matrix():
-    # MATLAB: imresize([1 2 3; 4 5 6; 7 8 9], 1/1.4) (double input, bicubic, antialiasing)
+    # MATLAB: imresize([1 2 3; 4 5 6; 7 8 9], 1/1.4) (double input, bicubic, antialiasing), as quoted
+    # in a public Q&A on porting imresize to Python.
     matlab = np.array(
         [[1.7583, 3.2062, 3.5251],
          [6.1021, 7.5500, 7.8688],
