@@ -81,16 +81,39 @@ def from_pil(img: Image.Image) -> Picture:
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         img = img.convert("RGB")
 
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.size == 0:
-        raise InvalidInputError(f"empty image of size {img.size}")
-    if img.mode == "L":
-        return Picture(np.repeat(arr[..., None], 3, axis=2), None, grey=True)
-    if img.mode == "LA":
-        return Picture(np.repeat(arr[..., :1], 3, axis=2), arr[..., 1].copy(), grey=True)
-    if img.mode == "RGBA":
-        return Picture(arr[..., :3].copy(), arr[..., 3].copy())
-    return Picture(arr.copy())
+    return picture_from_array(np.asarray(img, dtype=np.uint8))
+
+
+def picture_from_array(arr: np.ndarray) -> Picture:
+    """uint8 H×W (grey), H×W×1, H×W×2 (grey + alpha), H×W×3 (RGB) or H×W×4 (RGBA) → Picture."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+        raise InvalidInputError(
+            f"expected a uint8 image array, got {getattr(arr, 'dtype', type(arr).__name__)}; "
+            "for float data use a tensor [N, 3, h, w] with values in 0–255"
+        )
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or not 1 <= arr.shape[2] <= 4:
+        raise InvalidInputError(
+            f"expected an image array H×W, H×W×1, H×W×2, H×W×3 or H×W×4, got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidInputError(f"empty image: shape {arr.shape}")
+    grey = arr.shape[2] <= 2
+    colour = np.repeat(arr[..., :1], 3, axis=2) if grey else arr[..., :3].copy()
+    alpha = arr[..., -1].copy() if arr.shape[2] in (2, 4) else None
+    return Picture(colour, alpha, grey)
+
+
+def picture_to_array(picture: Picture, channels: int) -> np.ndarray:
+    """Inverse of picture_from_array: H×W when ``channels`` is 0, else H×W×channels."""
+    if picture.grey:
+        colour = np.asarray(to_pil(Picture(picture.rgb, None, True)))[..., None]
+    else:
+        colour = picture.rgb
+    parts = [colour] if picture.alpha is None else [colour, picture.alpha[..., None]]
+    out = np.concatenate(parts, axis=2) if len(parts) > 1 else colour
+    return out[..., 0] if channels == 0 else out
 
 
 def read_image(path: str | Path) -> Picture:

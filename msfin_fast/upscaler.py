@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DeviceError, InvalidInputError
-from .images import Picture, from_pil, read_image, to_pil, write_image
+from .images import (
+    Picture,
+    from_pil,
+    picture_from_array,
+    picture_to_array,
+    read_image,
+    to_pil,
+    write_image,
+)
 from .model import MSFIN
 from .weights import load_pretrained
 
@@ -54,8 +62,8 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype:
 
 
 def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    """[3, H, W] float → H×W×3 uint8 (clamped, rounded)."""
-    return t.float().clamp_(0, 255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """Float pixels in 0–255 (any shape) → uint8 numpy, clamped and rounded."""
+    return t.float().clamp_(0, 255).round_().to(torch.uint8).cpu().numpy()
 
 
 class Upscaler:
@@ -64,7 +72,7 @@ class Upscaler:
     >>> up = Upscaler("msfin-x4", device="auto")       # doctest: +SKIP
     >>> big = up.upscale(Image.open("photo.png"))        # PIL in, PIL out  # doctest: +SKIP
 
-    ``upscale`` keeps the kind of its input: PIL → PIL, numpy uint8 (H×W, H×W×1, H×W×3 or
+    ``upscale`` keeps the kind of its input: PIL → PIL, numpy uint8 (H×W, H×W×1, H×W×2, H×W×3 or
     H×W×4) → numpy uint8, float tensor [N, 3, h, w] in 0–255 → float tensor (unclamped).
     Greyscale stays greyscale; an alpha channel is upscaled bicubically beside the colour.
     """
@@ -111,7 +119,7 @@ class Upscaler:
         _check_uint8_image(rgb)
         x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
         x = x.permute(2, 0, 1)[None].to(self.dtype)
-        return _to_uint8(self.model(x)[0])
+        return _to_uint8(self.model(x)[0].permute(1, 2, 0))
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
@@ -120,14 +128,15 @@ class Upscaler:
         if picture.alpha is not None:
             a = torch.from_numpy(picture.alpha).to(self.device, torch.float32)[None, None]
             a = F.interpolate(a, scale_factor=self.scale, mode="bicubic", align_corners=False)
-            alpha = a[0, 0].clamp_(0, 255).round_().to(torch.uint8).cpu().numpy()
+            alpha = _to_uint8(a[0, 0])
         return Picture(rgb, alpha, picture.grey)
 
     def upscale(self, image):
         if isinstance(image, Image.Image):
             return to_pil(self.upscale_picture(from_pil(image)))
         if isinstance(image, np.ndarray):
-            return _picture_to_array(self.upscale_picture(_array_to_picture(image)), image)
+            channels = 0 if image.ndim == 2 else image.shape[-1]
+            return picture_to_array(self.upscale_picture(picture_from_array(image)), channels)
         if isinstance(image, torch.Tensor):
             return self.upscale_tensor(image)
         raise InvalidInputError(
@@ -144,36 +153,6 @@ class Upscaler:
 
 
 def _check_uint8_image(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-        raise InvalidInputError(
-            f"expected a uint8 array, got {getattr(rgb, 'dtype', type(rgb).__name__)}; "
-            "for float data use a tensor [N, 3, h, w] with values in 0–255"
-        )
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
+    picture = picture_from_array(rgb)
+    if picture.grey or picture.alpha is not None:
         raise InvalidInputError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise InvalidInputError(f"empty image: shape {rgb.shape}")
-
-
-def _array_to_picture(arr: np.ndarray) -> Picture:
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        picture = Picture(np.repeat(arr[..., None], 3, axis=2), None, grey=True)
-    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
-        picture = Picture(arr[..., :3], arr[..., 3] if arr.shape[2] == 4 else None)
-    else:
-        raise InvalidInputError(
-            f"expected an image array H×W, H×W×1, H×W×3 or H×W×4, got shape {arr.shape}"
-        )
-    _check_uint8_image(picture.rgb)
-    return picture
-
-
-def _picture_to_array(picture: Picture, like: np.ndarray) -> np.ndarray:
-    if picture.grey:
-        grey = np.asarray(to_pil(Picture(picture.rgb, None, True)))
-        return grey[..., None] if like.ndim == 3 else grey
-    if picture.alpha is not None:
-        return np.concatenate([picture.rgb, picture.alpha[..., None]], axis=2)
-    return picture.rgb

@@ -42,6 +42,12 @@ def test_grey_arrays_stay_grey_and_keep_their_rank(upscaler):
     assert upscaler.upscale(grey[..., None]).shape == (24, 20, 1)
 
 
+def test_grey_with_alpha_array(upscaler):
+    la = np.dstack([RNG.integers(0, 256, (5, 6), dtype=np.uint8), np.full((5, 6), 9, np.uint8)])
+    out = upscaler.upscale(la)
+    assert out.shape == (20, 24, 2) and np.all(out[..., 1] == 9)
+
+
 def test_alpha_is_upscaled_beside_the_colour(upscaler):
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[:, 4:, 3] = 255
@@ -60,7 +66,7 @@ def test_tensor_in_tensor_out(upscaler):
     "image, message",
     [
         (np.zeros((4, 4, 3), np.float32), "uint8"),
-        (np.zeros((4, 4, 2), np.uint8), "H×W×3"),
+        (np.zeros((4, 4, 5), np.uint8), "H×W×4"),
         (np.zeros((0, 4, 3), np.uint8), "empty"),
         (np.zeros((2, 4, 4, 3), np.uint8), "H×W×3"),
         (torch.zeros(1, 3, 4, 4).fill_(float("nan")), "NaN"),
