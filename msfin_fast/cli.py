@@ -42,6 +42,10 @@ class Progress:
         self.stream.flush()
 
 
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     prec = p.add_mutually_exclusive_group()
@@ -126,7 +130,7 @@ def cmd_upscale(args) -> int:
             if len(jobs) == 1:
                 raise
             failures.append(str(exc))
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            _error(str(exc))
         progress.step(src_file.name)
     seconds = time.perf_counter() - start
     done = len(jobs) - len(failures)
@@ -221,18 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except MSFINError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            _error(str(exc))
             return 1
         except MemoryError:
-            print(f"{PROG}: error: out of memory; try a smaller image or another device", file=sys.stderr)
+            _error("out of memory; try a smaller image or another device")
             return 1
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
-                print(f"{PROG}: error: out of memory ({str(exc).splitlines()[0][:120]}); "
-                      "try a smaller image, --fp16 on a GPU, or --device cpu", file=sys.stderr)
+                _error(f"out of memory ({str(exc).splitlines()[0][:120]}); "
+                       "try a smaller image, --fp16 on a GPU, or --device cpu")
                 return 1
             raise
 

@@ -153,6 +153,9 @@ class Upscaler:
 
 
 def _check_uint8_image(rgb: np.ndarray) -> None:
-    picture = picture_from_array(rgb)
-    if picture.grey or picture.alpha is not None:
-        raise InvalidInputError(f"expected an H×W×3 RGB array, got shape {rgb.shape}")
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+            and rgb.shape[2] == 3 and rgb.size):
+        raise InvalidInputError(
+            "expected a non-empty uint8 H×W×3 RGB array, got "
+            f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
+        )

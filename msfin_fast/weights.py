@@ -179,7 +179,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and not isinstance(obj.get("head.weight"), torch.Tensor):
+            if isinstance(inner, Mapping) and inner:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj or not all(

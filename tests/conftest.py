@@ -52,14 +52,15 @@ def _isolated(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained(weights_dir):
     """Cached pretrained fp32 CPU models by preset name."""
-    from msfin_fast.weights import load_pretrained
+    from msfin_fast.weights import REGISTRY, load_pretrained, verify
 
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            os.environ["MSFIN_WEIGHTS_DIR"] = str(weights_dir)
-            cache[name] = load_pretrained(name, allow_download=False)
+            path = weights_dir / REGISTRY[name].filename
+            verify(name, path)
+            cache[name] = load_pretrained(name, weights=path)
         return cache[name]
 
     return get
