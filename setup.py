@@ -52,7 +52,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["msfin_fast", "msfin_fast.kernels"],
+    packages=["msfin_fast", "msfin_fast.engine", "msfin_fast.kernels"],
     package_dir={"msfin_fast": "msfin_fast", "msfin_fast.kernels": "kernels"},
     install_requires=["torch>=2.1", "numpy>=1.23", "pillow>=9.1"],
     extras_require={
