@@ -1,5 +1,217 @@
 """The fast engine: the reference network's graph executed as fused kernel launches.
 
-Backends implement the same per-layer contract (NHWC activations, deferred channel attention);
-see ``plan`` for how a forward is laid out and ``runtime`` for how it runs.
+``optimize(model)`` returns an :class:`Engine`, an ``nn.Module`` with the reference's call
+signature (LR [N, 3, h, w] in 0–255 → SR [N, 3, 4h, 4w]). It is built from the model you pass:
+``plan`` derives the launches from the model's traced graph, ``packing`` lays the weights out for
+the kernels (again whenever the model's parameters change), ``runtime`` runs the launches over an
+arena planned per input shape, optionally replaying a CUDA graph per shape.
+
+Backends: ``"triton"`` (kernels/, on CUDA, or on the CPU under ``TRITON_INTERPRET=1``),
+``"emulate"`` (the same plan with every kernel computed by PyTorch ops — slow, for checking),
+``"reference"`` (the model itself). ``"auto"`` takes Triton where it can run and otherwise falls
+back to the reference, saying so once.
 """
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DeviceError
+from ..model import MSFIN, RRCAB, check_input
+from . import plan as P
+from .backends import EmulatedOps
+from .packing import pack_head, pack_rrcab, pack_tail
+from .runtime import GraphCache, Runner
+
+BACKENDS = ("auto", "triton", "emulate", "reference")
+DTYPES = (torch.float32, torch.float16)
+_warned: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"the Triton kernels need a CUDA device (the model is on {device}; TRITON_INTERPRET=1 runs them slowly on the CPU)"
+
+
+class Engine(nn.Module):
+    """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from."""
+
+    def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
+                 cuda_graphs: bool = False, max_graphs: int = 8):
+        super().__init__()
+        if not isinstance(model, MSFIN):
+            raise ConfigError(f"optimize() takes an msfin_fast.MSFIN model, got {type(model).__name__}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.__dict__["source"] = model  # not a submodule: the engine holds packed copies, not the weights
+        self.dtype = dtype
+        self.requested_backend = backend
+        self.cuda_graphs = cuda_graphs
+        self.check_finite = True
+        self.graphs = GraphCache(max_graphs)
+        self.fallback_reason: str | None = None
+        self._version: tuple | None = None
+        self._arenas: dict = {}
+        self._reference: MSFIN | None = None
+        self._choose_backend()
+
+    # Set-up ----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.head.weight.device
+
+    @property
+    def backend(self) -> str:
+        """What actually runs: ``triton``, ``emulate`` or ``reference``."""
+        return self._backend
+
+    def _choose_backend(self) -> None:
+        requested = self.requested_backend
+        self._backend = requested
+        reason = None
+        if self.source.config.scale != 4:
+            reason = f"the engine's head kernel is specialised for ×4 (model is ×{self.source.config.scale})"
+        else:
+            try:
+                self.plan = P.build_plan(self.source)
+            except P.UnsupportedModel as exc:
+                reason = str(exc)
+        if reason is None and requested in ("auto", "triton"):
+            reason = triton_unavailable_reason(self.device)
+            if reason is None:
+                self._backend = "triton"
+        if requested == "reference":
+            reason = "backend='reference' was requested"
+        if reason is not None and requested in ("triton", "emulate"):
+            raise DeviceError(f"backend={requested!r} cannot run: {reason}")
+        if reason is not None:
+            self._backend = "reference"
+            self.fallback_reason = reason
+            if requested == "auto":
+                _say_once(f"msfin_fast.optimize: running the PyTorch reference instead of the kernels: {reason}")
+        if self._backend == "triton":
+            from .backends import TritonOps
+
+            self.ops = TritonOps()
+        elif self._backend == "emulate":
+            self.ops = EmulatedOps()
+
+    def _parameters_version(self) -> tuple:
+        return (self.device,) + tuple(p._version for p in self.source.parameters())
+
+    def _refresh(self) -> None:
+        """Pack the weights, again if the source model's parameters changed since the last call."""
+        version = self._parameters_version()
+        if version == self._version:
+            return
+        m = self.source
+        if self._backend == "reference":
+            self._reference = copy.deepcopy(m).to(self.dtype).eval()
+            self._reference.check_finite = False
+        else:
+            with torch.no_grad():
+                packed = {name: pack_rrcab(mod, self.dtype) for name, mod in m.named_children() if isinstance(mod, RRCAB)}
+                packed["head"] = pack_head(m.sub_mean, m.head, m.config.scale)
+                packed["tail"] = pack_tail(m.tail2, m.add_mean, self.dtype)
+                layers = {
+                    launch.module: copy.deepcopy(m.get_submodule(launch.module))
+                    .to(dtype=self.dtype, memory_format=torch.channels_last).eval()
+                    for launch in self.plan.launches if isinstance(launch, P.Layer)
+                }
+            self.runner = Runner(self.plan, self.ops, packed, layers)
+            self._arenas.clear()
+            self.graphs.clear()
+        self._version = version
+
+    # Forward ---------------------------------------------------------------------------------------
+
+    @property
+    def scale(self) -> int:
+        return self.source.config.scale
+
+    def arena_bytes(self, n: int, h: int, w: int) -> int:
+        """Bytes of the activation arena for an input [n, 3, h, w] (PyTorch-run layers come on top)."""
+        self._refresh()
+        if self._backend == "reference":
+            raise DeviceError("the reference backend has no arena")
+        s = self.scale
+        return self.runner.arena(n, s * h, s * w, self.dtype, torch.device("meta")).nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LR image [N, 3, h, w] in [0, 255] (any float dtype) → SR [N, 3, 4h, 4w] in the engine's dtype."""
+        check_input(x, check_finite=self.check_finite)
+        if x.device != self.device:
+            raise DeviceError(f"input is on {x.device} but the engine's model is on {self.device}; move one of them")
+        self._refresh()
+        x = x.to(self.dtype).contiguous()
+        with torch.no_grad():
+            if self._backend == "reference":
+                return self._reference(x)
+            if self.cuda_graphs and x.is_cuda:
+                return self._replay(x)
+            n, _, h, w = x.shape
+            arena = self._arena(x)
+            out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
+            return self.runner.run(x, arena, out)
+
+    def _arena(self, x: torch.Tensor):
+        key = tuple(x.shape)
+        arena = self._arenas.get(key)
+        if arena is None:
+            n, _, h, w = x.shape
+            arena = self.runner.arena(n, self.scale * h, self.scale * w, self.dtype, x.device)
+            self._arenas[key] = arena
+        return arena
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        entry = self.graphs.get(key)
+        if entry is None:
+            n, _, h, w = x.shape
+            static_x = x.clone()
+            arena = self.runner.arena(n, self.scale * h, self.scale * w, self.dtype, x.device)
+            static_out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):  # warm-up compiles the kernels outside the capture
+                self.runner.run(static_x, arena, static_out)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.runner.run(static_x, arena, static_out)
+            entry = (graph, static_x, static_out, arena)
+            self.graphs.put(key, entry)
+        graph, static_x, static_out, _ = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def extra_repr(self) -> str:
+        return f"backend={self._backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}"
+
+
+def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
+             cuda_graphs: bool = False, max_graphs: int = 8) -> Engine:
+    """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged."""
+    return Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs)

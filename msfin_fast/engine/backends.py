@@ -1,0 +1,102 @@
+"""Kernel backends: the same four operations, each honouring the contracts in kernels/*.py.
+
+``head``         LR NCHW image → first features, NHWC (bilinear ×S, sub_mean, head conv).
+``rrcab_pass``   one step of an RRCAB block on a deferred Source → x_out, u_out, sums.
+``materialize``  a deferred Source → a plain NHWC tensor.
+``tail``         a deferred Source → SR image, NCHW (tail conv with add_mean folded in).
+
+``TritonOps`` launches the kernels. ``EmulatedOps`` computes the same contracts with PyTorch ops,
+rounding to the storage dtype at the same points; it is slow and exists so the plan can be
+checked on any machine and each kernel can be checked against a second implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.contract import Source
+from .packing import PackedHead, PackedRRCAB, PackedTail
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class EmulatedOps:
+    name = "pytorch-emulation"
+
+    @staticmethod
+    def ca_scale(src: Source) -> torch.Tensor:
+        """[N, C] fp32 channel-attention scale of a deferred source."""
+        ca = src.ca
+        n, h, w, c = src.t.shape
+        z = torch.relu(src.sums / (h * w) @ ca.w1[:, :c].t() + ca.b1)  # [N, CRP]
+        return torch.sigmoid(z @ ca.w2t[:, :c] + ca.b2[:c])
+
+    def source(self, src: Source) -> torch.Tensor:
+        """``t + CA(u) + e1 + e2`` in fp32, NHWC."""
+        x = src.t.float()
+        if src.deferred:
+            x = x + self.ca_scale(src)[:, None, None, :] * src.u.float()
+        for e in src.addends:
+            x = x + e.float()
+        return x
+
+    @staticmethod
+    def _conv(x: torch.Tensor, conv, dtype, **kw) -> torch.Tensor:
+        w = conv.weight.detach().to(dtype).float()
+        b = conv.bias.detach().float() if conv.bias is not None else None
+        return _nhwc(F.conv2d(_nchw(x), w, b, padding=conv.padding, groups=conv.groups, **kw))
+
+    def head(self, x: torch.Tensor, p: PackedHead, out: torch.Tensor) -> None:
+        y = F.interpolate(x.float(), scale_factor=p.scale, mode="bilinear", align_corners=False)
+        y = F.conv2d(y, p.sub_mean.weight.detach().float(), p.sub_mean.bias.detach().float())
+        y = F.conv2d(y, p.head.weight.detach().float(), p.head.bias.detach().float(), padding=1)
+        out.copy_(_nhwc(y))
+
+    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums) -> None:
+        dt = p.dtype
+        body = p.module.body
+        x = self.source(src).to(dt)
+        if x_out is not None:
+            x_out.copy_(x)
+        a.copy_(torch.relu(self._conv(x.float(), body[0], dt)))
+        h = torch.relu(self._conv(a.float(), body[2], dt)).to(dt)
+        u = self._conv(h.float(), body[4], dt)
+        u_out.copy_(u)
+        sums += u.sum(dim=(1, 2))
+
+    def materialize(self, src: Source, out: torch.Tensor) -> None:
+        out.copy_(self.source(src))
+
+    def tail(self, src: Source, p: PackedTail, out: torch.Tensor) -> None:
+        x = self.source(src).to(p.dtype).float()
+        y = _nchw(self._conv(x, p.tail, p.dtype))
+        out.copy_(F.conv2d(y, p.add_mean.weight.detach().float(), p.add_mean.bias.detach().float()))
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self):
+        from ..kernels import head, materialize, rrcab, tail
+
+        self._head, self._materialize, self._rrcab, self._tail = head, materialize, rrcab, tail
+
+    def head(self, x, p: PackedHead, out) -> None:
+        self._head.head(x, p.scale, p.mean_w, p.mean_b, p.w, p.b, out)
+
+    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums) -> None:
+        self._rrcab.rrcab_conv1(src, p.w1, p.b1, a, x_out)
+        self._rrcab.rrcab_conv2(a, p.w2, p.b2, p.w3, p.b3, u_out, sums)
+
+    def materialize(self, src: Source, out) -> None:
+        self._materialize.materialize(src, out)
+
+    def tail(self, src: Source, p: PackedTail, out) -> None:
+        self._tail.tail(src, p.w, p.b, out)

@@ -1,0 +1,146 @@
+"""Weights in the layouts the kernels read, made once from the reference modules.
+
+Every packed object keeps the module it came from, so the PyTorch emulation of a kernel
+(``emulate.py``) computes from the original weights and checks the packing as well as the kernel.
+Layouts are documented in each kernel file's header (kernels/*.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.contract import CAWeights
+from ..model import RRCAB, ChannelAttention, MeanShift
+
+CHUNK = 16
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def chunks(c: int) -> int:
+    return -(-c // CHUNK)
+
+
+def pack_bias(bias: torch.Tensor | None, width: int, device) -> torch.Tensor:
+    out = torch.zeros(width, dtype=torch.float32, device=device)
+    if bias is not None:
+        out[: bias.numel()] = bias.detach().float()
+    return out
+
+
+def pack_grouped3x3(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, C/G, 3, 3] → block-diagonal [9, NCHUNK, 16 (in), 16 (out)], bias [CP] fp32."""
+    c, g = conv.out_channels, conv.groups
+    cpg = c // g
+    if conv.in_channels != c or CHUNK % cpg:
+        raise ValueError(f"grouped conv {c}→{c} with {cpg} channels per group does not tile 16-channel chunks")
+    w = conv.weight.detach().float()
+    dense = torch.zeros(c, c, 3, 3, dtype=torch.float32, device=w.device)  # [out, in, ky, kx]
+    for grp in range(g):
+        sl = slice(grp * cpg, (grp + 1) * cpg)
+        dense[sl, sl] = w[sl]
+    nchunk = chunks(c)
+    packed = torch.zeros(9, nchunk, CHUNK, CHUNK, dtype=torch.float32, device=w.device)
+    for j in range(nchunk):
+        lo, hi = j * CHUNK, min(c, (j + 1) * CHUNK)
+        block = dense[lo:hi, lo:hi]  # [out, in, 3, 3]
+        packed[:, j, : hi - lo, : hi - lo] = block.permute(2, 3, 1, 0).reshape(9, hi - lo, hi - lo)
+    return packed.to(dtype).contiguous(), pack_bias(conv.bias, next_pow2(c), w.device)
+
+
+def pack_pointwise(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """1×1 [C, C, 1, 1] → [NCHUNK, 16 (in), CP (out)], bias [CP] fp32."""
+    c = conv.out_channels
+    cp, nchunk = next_pow2(c), chunks(c)
+    w = conv.weight.detach().float()[:, :, 0, 0]  # [out, in]
+    packed = torch.zeros(nchunk * CHUNK, cp, dtype=torch.float32, device=w.device)
+    packed[:c, :c] = w.t()
+    return packed.view(nchunk, CHUNK, cp).to(dtype).contiguous(), pack_bias(conv.bias, cp, w.device)
+
+
+def pack_ca(ca: ChannelAttention) -> CAWeights:
+    down, up = ca.conv_du[0], ca.conv_du[2]
+    c, cr = down.in_channels, down.out_channels
+    cp, crp = next_pow2(c), next_pow2(cr)
+    dev = down.weight.device
+    w1 = torch.zeros(crp, cp, device=dev)
+    w1[:cr, :c] = down.weight.detach().float()[:, :, 0, 0]
+    w2t = torch.zeros(crp, cp, device=dev)
+    w2t[:cr, :c] = up.weight.detach().float()[:, :, 0, 0].t()
+    return CAWeights(w1, pack_bias(down.bias, crp, dev), w2t, pack_bias(up.bias, cp, dev))
+
+
+@dataclass
+class PackedRRCAB:
+    module: RRCAB
+    dtype: torch.dtype
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    w3: torch.Tensor
+    b3: torch.Tensor
+    ca: CAWeights
+
+    @property
+    def steps(self) -> int:
+        return 1 + self.module.num_steps
+
+
+def pack_rrcab(block: RRCAB, dtype: torch.dtype) -> PackedRRCAB:
+    conv1, conv2, pointwise, ca = block.body[0], block.body[2], block.body[4], block.body[5]
+    w1, b1 = pack_grouped3x3(conv1, dtype)
+    w2, b2 = pack_grouped3x3(conv2, dtype)
+    w3, b3 = pack_pointwise(pointwise, dtype)
+    return PackedRRCAB(block, dtype, w1, b1, w2, b2, w3, b3, pack_ca(ca))
+
+
+@dataclass
+class PackedHead:
+    sub_mean: MeanShift
+    head: nn.Conv2d
+    scale: int
+    mean_w: torch.Tensor
+    mean_b: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+def pack_head(sub_mean: MeanShift, head: nn.Conv2d, scale: int) -> PackedHead:
+    n = head.out_channels
+    np_ = next_pow2(n)
+    dev = head.weight.device
+    w = torch.zeros(9, 3, np_, device=dev)
+    w[:, :, :n] = head.weight.detach().float().permute(2, 3, 1, 0).reshape(9, 3, n)
+    return PackedHead(
+        sub_mean, head, scale,
+        sub_mean.weight.detach().float()[:, :, 0, 0].contiguous(), sub_mean.bias.detach().float().contiguous(),
+        w, pack_bias(head.bias, np_, dev),
+    )
+
+
+@dataclass
+class PackedTail:
+    tail: nn.Conv2d
+    add_mean: MeanShift
+    dtype: torch.dtype
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+def pack_tail(tail: nn.Conv2d, add_mean: MeanShift, dtype: torch.dtype) -> PackedTail:
+    """Fold add_mean into tail2 (``w' = M·w``, ``b' = M·b + b_mean``) and pack like a 16-chunk conv."""
+    n = tail.in_channels
+    nchunk = chunks(n)
+    m = add_mean.weight.detach().double()[:, :, 0, 0]
+    w = torch.einsum("oc,cikl->oikl", m, tail.weight.detach().double())  # [3, n, 3, 3]
+    b = m @ tail.bias.detach().double() + add_mean.bias.detach().double()
+    packed = torch.zeros(9, nchunk * CHUNK, CHUNK, dtype=torch.float64, device=w.device)
+    packed[:, :n, :3] = w.permute(2, 3, 1, 0).reshape(9, n, 3)
+    packed = packed.view(9, nchunk, CHUNK, CHUNK)
+    return PackedTail(tail, add_mean, dtype, packed.to(dtype).contiguous(), pack_bias(b, CHUNK, w.device))

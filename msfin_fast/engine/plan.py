@@ -1,0 +1,292 @@
+"""From the reference graph to a list of launches over symbolic buffers.
+
+The plan walks ``graph.trace_features(model)`` node by node; it never restates the network.
+Values flow between nodes in one of three forms:
+
+``Plain``     a finished NHWC buffer.
+``Deferred``  an RRCAB result ``t + CA(u)``: buffers ``t`` and ``u`` plus a slot of channel sums.
+              Nothing finishes it until a reader needs it, and most readers finish it for free.
+``Sum``       a ``+`` node over a Plain/Deferred base and up to two Plain addends; it too is
+              finished by its reader.
+
+An RRCAB pass reads its input as a deferred Source and, when that input is not already a plain
+buffer, writes the finished input as its residual base (``x_out``); that write doubles as the
+materialised value for any other reader of the same node. Only values read by a layer without a
+deferred prologue (a cuDNN conv, a concat) and not finished that way get a ``materialize`` launch.
+
+Buffers are symbolic — (resolution divisor, channels) — so one plan serves every input shape;
+``runtime.Arena`` turns them into tensors per shape and reuses them once dead.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..graph import trace_features
+from ..model import MSFIN, RRCAB
+
+
+@dataclass(frozen=True)
+class Buf:
+    """An NHWC activation [N, H/div, W/div, channels]; ``kernel`` buffers live in the arena."""
+
+    id: int
+    div: int
+    channels: int
+    kernel: bool = True
+
+
+@dataclass(frozen=True)
+class SumsSlot:
+    """Channel sums [N, channels] fp32 of one RRCAB pass."""
+
+    id: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """``t + CA_block(u) + e1 + e2`` (``block`` names the producer whose CA applies)."""
+
+    t: Buf
+    u: Buf | None = None
+    sums: SumsSlot | None = None
+    block: str | None = None
+    e1: Buf | None = None
+    e2: Buf | None = None
+
+    @property
+    def bufs(self) -> list[Buf]:
+        return [b for b in (self.t, self.u, self.e1, self.e2) if b is not None]
+
+    @property
+    def is_plain(self) -> bool:
+        return self.u is None and self.e1 is None
+
+
+@dataclass
+class Plain:
+    buf: Buf
+
+
+@dataclass
+class Deferred:
+    t: Buf
+    u: Buf
+    sums: SumsSlot
+    block: str
+    plain: Buf | None = None  # set once some launch has written the finished value
+
+
+@dataclass
+class Sum:
+    base: "Plain | Deferred"
+    addends: list[Buf]
+    plain: Buf | None = None
+
+
+Value = Plain | Deferred | Sum
+
+
+# Launches -------------------------------------------------------------------------------------
+
+@dataclass
+class Head:
+    out: Buf
+
+
+@dataclass
+class RRCABPass:
+    block: str
+    src: SourceRef
+    x_out: Buf | None
+    a: Buf
+    u: Buf
+    sums: SumsSlot
+
+
+@dataclass
+class Materialize:
+    src: SourceRef
+    out: Buf
+
+
+@dataclass
+class Layer:
+    """A reference layer run by PyTorch (cuDNN on a GPU) on NHWC buffers; several inputs are concatenated."""
+
+    module: str
+    inputs: list[Buf]
+    out: Buf
+
+
+@dataclass
+class Tail:
+    src: SourceRef
+
+
+Launch = Head | RRCABPass | Materialize | Layer | Tail
+
+
+def reads(launch: Launch) -> list[Buf]:
+    if isinstance(launch, (RRCABPass, Materialize, Tail)):
+        return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) else [])
+    if isinstance(launch, Layer):
+        return list(launch.inputs)
+    return []
+
+
+def writes(launch: Launch) -> list[Buf]:
+    if isinstance(launch, RRCABPass):
+        return [b for b in (launch.x_out, launch.a, launch.u) if b is not None]
+    if isinstance(launch, (Materialize, Layer, Head)):
+        return [launch.out]
+    return []
+
+
+@dataclass
+class Plan:
+    launches: list[Launch] = field(default_factory=list)
+    slots: list[SumsSlot] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for launch in self.launches:
+            out[type(launch).__name__] = out.get(type(launch).__name__, 0) + 1
+        return out
+
+
+class UnsupportedModel(ValueError):
+    """The model has a shape the kernels do not cover; the engine falls back to the reference."""
+
+
+def _out_shape(module: nn.Module, div: int, channels_in: int) -> tuple[int, int]:
+    """Output divisor and channels of ``module``, found by running it on a meta tensor."""
+    size = 16 * div
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    probe = torch.empty(1, channels_in, size // div, size // div, device="meta")
+    out = torch.func.functional_call(module, meta, (probe,))
+    if out.dim() != 4 or size % out.shape[-1]:
+        raise UnsupportedModel(f"{type(module).__name__} maps {tuple(probe.shape)} to {tuple(out.shape)}")
+    return size // out.shape[-1], out.shape[1]
+
+
+class Planner:
+    def __init__(self, model: MSFIN):
+        self.model = model
+        self.plan = Plan()
+        self._next_buf = 0
+
+    def new_buf(self, div: int, channels: int, kernel: bool = True) -> Buf:
+        self._next_buf += 1
+        return Buf(self._next_buf, div, channels, kernel)
+
+    def new_slot(self, channels: int) -> SumsSlot:
+        slot = SumsSlot(len(self.plan.slots), channels)
+        self.plan.slots.append(slot)
+        return slot
+
+    # Values -----------------------------------------------------------------------------------
+
+    def source(self, value: Value) -> SourceRef:
+        if isinstance(value, Plain):
+            return SourceRef(value.buf)
+        if value.plain is not None:
+            return SourceRef(value.plain)
+        if isinstance(value, Deferred):
+            return SourceRef(value.t, value.u, value.sums, value.block)
+        base = self.source(value.base)
+        extra = list(value.addends)
+        return SourceRef(base.t, base.u, base.sums, base.block, *(extra + [None, None])[:2])
+
+    def materialize(self, value: Value) -> Buf:
+        if isinstance(value, Plain):
+            return value.buf
+        if value.plain is None:
+            src = self.source(value)
+            value.plain = self.new_buf(src.t.div, src.t.channels)
+            self.plan.launches.append(Materialize(src, value.plain))
+        return value.plain
+
+    def add(self, a: Value, b: Value) -> Value:
+        if isinstance(a, Plain) and not isinstance(b, Plain):
+            a, b = b, a
+        if isinstance(a, Sum) and a.plain is None:
+            if len(a.addends) < 2:
+                return Sum(a.base, a.addends + [self.materialize(b)])
+            a = Plain(self.materialize(a))
+        elif isinstance(a, Deferred) and a.plain is not None:
+            a = Plain(a.plain)
+        return Sum(a, [self.materialize(b)])
+
+    # Nodes ------------------------------------------------------------------------------------
+
+    def rrcab(self, name: str, block: RRCAB, value: Value) -> Deferred:
+        channels = block.body[0].in_channels
+        if 16 % (channels // block.body[0].groups):
+            raise UnsupportedModel(
+                f"{name}: {channels // block.body[0].groups} channels per group; the kernels need a divisor of 16"
+            )
+        src = self.source(value)
+        div = src.t.div
+        for step in range(1 + block.num_steps):
+            x_out = None if src.is_plain else self.new_buf(div, channels)
+            if step == 0 and x_out is not None and not isinstance(value, Plain):
+                value.plain = x_out
+            launch = RRCABPass(name, src, x_out, self.new_buf(div, channels), self.new_buf(div, channels),
+                               self.new_slot(channels))
+            self.plan.launches.append(launch)
+            src = SourceRef(x_out or src.t, launch.u, launch.sums, name)
+        return Deferred(src.t, src.u, src.sums, name)
+
+    def layer(self, name: str, module: nn.Module, values: list[Value]) -> Plain:
+        inputs = [self.materialize(v) for v in values]
+        divs = {b.div for b in inputs}
+        if len(divs) != 1:
+            raise UnsupportedModel(f"{name}: inputs at different resolutions")
+        div, ch = _out_shape(module, divs.pop(), sum(b.channels for b in inputs))
+        out = self.new_buf(div, ch, kernel=False)
+        self.plan.launches.append(Layer(name, inputs, out))
+        return Plain(out)
+
+    def build(self, graph: fx.Graph) -> Plan:
+        env: dict[fx.Node, Value] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "call_module":
+                module = self.model.get_submodule(node.target)
+                (arg,) = node.args
+                if node.target == "head" and arg.op == "placeholder":
+                    out = self.new_buf(1, module.out_channels)
+                    self.plan.launches.append(Head(out))
+                    env[node] = Plain(out)
+                elif isinstance(module, RRCAB):
+                    if isinstance(env[arg], tuple):
+                        raise UnsupportedModel(f"{node.target}: a concat may only feed a conv")
+                    env[node] = self.rrcab(node.target, module, env[arg])
+                else:
+                    parts = env[arg][1] if isinstance(env[arg], tuple) else [env[arg]]
+                    env[node] = self.layer(node.target, module, parts)
+            elif node.op == "call_function" and node.target is operator.add:
+                env[node] = self.add(env[node.args[0]], env[node.args[1]])
+            elif node.op == "call_function" and node.target is torch.cat:
+                (parts,) = node.args
+                # The 1×1 conv that reads the concat takes its parts as separate inputs.
+                env[node] = ("cat", [env[p] for p in parts])
+            elif node.op == "output":
+                self.plan.launches.append(Tail(self.source(env[node.args[0]])))
+            else:
+                raise UnsupportedModel(f"unexpected graph node {node.op} {node.target}")
+        return self.plan
+
+
+def build_plan(model: MSFIN) -> Plan:
+    """The launches for one forward of ``model`` (head to tail), independent of the input shape."""
+    return Planner(model).build(trace_features(model))

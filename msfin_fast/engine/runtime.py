@@ -1,0 +1,151 @@
+"""Running a plan: an arena of activations per input shape, optional CUDA graphs per shape.
+
+Arena: the plan's kernel-written buffers are assigned to physical slots once (a slot is reused as
+soon as every reader of its previous buffer has run; liveness does not depend on the shape), and
+each input shape gets one tensor per slot, allocated on first use and kept. Layers run by PyTorch
+allocate their own outputs through its caching allocator and are dropped after their last reader.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.contract import Source
+from . import plan as P
+
+
+@dataclass
+class SlotAssignment:
+    """Buffer id → slot index, and each slot's (div, channels)."""
+
+    slot_of: dict[int, int]
+    slots: list[tuple[int, int]]
+    last_use: dict[int, int]
+
+
+def assign_slots(plan: P.Plan) -> SlotAssignment:
+    last_use: dict[int, int] = {}
+    for i, launch in enumerate(plan.launches):
+        for buf in P.reads(launch) + P.writes(launch):
+            last_use[buf.id] = i
+    slot_of: dict[int, int] = {}
+    slots: list[tuple[int, int]] = []
+    free: dict[tuple[int, int], list[int]] = {}
+    for i, launch in enumerate(plan.launches):
+        for buf in P.writes(launch):
+            if not buf.kernel or buf.id in slot_of:
+                continue
+            key = (buf.div, buf.channels)
+            if free.get(key):
+                slot_of[buf.id] = free[key].pop()
+            else:
+                slot_of[buf.id] = len(slots)
+                slots.append(key)
+        for buf in {b.id: b for b in P.reads(launch) + P.writes(launch)}.values():
+            if buf.kernel and last_use[buf.id] == i:
+                free.setdefault((buf.div, buf.channels), []).append(slot_of[buf.id])
+    return SlotAssignment(slot_of, slots, last_use)
+
+
+class Arena:
+    """The tensors of one input shape: one per slot, plus the channel sums of every pass."""
+
+    def __init__(self, plan: P.Plan, assignment: SlotAssignment, n: int, H: int, W: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.tensors = [
+            torch.empty(n, H // div, W // div, ch, dtype=dtype, device=device) for div, ch in assignment.slots
+        ]
+        total = sum(n * s.channels for s in plan.slots)
+        self.sums_flat = torch.zeros(total, dtype=torch.float32, device=device)
+        self.sums = []
+        offset = 0
+        for s in plan.slots:
+            self.sums.append(self.sums_flat[offset: offset + n * s.channels].view(n, s.channels))
+            offset += n * s.channels
+        self.slot_of = assignment.slot_of
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors) + self.sums_flat.numel() * 4
+
+    def __getitem__(self, buf: P.Buf) -> torch.Tensor:
+        return self.tensors[self.slot_of[buf.id]]
+
+
+class Runner:
+    """Executes a plan with one kernel backend; layers without kernels run as PyTorch modules."""
+
+    def __init__(self, plan: P.Plan, ops, packed: dict, layers: dict[str, nn.Module]):
+        self.plan = plan
+        self.ops = ops
+        self.packed = packed
+        self.layers = layers
+        self.assignment = assign_slots(plan)
+        self.last_use = self.assignment.last_use
+
+    def arena(self, n: int, H: int, W: int, dtype: torch.dtype, device: torch.device) -> Arena:
+        return Arena(self.plan, self.assignment, n, H, W, dtype, device)
+
+    def run(self, x: torch.Tensor, arena: Arena, out: torch.Tensor) -> torch.Tensor:
+        """``x``: LR NCHW contiguous in the engine dtype; ``out``: [N, 3, H, W] NCHW, written."""
+        env: dict[int, torch.Tensor] = {}
+
+        def tensor(buf: P.Buf | None) -> torch.Tensor | None:
+            if buf is None:
+                return None
+            return arena[buf] if buf.kernel else env[buf.id]
+
+        def source(ref: P.SourceRef) -> Source:
+            ca = self.packed[ref.block].ca if ref.u is not None else None
+            sums = arena.sums[ref.sums.id] if ref.sums is not None else None
+            return Source(tensor(ref.t), tensor(ref.u), sums, ca, tensor(ref.e1), tensor(ref.e2))
+
+        arena.sums_flat.zero_()
+        for i, launch in enumerate(self.plan.launches):
+            if isinstance(launch, P.RRCABPass):
+                self.ops.rrcab_pass(source(launch.src), self.packed[launch.block], tensor(launch.x_out),
+                                    tensor(launch.a), tensor(launch.u), arena.sums[launch.sums.id])
+            elif isinstance(launch, P.Head):
+                self.ops.head(x, self.packed["head"], tensor(launch.out))
+            elif isinstance(launch, P.Materialize):
+                self.ops.materialize(source(launch.src), tensor(launch.out))
+            elif isinstance(launch, P.Layer):
+                inputs = [tensor(b).permute(0, 3, 1, 2) for b in launch.inputs]
+                y = self.layers[launch.module](inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1))
+                env[launch.out.id] = y.permute(0, 2, 3, 1).contiguous()
+            elif isinstance(launch, P.Tail):
+                self.ops.tail(source(launch.src), self.packed["tail"], out)
+            for buf in P.reads(launch):
+                if not buf.kernel and self.last_use[buf.id] == i:
+                    env.pop(buf.id, None)
+        return out
+
+
+class GraphCache:
+    """Captured CUDA graphs per input shape, least recently used dropped beyond ``capacity``."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry) -> None:
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
