@@ -1,7 +1,7 @@
 """msfin_fast: an inference engine for MSFIN / MSFIN-S image super-resolution.
 
 Read top-down, the package follows the data: ``config`` → ``model`` (the reference) →
-``weights`` → ``upscaler`` (the user API); ``evaluate`` holds the paper's metrics.
+``weights`` → ``engine`` (fused kernels) → ``upscaler`` (the user API); ``evaluate`` holds the paper's metrics.
 """
 
 __version__ = "0.1.0"
@@ -16,13 +16,14 @@ from .errors import (
     MSFINError,
     WeightsError,
 )
+from .engine import Engine, optimize
 from .model import MSFIN, msfin_s_x4, msfin_x4
 from .upscaler import Upscaler
 from .weights import load_pretrained
 
 __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
-    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler",
+    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "optimize", "Engine",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
     "InvalidInputError", "WeightsError",
 ]

@@ -16,6 +16,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+HAS_CUDA = torch.cuda.is_available()
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. The flag is read
+# when a kernel is decorated, so it has to be set before any test imports msfin_fast.kernels.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _resource(env: str, default: Path, needed: list[str]) -> Path:
@@ -27,6 +33,15 @@ def _resource(env: str, default: Path, needed: list[str]) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return base
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

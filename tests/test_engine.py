@@ -1,0 +1,175 @@
+"""The engine (plan, packing, arena, fall-back) against the reference model, on the CPU.
+
+``emulate`` runs the engine's exact plan with each kernel computed by PyTorch ops, so the plan's
+deferred values, folded sums, materialisations and arena reuse are checked at full speed; one
+slow test runs the real Triton kernels end to end in Triton's interpreter.
+Tolerances on the 0–255 scale: fp32 0.05 max |Δ| (the GPU suite's bound); fp16 2 grey levels
+after rounding, for the released weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import msfin_fast
+from msfin_fast import MSFIN, optimize
+from msfin_fast.engine import plan as P
+from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
+
+
+def random_model(preset: str, seed: int = 0) -> MSFIN:
+    torch.manual_seed(seed)
+    return MSFIN(preset).eval()
+
+
+def lr_batch(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=g) * 255
+
+
+@pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
+@pytest.mark.parametrize("n, h, w", [(1, 5, 7), (3, 6, 3)])
+def test_emulated_plan_matches_reference_fp32(preset, n, h, w):
+    model = random_model(preset)
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    x = lr_batch(n, h, w)
+    with torch.no_grad():
+        want = model(x)
+    got = engine(x)
+    assert got.shape == want.shape == (n, 3, 4 * h, 4 * w)
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
+def test_released_weights_through_the_plan(pretrained, data_dir, preset):
+    """Real weights (trained MeanShift, large activations) on a crop of a real picture."""
+    from msfin_fast.images import read_image
+
+    model = pretrained(preset)
+    rgb = read_image(data_dir / "Set5" / "baby.png").rgb[100:116, 120:140]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    x = torch.cat([x, x.flip(-1)])  # batch 2, different content per sample
+    with torch.no_grad():
+        want = model(x)
+    got32 = optimize(model, dtype=torch.float32, backend="emulate")(x)
+    assert (got32 - want).abs().max().item() <= 0.05
+    got16 = optimize(model, dtype=torch.float16, backend="emulate")(x)
+    levels = (got16.float().round().clamp(0, 255) - want.round().clamp(0, 255)).abs().max().item()
+    assert levels <= 2
+
+
+def test_plan_folds_channel_attention_and_sums():
+    plan = P.build_plan(random_model("msfin-x4"))
+    counts = plan.counts()
+    assert counts["RRCABPass"] == 24 * 2  # 24 blocks, each applied twice
+    assert counts["Head"] == counts["Tail"] == 1
+    # Only values read by a PyTorch layer and not finished by some RRCAB pass are materialised:
+    # A4, A4b, A8, A8b, B5 and B1..B3 (B1..B4 feed the next block together with an addend).
+    assert counts["Materialize"] == 8
+    passes = [launch for launch in plan.launches if isinstance(launch, P.RRCABPass)]
+    # Every `+` node is folded into the prologue of the pass that reads it.
+    with_addends = [launch.block for launch in passes if launch.src.e1 is not None]
+    assert with_addends == ["ds2_rcab", "ds2_rcab2", "ds2_rcab3", "ds2_rcab4", "ds0_body", "ds0_body2",
+                            "ds0_body3", "ds0_body4", "block_re1"]
+    block_re1 = next(launch for launch in passes if launch.block == "block_re1")
+    assert block_re1.src.u is not None and block_re1.src.e2 is not None  # C5 + CA, + L2, + L3
+
+
+def test_arena_reuses_buffers_and_every_read_is_written_first():
+    model = random_model("msfin-s-x4")
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    x = lr_batch(2, 4, 6)
+    first = engine(x)
+    runner = engine.runner
+    kernel_bufs = {b.id for launch in runner.plan.launches for b in P.writes(launch) if b.kernel}
+    assert len(runner.assignment.slots) < len(kernel_bufs) / 2
+    (arena,) = engine._arenas.values()
+    for t in arena.tensors:
+        t.fill_(float("nan"))
+    assert torch.equal(engine(x), first)
+    assert engine.arena_bytes(2, 4, 6) == arena.nbytes
+    assert engine.arena_bytes(2, 8, 12) == 4 * arena.nbytes - 3 * arena.sums_flat.numel() * 4
+
+
+def test_engine_repacks_when_the_source_model_changes():
+    model = random_model("msfin-s-x4", seed=0)
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    x = lr_batch(1, 4, 5)
+    before = engine(x)
+    model.load_state_dict(random_model("msfin-s-x4", seed=7).state_dict())
+    after = engine(x)
+    with torch.no_grad():
+        want = model(x)
+    assert not torch.allclose(before, after)
+    assert (after - want).abs().max().item() <= 1e-3
+
+
+@pytest.mark.slow
+def test_triton_kernels_end_to_end():
+    """The real kernels (Triton interpreter on the CPU), MSFIN-S, batch 2, odd size."""
+    pytest.importorskip("triton")
+    model = random_model("msfin-s-x4")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    engine = optimize(model, dtype=torch.float32, backend="triton")
+    assert engine.backend == "triton"
+    x = lr_batch(2, 3, 5).to(device)
+    with torch.no_grad():
+        want = model(x)
+    assert (engine(x) - want).abs().max().item() <= 1e-3
+
+
+def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(msfin_fast.engine, "_warned", set())
+    model = random_model("msfin-s-x4")
+    with pytest.warns(RuntimeWarning, match="reference instead of the kernels"):
+        engine = optimize(model, dtype=torch.float32)
+    assert engine.backend == "reference" and "CUDA" in engine.fallback_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = optimize(model, dtype=torch.float32)
+    x = lr_batch(1, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(DeviceError, match="need a CUDA device"):
+        optimize(model, backend="triton")
+
+
+def test_models_the_kernels_do_not_cover_run_the_reference():
+    model = MSFIN(msfin_fast.get_config("msfin-s-x4").replace(scale=3)).eval()
+    with pytest.warns(RuntimeWarning, match="×4"):
+        engine = optimize(model, dtype=torch.float32)
+    x = lr_batch(1, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(engine(x), model(x))
+    with pytest.raises(DeviceError, match="×4"):
+        optimize(model, backend="emulate")
+
+
+def test_engine_rejects_bad_input_and_arguments():
+    model = random_model("msfin-s-x4")
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    with pytest.raises(InvalidInputError, match="3 RGB channels"):
+        engine(torch.rand(1, 4, 5, 5))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        engine(torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(ConfigError, match="dtype"):
+        optimize(model, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="backend"):
+        optimize(model, backend="vulkan")
+    with pytest.raises(ConfigError, match="MSFIN"):
+        optimize(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_load_pretrained_returns_the_engine(weights_dir, monkeypatch):
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(weights_dir))
+    engine = msfin_fast.load_pretrained("msfin-s-x4", dtype=torch.float32, backend="emulate")
+    assert isinstance(engine, msfin_fast.Engine) and engine.backend == "emulate"
+    reference = msfin_fast.load_pretrained("msfin-s-x4")
+    x = lr_batch(1, 4, 4)
+    with torch.no_grad():
+        assert (engine(x) - reference(x)).abs().max().item() <= 0.05
