@@ -35,11 +35,15 @@ def available_backends() -> list[BackendStatus]:
     else:
         import triton
 
+        from .engine import triton_unavailable_reason
+
+        device = torch.device("cuda" if gpus else "cpu")
+        reason = triton_unavailable_reason(device)
         statuses.append(
             BackendStatus(
-                "triton kernels",
-                False,
-                f"triton {triton.__version__} installed; this version ships no Triton kernels yet",
+                "triton kernels (msfin_fast.optimize)",
+                reason is None,
+                f"triton {triton.__version__}; " + (f"runs on {device}" if reason is None else reason),
             )
         )
     statuses.append(
