@@ -73,7 +73,9 @@ class Engine(nn.Module):
         self._version: tuple | None = None
         self._arenas: dict = {}
         self._reference: MSFIN | None = None
+        self._keys: dict[str, int] = {}
         self._choose_backend()
+        self._refresh()  # pack now: under torch.compile the forward must not pack
 
     # Set-up ----------------------------------------------------------------------------------------
 
@@ -120,6 +122,10 @@ class Engine(nn.Module):
     def _parameters_version(self) -> tuple:
         return (self.device,) + tuple(p._version for p in self.source.parameters())
 
+    def refresh(self) -> None:
+        """Re-pack now if the source model changed (eager calls do this themselves)."""
+        self._refresh()
+
     def _refresh(self) -> None:
         """Pack the weights, again if the source model's parameters changed since the last call."""
         version = self._parameters_version()
@@ -139,10 +145,24 @@ class Engine(nn.Module):
                     .to(dtype=self.dtype, memory_format=torch.channels_last).eval()
                     for launch in self.plan.launches if isinstance(launch, P.Layer)
                 }
-            self.runner = Runner(self.plan, self.ops, packed, layers)
+            self.runner = Runner(self.plan, self.ops, packed, layers, self._register(packed))
             self._arenas.clear()
             self.graphs.clear()
         self._version = version
+
+    def _register(self, packed: dict) -> dict[str, int]:
+        """Registry keys for the torch.library ops; re-packing replaces the entries under the same keys."""
+        from . import ops
+
+        entries = {name: (self.ops, p) for name, p in packed.items()}
+        entries["head"] = (self.ops, packed["head"], self.dtype)
+        entries["ops"] = self.ops
+        for name, entry in entries.items():
+            if name in self._keys:
+                ops.replace(self._keys[name], entry)
+            else:
+                self._keys[name] = ops.register(self, entry)
+        return dict(self._keys)
 
     # Forward ---------------------------------------------------------------------------------------
 
@@ -160,14 +180,18 @@ class Engine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """LR image [N, 3, h, w] in [0, 255] (any float dtype) → SR [N, 3, 4h, 4w] in the engine's dtype."""
-        check_input(x, check_finite=self.check_finite)
+        compiling = torch.compiler.is_compiling()
+        check_input(x, check_finite=self.check_finite and not compiling)
         if x.device != self.device:
             raise DeviceError(f"input is on {x.device} but the engine's model is on {self.device}; move one of them")
-        self._refresh()
+        if not compiling:  # a compiled engine keeps the weights it was packed with (call refresh())
+            self._refresh()
         x = x.to(self.dtype).contiguous()
         with torch.no_grad():
             if self._backend == "reference":
                 return self._reference(x)
+            if compiling:
+                return self.runner.run_functional(x)
             if self.cuda_graphs and x.is_cuda:
                 return self._replay(x)
             n, _, h, w = x.shape

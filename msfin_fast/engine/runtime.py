@@ -79,11 +79,12 @@ class Arena:
 class Runner:
     """Executes a plan with one kernel backend; layers without kernels run as PyTorch modules."""
 
-    def __init__(self, plan: P.Plan, ops, packed: dict, layers: dict[str, nn.Module]):
+    def __init__(self, plan: P.Plan, ops, packed: dict, layers: dict[str, nn.Module], keys: dict[str, int]):
         self.plan = plan
         self.ops = ops
         self.packed = packed
         self.layers = layers
+        self.keys = keys  # registry keys of the packed weights, for the torch.library ops
         self.assignment = assign_slots(plan)
         self.last_use = self.assignment.last_use
 
@@ -114,15 +115,52 @@ class Runner:
             elif isinstance(launch, P.Materialize):
                 self.ops.materialize(source(launch.src), tensor(launch.out))
             elif isinstance(launch, P.Layer):
-                inputs = [tensor(b).permute(0, 3, 1, 2) for b in launch.inputs]
-                y = self.layers[launch.module](inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1))
-                env[launch.out.id] = y.permute(0, 2, 3, 1).contiguous()
+                env[launch.out.id] = self.layer(launch, [tensor(b) for b in launch.inputs])
             elif isinstance(launch, P.Tail):
                 self.ops.tail(source(launch.src), self.packed["tail"], out)
             for buf in P.reads(launch):
                 if not buf.kernel and self.last_use[buf.id] == i:
                     env.pop(buf.id, None)
         return out
+
+
+    def layer(self, launch: P.Layer, inputs: list[torch.Tensor]) -> torch.Tensor:
+        nchw = [t.permute(0, 3, 1, 2) for t in inputs]  # channels_last views of the NHWC buffers
+        y = self.layers[launch.module](nchw[0] if len(nchw) == 1 else torch.cat(nchw, dim=1))
+        return y.permute(0, 2, 3, 1).contiguous()
+
+    def run_functional(self, x: torch.Tensor) -> torch.Tensor:
+        """The same launches through the ``torch.library`` ops, each allocating its outputs.
+
+        This is the path ``torch.compile`` traces: no arena, no Python-side buffer reuse, one
+        graph from input to output.
+        """
+        from . import ops
+
+        env: dict[int, torch.Tensor] = {}
+        sums: dict[int, torch.Tensor] = {}
+
+        def args(ref: P.SourceRef):
+            get = lambda b: env[b.id] if b is not None else None  # noqa: E731
+            return (get(ref.t), get(ref.u), sums[ref.sums.id] if ref.sums is not None else None, get(ref.e1),
+                    get(ref.e2), self.keys[ref.block] if ref.u is not None else -1)
+
+        for launch in self.plan.launches:
+            if isinstance(launch, P.RRCABPass):
+                x_out, u, s = ops.rrcab_pass(*args(launch.src), self.keys[launch.block], launch.x_out is not None)
+                if launch.x_out is not None:
+                    env[launch.x_out.id] = x_out
+                env[launch.u.id] = u
+                sums[launch.sums.id] = s
+            elif isinstance(launch, P.Head):
+                env[launch.out.id] = ops.head(x, self.keys["head"])
+            elif isinstance(launch, P.Materialize):
+                env[launch.out.id] = ops.materialize(*args(launch.src), self.keys["ops"])
+            elif isinstance(launch, P.Layer):
+                env[launch.out.id] = self.layer(launch, [env[b.id] for b in launch.inputs])
+            elif isinstance(launch, P.Tail):
+                return ops.tail(*args(launch.src), self.keys["tail"])
+        raise RuntimeError("plan has no tail")
 
 
 class GraphCache:
