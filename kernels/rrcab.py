@@ -31,6 +31,7 @@ def _rrcab_conv1_kernel(
     w_ptr, b_ptr, a_ptr, x_ptr, H, W, C,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, WRITE_X: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1)
@@ -48,7 +49,7 @@ def _rrcab_conv1_kernel(
         else:
             scale = tl.zeros([16], tl.float32)
         acc = tl.zeros([BH * BW, 16], tl.float32)
-        for tap in tl.static_range(9):
+        for tap in tl.range(9, loop_unroll_factor=UNROLL):
             rr = r + (tap // 3 - 1)
             cc = c + (tap % 3 - 1)
             ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
@@ -57,8 +58,7 @@ def _rrcab_conv1_kernel(
             x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
             x = x.to(a_ptr.dtype.element_ty)
             if WRITE_X:
-                if tap == 4:
-                    tl.store(x_ptr + offs, x, mask=mask)
+                tl.store(x_ptr + offs, x, mask=mask & (tap == 4))
             w = tl.load(w_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
             acc = mma(x, w, acc, FP16)
         a = tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)
@@ -70,6 +70,7 @@ def _rrcab_conv1_kernel(
 def _rrcab_conv2_kernel(
     a_ptr, w_ptr, b_ptr, w3_ptr, b3_ptr, u_ptr, sums_ptr, H, W, C,
     FP16: tl.constexpr, CP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1)
@@ -85,7 +86,7 @@ def _rrcab_conv2_kernel(
         ch = j * 16 + ci
         ch_ok = ch < C
         acc = tl.zeros([BH * BW, 16], tl.float32)
-        for tap in tl.static_range(9):
+        for tap in tl.range(9, loop_unroll_factor=UNROLL):
             rr = r + (tap // 3 - 1)
             cc = c + (tap % 3 - 1)
             ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
@@ -103,11 +104,18 @@ def _rrcab_conv2_kernel(
     tl.atomic_add(sums_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)
 
 
-def tile_shape(cp: int) -> tuple[int, int]:
-    """Pixels per program: the interpreter wants few big programs, a GPU wants ~128 pixels."""
+# Register pressure, from ptxas on sm_90 (benchmarks/compile_kernels.py): with the 9 taps unrolled
+# the loads of every tap are hoisted and a tile needs 190–255 registers per thread, spilling in
+# some variants; a rolled tap loop needs 64–146. Rolled taps and these warp counts are predictions
+# for a memory-bound kernel (occupancy over ILP), to be tuned on the card (benchmarks/NOTES.md).
+TAP_UNROLL = 1
+
+
+def launch_config(cp: int) -> tuple[int, int, int]:
+    """(tile rows, tile columns, warps). The interpreter wants few big programs."""
     if INTERPRET:
-        return 16, 16
-    return (8, 16) if cp <= 32 else (8, 8)
+        return 16, 16, 4
+    return (8, 16, 8) if cp <= 32 else (8, 8, 4)
 
 
 def _grid(n: int, h: int, w: int, bh: int, bw: int) -> tuple[int, int]:
@@ -125,11 +133,12 @@ def rrcab_conv1(src: Source, w: torch.Tensor, b: torch.Tensor, a_out: torch.Tens
     nchunk = triton.cdiv(c, 16)
     if w.shape != (9, nchunk, 16, 16) or w.dtype != src.t.dtype:
         raise ValueError(f"conv1 weight: expected (9, {nchunk}, 16, 16) {src.t.dtype}, got {tuple(w.shape)} {w.dtype}")
-    bh, bw = tile_shape(args["consts"]["CP"])
+    bh, bw, warps = launch_config(args["consts"]["CP"])
     _rrcab_conv1_kernel[_grid(n, h, wd, bh, bw)](
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"],
         w, b, a_out, x_out if x_out is not None else a_out, h, wd, c,
         WRITE_X=x_out is not None, FP16=src.t.dtype == torch.float16, NCHUNK=nchunk, BH=bh, BW=bw,
+        UNROLL=TAP_UNROLL, num_warps=warps,
         **args["consts"],
     )
 
@@ -147,8 +156,9 @@ def rrcab_conv2(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w3: torch.Ten
         raise ValueError(f"conv2 weights: got {tuple(w.shape)} and {tuple(w3.shape)} for {c} channels")
     if sums.shape != (n, c) or sums.dtype != torch.float32:
         raise ValueError(f"sums: expected ({n}, {c}) float32, got {tuple(sums.shape)} {sums.dtype}")
-    bh, bw = tile_shape(cp)
+    bh, bw, warps = launch_config(cp)
     _rrcab_conv2_kernel[_grid(n, h, wd, bh, bw)](
         a, w, b, w3, b3, u_out, sums, h, wd, c,
-        FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw,
+        FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw, UNROLL=TAP_UNROLL,
+        num_warps=warps,
     )
