@@ -251,8 +251,8 @@ def _cache_one(path: Path, scale: int, cache_dir: Path, min_hr: int) -> CachedPa
 
 def _too_small(path: Path, size: tuple[int, int], min_hr: int, scale: int) -> str:
     h, w = size
-    return (f"{path}: {w}×{h} pixels is smaller than the {min_hr}×{min_hr} HR it needs at ×{scale} "
-            "(after cropping to a multiple of the scale)")
+    cropped = f" ({w - w % scale}×{h - h % scale} after cropping to a multiple of {scale})" if h % scale or w % scale else ""
+    return f"{path}: {w}×{h} pixels{cropped} is smaller than the {min_hr}×{min_hr} HR it needs at ×{scale}"
 
 
 def prepare_pairs(
