@@ -474,11 +474,22 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, progress: bool = False, _state: dict | None = None):
+        if _state is None and (config.out / STATE_FILE).exists():
+            raise TrainingError(
+                f"{config.out} already holds a training run; resume it or choose another output folder"
+            )
         self.config = config
         self.progress = progress
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.model_config = get_config(config.model).replace(scale=config.scale)
+        # The data first: a bad image should fail the run before anything slow happens.
+        self.train_pairs = self._prepare(config.data, config.hr_patch, "training")
+        self.val_pairs = (
+            self._prepare(config.val_data, 2 * config.scale + 1, "validation")
+            if config.val_data is not None else []
+        )
+        self.dataset = PatchDataset(self.train_pairs, config.scale, config.patch, config.seed)
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
@@ -508,12 +519,6 @@ class Trainer:
 
         if _state is not None:
             self._load_state(_state)
-        self.train_pairs = self._prepare(config.data, config.hr_patch, "training")
-        self.val_pairs = (
-            self._prepare(config.val_data, 2 * config.scale + 1, "validation")
-            if config.val_data is not None else []
-        )
-        self.dataset = PatchDataset(self.train_pairs, config.scale, config.patch, config.seed)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -588,8 +593,10 @@ class Trainer:
         pairs = prepare_pairs(folder, self.config.scale, self.config.lr_cache, min_hr=min_hr,
                               workers=max(1, self.config.num_workers), on_file=tick)
         if self.progress:
-            stream.write(f"{chr(13) if show else ''}{what}: {len(pairs)} images from {folder} ready in "
-                         f"{time.perf_counter() - start:.1f} s (cache {self.config.lr_cache})\n")
+            prefix = "\r" if show else ""
+            line = (f"{what}: {len(pairs)} images from {folder} ready in "
+                    f"{time.perf_counter() - start:.1f} s (cache {self.config.lr_cache})")
+            stream.write(f"{prefix}{line:<40}\n")
             stream.flush()
         return pairs
 
@@ -803,13 +810,10 @@ def open_run(out: str | Path, *, resume: bool = False, progress: bool = False, *
     options = {k: v for k, v in options.items() if v is not None}
     if resume:
         return Trainer.resume(out, progress=progress, **options)
-    out = Path(out)
-    if (out / STATE_FILE).exists():
-        raise TrainingError(f"{out} already holds a training run; resume it or choose another output folder")
     missing = [name for name in ("data", "steps") if name not in options]
     if missing:
         raise ConfigError(f"a new training run needs {' and '.join(missing)}")
-    return Trainer(TrainConfig(out=out, **options), progress=progress)
+    return Trainer(TrainConfig(out=Path(out), **options), progress=progress)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> TrainSummary:
