@@ -87,7 +87,8 @@ class TrainConfig:
     init_weights:    start from this checkpoint file instead (same architecture).
     val_data:        folder of HR images scored (Y PSNR, ``scale``-pixel shave) every ``val_every``.
     save_every:      steps between checkpoints (one is always written at the end).
-    log_every:       steps per ``log.csv`` row (the mean loss of those steps).
+    log_every:       steps per ``log.csv`` row (the mean loss of those steps); validations and
+                     checkpoints also end a row.
     device:          ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     precision:       ``auto`` (bf16 on CUDA if supported, else fp16; fp32 on the CPU), ``fp32``,
                      ``bf16`` or ``fp16`` (with loss scaling). Mixed precision needs CUDA.
@@ -478,6 +479,10 @@ class Trainer:
             raise TrainingError(
                 f"{config.out} already holds a training run; resume it or choose another output folder"
             )
+        try:
+            config.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"{config.out}: cannot create the output folder ({exc.strerror or exc})") from None
         self.config = config
         self.progress = progress
         self.device = resolve_device(config.device)
@@ -654,8 +659,8 @@ class Trainer:
         if not math.isfinite(mean):
             hint = " or precision fp32" if self.precision != "fp32" else ""
             raise TrainingError(
-                f"the loss became {mean} by step {self.step_count}: training diverged; resume from the "
-                f"last checkpoint in a new run with a lower lr{hint}"
+                f"the loss became {mean} by step {self.step_count}: training diverged; start a new run "
+                f"from the last saved model.pt (init_weights) with a lower lr{hint}"
             )
         return mean
 
@@ -720,7 +725,6 @@ class Trainer:
         is set); a second one stops at once.
         """
         cfg = self.config
-        cfg.out.mkdir(parents=True, exist_ok=True)
         log = _CsvLog(cfg.out / LOG_FILE, self.step_count)
         bar = _Progress(cfg.steps, self.step_count, self.progress)
         start = time.perf_counter()
@@ -732,7 +736,9 @@ class Trainer:
                 n = self.step_count
                 last = n == cfg.steps
                 validate = bool(self.val_pairs) and (n % cfg.val_every == 0 or last)
-                logged = n % cfg.log_every == 0 or validate or last
+                save = n % cfg.save_every == 0 or last
+                # A checkpoint always follows a log row, whose loss check keeps NaN weights off disk.
+                logged = n % cfg.log_every == 0 or validate or save
                 if logged:
                     loss = self._flush_window()
                 if validate:
@@ -742,11 +748,13 @@ class Trainer:
                         _atomic_torch_save(self.weights(), cfg.out / BEST_MODEL_FILE)
                 if logged:
                     log.append(n, loss, lr, val if validate else None)
-                if n % cfg.save_every == 0 or last:
+                if save:
                     self.save()
                 bar.update(n, loss, lr, val if validate else None, logged)
             interrupted = self.step_count < cfg.steps
             if interrupted:
+                if self._window_count and not math.isfinite(float(self._window_sum)):
+                    self._flush_window()  # raises: NaN weights are not saved
                 self.save()
                 bar.close()
         self.close()

@@ -393,6 +393,9 @@ def test_cli_trains_validates_logs_and_resumes(hr_dir, tmp_path, capsys):
     _one_line_error(capsys, "--data needed")
     assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none"), "--steps", "3"]) == 1
     _one_line_error(capsys, "none: not a folder")
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--out", str(tmp_path / "file"), "--data", str(hr_dir), "--steps", "3"]) == 1
+    _one_line_error(capsys, "file: cannot create the output folder")
 
 
 def test_cli_names_the_bad_image(tmp_path, capsys):
