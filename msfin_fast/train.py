@@ -413,6 +413,8 @@ def read_train_state(out: str | Path) -> dict:
 
 @dataclass
 class TrainSummary:
+    """Where ``run()`` stopped, and the last logged numbers."""
+
     step: int
     steps: int
     seconds: float

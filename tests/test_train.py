@@ -291,6 +291,23 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_matches(hr_dir, tmp_path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.best_psnr == summary.best_psnr
 
+    # A crash after the last row was logged but before its checkpoint: the resumed run drops the
+    # rows past the checkpoint and writes them again.
+    real_save = Trainer.save
+
+    def crash_at_the_end(self):
+        if self.step_count == 6:
+            raise RuntimeError("power cut")
+        return real_save(self)
+
+    monkeypatch.setattr(Trainer, "save", crash_at_the_end)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(tiny(hr_dir, tmp_path / "c", **settings))
+    assert [r["step"] for r in read_log(tmp_path / "c" / "log.csv")] == ["2", "4", "6"]
+    monkeypatch.setattr(Trainer, "save", real_save)
+    train(tiny(hr_dir, tmp_path / "c", **settings), resume=True)
+    assert read_log(tmp_path / "c" / "log.csv") == log_a
+
 
 def test_resume_refuses_to_change_the_math(hr_dir, tmp_path):
     with Trainer(tiny(hr_dir, tmp_path)) as t:
