@@ -27,3 +27,10 @@ __all__ = [
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
     "InvalidInputError", "WeightsError",
 ]
+
+# Training (the paper's recipe). The function msfin_fast.train.train is not re-exported: the name
+# would hide the msfin_fast.train module.
+from .errors import DatasetError, TrainingError  # noqa: E402
+from .train import TrainConfig, Trainer  # noqa: E402
+
+__all__ += ["TrainConfig", "Trainer", "DatasetError", "TrainingError"]

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="write a synthetic low-resolution test picture")
     sm.add_argument("output", type=Path, help="where to write it (png, jpg, bmp, webp, tif)")
     sm.add_argument("--size", type=int, default=128, help="width and height in pixels (default 128)")
+
+    _add_train_parser(sub, PRESETS)
     return parser
 
 
@@ -214,7 +216,64 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _add_train_parser(sub, presets) -> None:
+    # Defaults are None so that --resume can tell what was given; TrainConfig holds the real ones.
+    tr = sub.add_parser("train", help="train or fine-tune on a folder of HR images (the paper's recipe)")
+    tr.add_argument("--data", type=Path, metavar="DIR", help="folder of HR training images (needed for a new run)")
+    tr.add_argument("--out", required=True, type=Path, metavar="DIR",
+                    help="run folder: model.pt, model_best.pt, train_state.pt, log.csv, lr_cache/")
+    tr.add_argument("--steps", type=int, metavar="N", help="optimiser steps of the whole run (needed for a new run)")
+    tr.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tr.add_argument("--model", choices=list(presets), help="architecture (default msfin-x4)")
+    tr.add_argument("--scale", type=int, metavar="S", help="any integer scale (default 4)")
+    tr.add_argument("--patch", type=int, metavar="N", help="LR patch side (default 48)")
+    tr.add_argument("--batch", type=int, metavar="N", dest="batch_size", help="patches per step (default 16)")
+    tr.add_argument("--lr", type=float, help="initial learning rate (default 1e-4)")
+    tr.add_argument("--lr-min", type=float, help="final learning rate of the cosine (default 6.25e-6)")
+    tr.add_argument("--seed", type=int, help="initial weights and patch stream (default 0)")
+    init = tr.add_mutually_exclusive_group()
+    init.add_argument("--from-pretrained", action="store_const", const=True,
+                      help="start from the preset's released ×4 weights")
+    init.add_argument("--init-weights", type=Path, metavar="FILE", help="start from this checkpoint")
+    tr.add_argument("--val", type=Path, metavar="DIR", dest="val_data", help="folder of HR images for validation PSNR")
+    tr.add_argument("--val-every", type=int, metavar="N", help="steps between validations (default 1000)")
+    tr.add_argument("--save-every", type=int, metavar="N", help="steps between checkpoints (default 1000)")
+    tr.add_argument("--log-every", type=int, metavar="N", help="steps per log.csv row (default 100)")
+    tr.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto (default): bf16 or fp16 autocast on CUDA, fp32 on the CPU")
+    tr.add_argument("--workers", type=int, metavar="N", dest="num_workers", help="data-loader processes (default 4)")
+    tr.add_argument("--cache", type=Path, metavar="DIR", dest="cache_dir", help="HR/LR cache folder (default OUT/lr_cache)")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, open_run
+
+    options = {name: getattr(args, name, None) for name in TrainConfig.__dataclass_fields__ if name != "out"}
+    if not args.resume:
+        missing = [flag for flag, name in (("--data", "data"), ("--steps", "steps")) if options[name] is None]
+        if missing:
+            raise InvalidInputError(f"{' and '.join(missing)} needed to start a run (or --resume one in --out)")
+    with open_run(args.out, resume=args.resume, progress=not args.quiet, **options) as trainer:
+        summary = trainer.run()
+    cfg = trainer.config
+    line = (f"trained {cfg.model} ×{cfg.scale} to step {summary.step}/{summary.steps} on {trainer.device} "
+            f"({trainer.precision}) in {summary.seconds:.1f} s")
+    if summary.loss is not None:
+        line += f"; loss {summary.loss:.4f}"
+    if summary.best_psnr is not None:
+        line += f"; val PSNR {summary.val_psnr:.3f} dB (best {summary.best_psnr:.3f})"
+    print(line + f"; weights {summary.model_path}")
+    if summary.interrupted:
+        print(f"{PROG}: interrupted; checkpoint saved, continue with: {PROG} train --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample": cmd_sample}
+COMMANDS["train"] = cmd_train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,3 +27,11 @@ class ImageWriteError(MSFINError, OSError):
 
 class DeviceError(MSFINError, RuntimeError):
     """A device or precision that this machine cannot provide."""
+
+
+class DatasetError(MSFINError, ValueError):
+    """A training or validation folder with no usable images, or with images that cannot be used."""
+
+
+class TrainingError(MSFINError, RuntimeError):
+    """A training run that cannot start, resume or go on (diverged, finished, wrong folder)."""
