@@ -61,11 +61,21 @@ def test_released_weights_through_the_plan(pretrained, data_dir, preset):
     assert levels <= 2
 
 
+def test_layers_through_pytorch_instead_of_conv_kernels():
+    model = random_model("msfin-x4")
+    engine = optimize(model, dtype=torch.float32, backend="emulate", conv_kernels=False)
+    assert "Conv" not in engine.plan.counts() and engine.plan.counts()["Layer"] == 15
+    x = lr_batch(2, 5, 3)
+    with torch.no_grad():
+        assert (engine(x) - model(x)).abs().max().item() <= 1e-3
+
+
 def test_plan_folds_channel_attention_and_sums():
     plan = P.build_plan(random_model("msfin-x4"))
     counts = plan.counts()
     assert counts["RRCABPass"] == 24 * 2  # 24 blocks, each applied twice
     assert counts["Head"] == counts["Tail"] == 1
+    assert counts["Conv"] == 19 and "Layer" not in counts  # 15 layers, the downs are 2 convs each
     # Only values read by a PyTorch layer and not finished by some RRCAB pass are materialised:
     # A4, A4b, A8, A8b, B5 and B1..B3 (B1..B4 feed the next block together with an addend).
     assert counts["Materialize"] == 8

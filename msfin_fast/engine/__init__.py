@@ -26,7 +26,7 @@ from ..errors import ConfigError, DeviceError
 from ..model import MSFIN, RRCAB, check_input
 from . import plan as P
 from .backends import EmulatedOps
-from .packing import pack_head, pack_rrcab, pack_tail
+from .packing import pack_conv, pack_head, pack_rrcab, pack_tail
 from .runtime import GraphCache, Runner
 
 BACKENDS = ("auto", "triton", "emulate", "reference")
@@ -55,7 +55,7 @@ class Engine(nn.Module):
     """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from."""
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
-                 cuda_graphs: bool = False, max_graphs: int = 8):
+                 cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True):
         super().__init__()
         if not isinstance(model, MSFIN):
             raise ConfigError(f"optimize() takes an msfin_fast.MSFIN model, got {type(model).__name__}")
@@ -67,6 +67,7 @@ class Engine(nn.Module):
         self.dtype = dtype
         self.requested_backend = backend
         self.cuda_graphs = cuda_graphs
+        self.conv_kernels = conv_kernels
         self.check_finite = True
         self.graphs = GraphCache(max_graphs)
         self.fallback_reason: str | None = None
@@ -96,7 +97,7 @@ class Engine(nn.Module):
             reason = f"the engine's head kernel is specialised for ×4 (model is ×{self.source.config.scale})"
         else:
             try:
-                self.plan = P.build_plan(self.source)
+                self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels)
             except P.UnsupportedModel as exc:
                 reason = str(exc)
         if reason is None and requested in ("auto", "triton"):
@@ -140,6 +141,10 @@ class Engine(nn.Module):
                 packed = {name: pack_rrcab(mod, self.dtype) for name, mod in m.named_children() if isinstance(mod, RRCAB)}
                 packed["head"] = pack_head(m.sub_mean, m.head, m.config.scale)
                 packed["tail"] = pack_tail(m.tail2, m.add_mean, self.dtype)
+                for launch in self.plan.launches:
+                    if isinstance(launch, P.Conv):
+                        conv = m.get_submodule(launch.module)
+                        packed[launch.module] = pack_conv(conv, len(launch.inputs), self.dtype)
                 layers = {
                     launch.module: copy.deepcopy(m.get_submodule(launch.module))
                     .to(dtype=self.dtype, memory_format=torch.channels_last).eval()
@@ -232,10 +237,16 @@ class Engine(nn.Module):
         return static_out.clone()
 
     def extra_repr(self) -> str:
-        return f"backend={self._backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}"
+        return (f"backend={self._backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}, "
+                f"conv_kernels={self.conv_kernels}")
 
 
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
-             cuda_graphs: bool = False, max_graphs: int = 8) -> Engine:
-    """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged."""
-    return Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
+             cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True) -> Engine:
+    """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged.
+
+    ``conv_kernels=False`` runs the layers between RRCAB blocks through PyTorch (cuDNN) instead
+    of kernels/conv.py, to compare the two.
+    """
+    return Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
+                  conv_kernels=conv_kernels)

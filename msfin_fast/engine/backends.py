@@ -4,6 +4,8 @@
 ``rrcab_pass``   one step of an RRCAB block on a deferred Source → x_out, u_out, sums.
 ``materialize``  a deferred Source → a plain NHWC tensor.
 ``tail``         a deferred Source → SR image, NCHW (tail conv with add_mean folded in).
+``conv``         a dense conv between blocks (stride 2, LeakyReLU, pixel shuffle, transposed 2×2,
+                 1×1 over a concatenation), NHWC in and out.
 
 ``TritonOps`` launches the kernels. ``EmulatedOps`` computes the same contracts with PyTorch ops,
 rounding to the storage dtype at the same points; it is slow and exists so the plan can be
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.contract import Source
-from .packing import PackedHead, PackedRRCAB, PackedTail
+from .packing import PackedConv, PackedHead, PackedRRCAB, PackedTail
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +82,30 @@ class EmulatedOps:
         out.copy_(F.conv2d(y, p.add_mean.weight.detach().float(), p.add_mean.bias.detach().float()))
 
 
+    def conv(self, inputs: list[torch.Tensor], p: PackedConv, out: torch.Tensor, step) -> None:
+        x = torch.cat([_nchw(t).float() for t in inputs], dim=1)
+        m = p.module
+        w = m.weight.detach().to(p.dtype).float()
+        b = m.bias.detach().float() if m.bias is not None else None
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            y = F.conv_transpose2d(x, w, b, stride=2)
+        else:
+            y = F.conv2d(x, w, b, stride=step.stride, padding=step.ksize // 2)
+            if step.leaky:
+                y = F.leaky_relu(y, 0.2)
+            if step.shuffle:
+                y = F.pixel_shuffle(y, 2)
+        out.copy_(_nhwc(y))
+
+
 class TritonOps:
     name = "triton"
 
     def __init__(self):
-        from ..kernels import head, materialize, rrcab, tail
+        from ..kernels import conv, head, materialize, rrcab, tail
 
         self._head, self._materialize, self._rrcab, self._tail = head, materialize, rrcab, tail
+        self._conv = conv
 
     def head(self, x, p: PackedHead, out) -> None:
         self._head.head(x, p.scale, p.mean_w, p.mean_b, p.w, p.b, out)
@@ -100,3 +119,7 @@ class TritonOps:
 
     def tail(self, src: Source, p: PackedTail, out) -> None:
         self._tail.tail(src, p.w, p.b, out)
+
+    def conv(self, inputs, p: PackedConv, out, step) -> None:
+        self._conv.conv(inputs, p.w, p.b, out, ksize=step.ksize, stride=step.stride, leaky=step.leaky,
+                        shuffle=step.shuffle)

@@ -105,3 +105,27 @@ def tail(t: Tensor, u: Tensor | None, sums: Tensor | None, e1: Tensor | None, e2
 def _(t, u, sums, e1, e2, ca_key, key):
     n, h, w, _ = t.shape
     return t.new_empty(n, 3, h, w)
+
+
+def _conv_out(inputs: list[Tensor], packed, stride: int, shuffle: bool) -> tuple[int, int, int, int]:
+    n, h, w, _ = inputs[0].shape
+    h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    m = packed.module
+    if isinstance(m, torch.nn.ConvTranspose2d):
+        return n, 2 * h, 2 * w, m.out_channels
+    return (n, 2 * h, 2 * w, m.out_channels // 4) if shuffle else (n, h, w, m.out_channels)
+
+
+@torch.library.custom_op("msfin_fast::conv", mutates_args=())
+def conv(inputs: list[Tensor], key: int, ksize: int, stride: int, leaky: bool, shuffle: bool) -> Tensor:
+    from .plan import Conv
+
+    ops, packed = _entry(key)
+    out = inputs[0].new_empty(_conv_out(inputs, packed, stride, shuffle))
+    ops.conv(inputs, packed, out, Conv("", [], None, ksize, stride, leaky, shuffle))
+    return out
+
+
+@conv.register_fake
+def _(inputs, key, ksize, stride, leaky, shuffle):
+    return inputs[0].new_empty(_conv_out(inputs, _entry(key)[1], stride, shuffle))

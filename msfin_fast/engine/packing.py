@@ -144,3 +144,35 @@ def pack_tail(tail: nn.Conv2d, add_mean: MeanShift, dtype: torch.dtype) -> Packe
     packed[:, :n, :3] = w.permute(2, 3, 1, 0).reshape(9, n, 3)
     packed = packed.view(9, nchunk, CHUNK, CHUNK)
     return PackedTail(tail, add_mean, dtype, packed.to(dtype).contiguous(), pack_bias(b, CHUNK, w.device))
+
+
+@dataclass
+class PackedConv:
+    """A dense conv (or 2×2/2 transposed conv) as the GEMM kernels/conv.py runs."""
+
+    module: nn.Module
+    dtype: torch.dtype
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+def pack_conv(conv: nn.Conv2d | nn.ConvTranspose2d, n_src: int, dtype: torch.dtype) -> PackedConv:
+    """Conv2d [out, in, k, k] → [k·k, NSRC·KCHUNK, 16, NP]; ConvTranspose2d(2, 2) → a 1×1 GEMM to
+    4·out channels ordered ``c·4 + i·2 + j`` (the pixel-shuffle order)."""
+    w = conv.weight.detach().float()
+    if isinstance(conv, nn.ConvTranspose2d):
+        c_in, c_out = w.shape[:2]
+        gemm = w.reshape(c_in, c_out * 4).t()[:, :, None, None]  # [4·out, in, 1, 1]
+        bias = conv.bias.detach().float().repeat_interleave(4) if conv.bias is not None else None
+    else:
+        gemm, bias = w, conv.bias
+    outs, c_all, k = gemm.shape[0], gemm.shape[1], gemm.shape[-1]
+    if c_all % n_src:
+        raise ValueError(f"{c_all} input channels do not split into {n_src} equal inputs")
+    c_src = c_all // n_src
+    kchunk, np_ = chunks(c_src), max(CHUNK, next_pow2(outs))
+    packed = torch.zeros(k * k, n_src, kchunk * CHUNK, np_, dtype=torch.float32, device=w.device)
+    taps = gemm.permute(2, 3, 1, 0).reshape(k * k, n_src, c_src, outs)  # [tap, src, in, out]
+    packed[:, :, :c_src, :outs] = taps
+    packed = packed.view(k * k, n_src * kchunk, CHUNK, np_)
+    return PackedConv(conv, dtype, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import trace_features
-from ..model import MSFIN, RRCAB
+from ..model import MSFIN, RRCAB, Down2, Down4, Up2
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,30 @@ class Layer:
 
 
 @dataclass
+class Conv:
+    """One dense conv of a layer, run by kernels/conv.py (``module`` is the conv's qualified name)."""
+
+    module: str
+    inputs: list[Buf]
+    out: Buf
+    ksize: int
+    stride: int
+    leaky: bool = False
+    shuffle: bool = False
+
+
+@dataclass
 class Tail:
     src: SourceRef
 
 
-Launch = Head | RRCABPass | Materialize | Layer | Tail
+Launch = Head | RRCABPass | Materialize | Layer | Conv | Tail
 
 
 def reads(launch: Launch) -> list[Buf]:
     if isinstance(launch, (RRCABPass, Materialize, Tail)):
         return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) else [])
-    if isinstance(launch, Layer):
+    if isinstance(launch, (Layer, Conv)):
         return list(launch.inputs)
     return []
 
@@ -143,9 +156,46 @@ def reads(launch: Launch) -> list[Buf]:
 def writes(launch: Launch) -> list[Buf]:
     if isinstance(launch, RRCABPass):
         return [b for b in (launch.x_out, launch.a, launch.u) if b is not None]
-    if isinstance(launch, (Materialize, Layer, Head)):
+    if isinstance(launch, (Materialize, Layer, Conv, Head)):
         return [launch.out]
     return []
+
+
+def lower(name: str, module: nn.Module) -> list[Conv]:
+    """The dense convs a non-RRCAB layer consists of, in order, with their epilogues.
+
+    Only structures known to be sequential are lowered (Sequential, and the model's Down2 /
+    Down4 / Up2, whose forwards apply their children in order); anything else stays a PyTorch layer.
+    """
+    if isinstance(module, Down2):
+        return lower(f"{name}.down", module.down)
+    if isinstance(module, Down4):
+        return lower(f"{name}.down1", module.down1) + lower(f"{name}.down2", module.down2)
+    if isinstance(module, Up2):
+        return lower(f"{name}.up", module.up)
+    if isinstance(module, nn.Sequential):
+        steps: list[Conv] = []
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.LeakyReLU) and child.negative_slope == 0.2 and steps and not steps[-1].leaky:
+                steps[-1].leaky = True
+            elif isinstance(child, nn.PixelShuffle) and child.upscale_factor == 2 and steps and not steps[-1].shuffle:
+                steps[-1].shuffle = True
+            else:
+                steps += lower(f"{name}.{child_name}", child)
+        return steps
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0]
+        if (module.kernel_size != (k, k) or k not in (1, 3) or module.padding != (k // 2, k // 2)
+                or module.groups != 1 or module.dilation != (1, 1) or module.stride[0] not in (1, 2)
+                or module.stride[0] != module.stride[1] or module.padding_mode != "zeros"):
+            raise UnsupportedModel(f"{name}: conv {module} has no kernel")
+        return [Conv(name, [], None, k, module.stride[0])]
+    if isinstance(module, nn.ConvTranspose2d):
+        if (module.kernel_size != (2, 2) or module.stride != (2, 2) or module.padding != (0, 0)
+                or module.output_padding != (0, 0) or module.groups != 1 or module.dilation != (1, 1)):
+            raise UnsupportedModel(f"{name}: transposed conv {module} has no kernel")
+        return [Conv(name, [], None, 1, 1, shuffle=True)]
+    raise UnsupportedModel(f"{name}: {type(module).__name__} has no kernel")
 
 
 @dataclass
@@ -178,8 +228,9 @@ def _out_shape(module: nn.Module, div: int, channels_in: int) -> tuple[int, int]
 
 
 class Planner:
-    def __init__(self, model: MSFIN):
+    def __init__(self, model: MSFIN, conv_kernels: bool = True):
         self.model = model
+        self.conv_kernels = conv_kernels
         self.plan = Plan()
         self._next_buf = 0
 
@@ -250,7 +301,22 @@ class Planner:
         divs = {b.div for b in inputs}
         if len(divs) != 1:
             raise UnsupportedModel(f"{name}: inputs at different resolutions")
-        div, ch = _out_shape(module, divs.pop(), sum(b.channels for b in inputs))
+        div = divs.pop()
+        if self.conv_kernels:
+            bufs = inputs
+            for step in lower(name, module):
+                conv = self.model.get_submodule(step.module)
+                step_div = div * step.stride // (2 if step.shuffle else 1)
+                channels = conv.out_channels
+                if step.shuffle and isinstance(conv, nn.Conv2d):
+                    channels //= 4
+                if step_div < 1 or (len(bufs) > 1 and conv.in_channels % len(bufs)):
+                    raise UnsupportedModel(f"{step.module}: cannot run as a kernel")
+                step.inputs, step.out = bufs, self.new_buf(step_div, channels)
+                self.plan.launches.append(step)
+                bufs, div = [step.out], step_div
+            return Plain(bufs[0])
+        div, ch = _out_shape(module, div, sum(b.channels for b in inputs))
         out = self.new_buf(div, ch, kernel=False)
         self.plan.launches.append(Layer(name, inputs, out))
         return Plain(out)
@@ -287,6 +353,10 @@ class Planner:
         return self.plan
 
 
-def build_plan(model: MSFIN) -> Plan:
-    """The launches for one forward of ``model`` (head to tail), independent of the input shape."""
-    return Planner(model).build(trace_features(model))
+def build_plan(model: MSFIN, conv_kernels: bool = True) -> Plan:
+    """The launches for one forward of ``model`` (head to tail), independent of the input shape.
+
+    ``conv_kernels``: run the layers between RRCAB blocks as kernels/conv.py launches (False:
+    as the reference's PyTorch modules, i.e. cuDNN on a GPU).
+    """
+    return Planner(model, conv_kernels).build(trace_features(model))

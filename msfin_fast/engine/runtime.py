@@ -114,6 +114,8 @@ class Runner:
                 self.ops.head(x, self.packed["head"], tensor(launch.out))
             elif isinstance(launch, P.Materialize):
                 self.ops.materialize(source(launch.src), tensor(launch.out))
+            elif isinstance(launch, P.Conv):
+                self.ops.conv([tensor(b) for b in launch.inputs], self.packed[launch.module], tensor(launch.out), launch)
             elif isinstance(launch, P.Layer):
                 env[launch.out.id] = self.layer(launch, [tensor(b) for b in launch.inputs])
             elif isinstance(launch, P.Tail):
@@ -156,6 +158,9 @@ class Runner:
                 env[launch.out.id] = ops.head(x, self.keys["head"])
             elif isinstance(launch, P.Materialize):
                 env[launch.out.id] = ops.materialize(*args(launch.src), self.keys["ops"])
+            elif isinstance(launch, P.Conv):
+                env[launch.out.id] = ops.conv([env[b.id] for b in launch.inputs], self.keys[launch.module],
+                                              launch.ksize, launch.stride, launch.leaky, launch.shuffle)
             elif isinstance(launch, P.Layer):
                 env[launch.out.id] = self.layer(launch, [env[b.id] for b in launch.inputs])
             elif isinstance(launch, P.Tail):
