@@ -37,11 +37,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import msfin_fast  # noqa: E402
 from msfin_fast.engine.backends import TritonOps  # noqa: E402
-from msfin_fast.kernels import head, materialize, rrcab, tail  # noqa: E402
+from msfin_fast.kernels import conv, head, materialize, rrcab, rrcab_fused, tail  # noqa: E402
 
 KERNELS = {
     (rrcab, "_rrcab_conv1_kernel"), (rrcab, "_rrcab_conv2_kernel"), (head, "_head_kernel"),
-    (materialize, "_materialize_kernel"), (tail, "_tail_kernel"),
+    (materialize, "_materialize_kernel"), (tail, "_tail_kernel"), (conv, "_conv_kernel"),
+    (rrcab_fused, "_rrcab_fused_kernel"),
 }
 TRITON_TYPES = {torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -75,7 +76,7 @@ class Recorder:
         return launch
 
 
-def record_launches(preset: str, dtype: torch.dtype) -> dict:
+def record_launches(preset: str, dtype: torch.dtype, fuse_rrcab: bool = False) -> dict:
     calls: dict = {}
     saved = {}
     for module, name in KERNELS:
@@ -83,8 +84,9 @@ def record_launches(preset: str, dtype: torch.dtype) -> dict:
         setattr(module, name, Recorder(saved[(module, name)], calls))
     try:
         torch.manual_seed(0)
-        engine = msfin_fast.optimize(msfin_fast.MSFIN(preset).eval(), dtype=dtype, backend="emulate")
-        engine.ops = engine.runner.ops = TritonOps()  # the plan as on a GPU, launches recorded
+        engine = msfin_fast.optimize(msfin_fast.MSFIN(preset).eval(), dtype=dtype, backend="emulate",
+                                     fuse_rrcab=fuse_rrcab)
+        engine.ops = engine.runner.ops = TritonOps(fused_rrcab=fuse_rrcab)  # launches recorded, not run
         engine._arenas.clear()
         engine(torch.rand(2, 3, 8, 12) * 255)
     finally:
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict = {}
     for preset in args.models:
         for dtype in (torch.float16, torch.float32):
-            variants.update(record_launches(preset, dtype))
+            for fused in (False, True):
+                variants.update(record_launches(preset, dtype, fused))
     rows = ["| kernel | variant | arch | compile s | shared B | warps | mma/wgmma in PTX | ptxas |",
             "|---|---|---|---|---|---|---|---|"]
     failures = 0

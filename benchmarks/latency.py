@@ -6,7 +6,9 @@
 
 Backends: ref-fp32 (eager reference), ref-fp16-cl (eager fp16, channels_last), compile (torch.compile
 max-autotune, which CUDA-graphs the call; minutes to build), engine-fp16 / engine-fp32 (the Triton
-engine) and engine-fp16-graph / engine-fp32-graph (the engine replaying a CUDA graph per shape).
+engine), engine-fp16-graph / engine-fp32-graph (the engine replaying a CUDA graph per shape),
+engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept in L2) and engine-fp16-cudnn-graph
+(the layers between blocks through cuDNN instead of kernels/conv.py).
 On a GPU each number is the median of CUDA-event timings after warm-up; peak memory is the
 allocator's high-water mark during the timed calls. "floor" is the time to move each RRCAB pass's
 activation once in and once out at the card's copy bandwidth (``--bandwidth``), the bound the
@@ -33,7 +35,7 @@ import msfin_fast  # noqa: E402
 from msfin_fast.engine import plan as P  # noqa: E402
 
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "compile", "engine-fp16", "engine-fp32", "engine-fp16-graph",
-            "engine-fp32-graph"]
+            "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph"]
 SIZES = ["64x64", "180x320", "270x480"]
 
 
@@ -91,7 +93,8 @@ def build(backend: str, model: msfin_fast.MSFIN):
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
         return "CUDA graphs need a GPU", None
-    engine = msfin_fast.optimize(model, dtype=dtype, backend="auto", cuda_graphs=graphs)
+    engine = msfin_fast.optimize(model, dtype=dtype, backend="auto", cuda_graphs=graphs,
+                                 fuse_rrcab="-fused" in backend, conv_kernels="-cudnn" not in backend)
     if engine.backend != "triton":
         return f"engine falls back to the reference here ({engine.fallback_reason})", None
     engine.check_finite = False

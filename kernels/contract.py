@@ -4,6 +4,10 @@ from typing import NamedTuple
 
 import torch
 
+# The one-launch RRCAB kernel (rrcab_fused.py) runs passes up to this many channels; wider passes
+# (quarter and half resolution) exceed the registers of a useful tile and keep two launches.
+FUSED_MAX_CHANNELS = 32
+
 
 class CAWeights(NamedTuple):
     """A block's channel attention, packed (layout in kernels/source.py)."""

@@ -61,6 +61,18 @@ def test_released_weights_through_the_plan(pretrained, data_dir, preset):
     assert levels <= 2
 
 
+def test_fused_plan_has_no_conv1_buffers_and_matches():
+    model = random_model("msfin-x4")
+    fused = optimize(model, dtype=torch.float32, backend="emulate", fuse_rrcab=True)
+    two = optimize(model, dtype=torch.float32, backend="emulate")
+    passes = [launch for launch in fused.plan.launches if isinstance(launch, P.RRCABPass)]
+    assert [launch.fused for launch in passes].count(True) == 2 * (9 + 5)  # the 24-channel blocks
+    assert fused.arena_bytes(1, 16, 16) < two.arena_bytes(1, 16, 16)
+    x = lr_batch(1, 4, 7)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() <= 1e-3
+
+
 def test_layers_through_pytorch_instead_of_conv_kernels():
     model = random_model("msfin-x4")
     engine = optimize(model, dtype=torch.float32, backend="emulate", conv_kernels=False)
@@ -118,14 +130,17 @@ def test_engine_repacks_when_the_source_model_changes():
 
 
 @pytest.mark.slow
-def test_triton_kernels_end_to_end():
+@pytest.mark.parametrize("fuse_rrcab", [False, True])
+def test_triton_kernels_end_to_end(fuse_rrcab):
     """The real kernels (Triton interpreter on the CPU), MSFIN-S, batch 2, odd size."""
     pytest.importorskip("triton")
     model = random_model("msfin-s-x4")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    engine = optimize(model, dtype=torch.float32, backend="triton")
+    engine = optimize(model, dtype=torch.float32, backend="triton", fuse_rrcab=fuse_rrcab)
     assert engine.backend == "triton"
+    assert sum(launch.fused for launch in engine.plan.launches if isinstance(launch, P.RRCABPass)) == (
+        19 if fuse_rrcab else 0)  # MSFIN-S passes of 16 and 32 channels
     x = lr_batch(2, 3, 5).to(device)
     with torch.no_grad():
         want = model(x)

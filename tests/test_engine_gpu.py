@@ -34,10 +34,22 @@ def reference(request, weights_dir):
     return msfin_fast.load_pretrained(request.param, device="cuda", weights=weights)
 
 
+VARIANTS = {  # dtype, CUDA graphs, one-launch RRCAB passes, conv kernels between blocks
+    "fp32": (torch.float32, False, False, True),
+    "fp32-fused": (torch.float32, False, True, True),
+    "fp16": (torch.float16, False, False, True),
+    "fp16-graph": (torch.float16, True, False, True),
+    "fp16-fused-graph": (torch.float16, True, True, True),
+    "fp16-cudnn": (torch.float16, False, False, False),
+}
+
+
 @pytest.mark.parametrize("n, h, w", SIZES)
-@pytest.mark.parametrize("dtype, graphs", [(torch.float32, False), (torch.float16, False), (torch.float16, True)])
-def test_engine_matches_reference(reference, n, h, w, dtype, graphs):
-    engine = msfin_fast.optimize(reference, dtype=dtype, backend="triton", cuda_graphs=graphs)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_engine_matches_reference(reference, n, h, w, variant):
+    dtype, graphs, fused, convs = VARIANTS[variant]
+    engine = msfin_fast.optimize(reference, dtype=dtype, backend="triton", cuda_graphs=graphs, fuse_rrcab=fused,
+                                 conv_kernels=convs)
     g = torch.Generator(device="cuda").manual_seed(n * 1000 + h * w)
     x = torch.rand(n, 3, h, w, device="cuda", generator=g) * 255
     with torch.no_grad():
@@ -54,8 +66,9 @@ def test_engine_matches_reference(reference, n, h, w, dtype, graphs):
 
 
 @pytest.mark.parametrize("folder", ["Set5", "Set14"])
-def test_fp16_engine_keeps_the_paper_psnr(reference, data_dir, folder):
-    engine = msfin_fast.optimize(reference, dtype=torch.float16, backend="triton")
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_engine_keeps_the_paper_psnr(reference, data_dir, folder, fused):
+    engine = msfin_fast.optimize(reference, dtype=torch.float16, backend="triton", fuse_rrcab=fused)
 
     def upscale(model):
         def run(lr):

@@ -212,3 +212,36 @@ def test_conv(kind, c, dtype, n, hw):
     EmulatedOps().conv(inputs, packed, want, step)
     TritonOps().conv(inputs, packed, got, step)
     assert_close(got, want, dtype, f"conv {kind}")
+
+
+@pytest.mark.parametrize("width, dtype, n, hw, deferred, n_add, write_x", [
+    (PRESET_WIDTHS[1], torch.float16, 2, (17, 30), True, 0, True),   # 18 tiles over 4 persistent programs
+    (PRESET_WIDTHS[0], torch.float32, 1, (15, 15), True, 2, True),
+    (PRESET_WIDTHS[2], torch.float16, 1, (9, 20), False, 1, True),
+    (PRESET_WIDTHS[0], torch.float16, 3, (5, 4), False, 0, False),
+])
+def test_rrcab_fused_pass(width, dtype, n, hw, deferred, n_add, write_x):
+    """The one-launch pass (conv1 kept in a scratch) against the same emulated contract."""
+    from msfin_fast.kernels.rrcab_fused import scratch_numel
+
+    c, g, r = width
+    h, w = hw
+    packed = pack_rrcab(random_block(c, g, r, dtype, seed=c * n), dtype)
+    t = nhwc(n, h, w, c, dtype, 10)
+    adds = [nhwc(n, h, w, c, dtype, 3) for _ in range(n_add)]
+    src = Source(t, e1=adds[0] if n_add > 0 else None, e2=adds[1] if n_add > 1 else None)
+    if deferred:
+        src = src._replace(u=nhwc(n, h, w, c, dtype, 5), sums=torch.randn(n, c, device=DEVICE) * h * w,
+                           ca=producer_ca(c, g, r, dtype, c))
+    results = {}
+    for ops, fused in ((EmulatedOps(), False), (TritonOps(fused_rrcab=True), True)):
+        x_out = poisoned_like(t) if write_x else None
+        u = poisoned_like(t)
+        a = torch.full((scratch_numel(t.device, 32 if c > 16 else 16, n, h, w),), float("nan"), dtype=dtype,
+                       device=DEVICE) if fused else poisoned_like(t)
+        sums = torch.full((n, c), -3.0, device=DEVICE)
+        ops.rrcab_pass(src, packed, x_out, a, u, sums, fused=fused)
+        results[fused] = (x_out, u, sums)
+    for name, want, got in zip(("x_out", "u", "sums"), results[False], results[True]):
+        if want is not None:
+            assert_close(got, want, dtype, f"fused {name} (C={c}, {dtype})")

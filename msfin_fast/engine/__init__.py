@@ -55,7 +55,8 @@ class Engine(nn.Module):
     """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from."""
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
-                 cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True):
+                 cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
+                 fuse_rrcab: bool = False):
         super().__init__()
         if not isinstance(model, MSFIN):
             raise ConfigError(f"optimize() takes an msfin_fast.MSFIN model, got {type(model).__name__}")
@@ -68,6 +69,7 @@ class Engine(nn.Module):
         self.requested_backend = backend
         self.cuda_graphs = cuda_graphs
         self.conv_kernels = conv_kernels
+        self.fuse_rrcab = fuse_rrcab
         self.check_finite = True
         self.graphs = GraphCache(max_graphs)
         self.fallback_reason: str | None = None
@@ -97,7 +99,7 @@ class Engine(nn.Module):
             reason = f"the engine's head kernel is specialised for ×4 (model is ×{self.source.config.scale})"
         else:
             try:
-                self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels)
+                self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels, fused_rrcab=self.fuse_rrcab)
             except P.UnsupportedModel as exc:
                 reason = str(exc)
         if reason is None and requested in ("auto", "triton"):
@@ -116,7 +118,7 @@ class Engine(nn.Module):
         if self._backend == "triton":
             from .backends import TritonOps
 
-            self.ops = TritonOps()
+            self.ops = TritonOps(fused_rrcab=self.fuse_rrcab)
         elif self._backend == "emulate":
             self.ops = EmulatedOps()
 
@@ -238,15 +240,17 @@ class Engine(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"backend={self._backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}, "
-                f"conv_kernels={self.conv_kernels}")
+                f"conv_kernels={self.conv_kernels}, fuse_rrcab={self.fuse_rrcab}")
 
 
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
-             cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True) -> Engine:
+             cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
+             fuse_rrcab: bool = False) -> Engine:
     """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged.
 
     ``conv_kernels=False`` runs the layers between RRCAB blocks through PyTorch (cuDNN) instead
-    of kernels/conv.py, to compare the two.
+    of kernels/conv.py, to compare the two. ``fuse_rrcab=True`` runs each RRCAB pass as one launch
+    that keeps conv1's output in an L2-resident scratch (kernels/rrcab_fused.py) instead of two.
     """
     return Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                  conv_kernels=conv_kernels)
+                  conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab)

@@ -61,14 +61,16 @@ class EmulatedOps:
         y = F.conv2d(y, p.head.weight.detach().float(), p.head.bias.detach().float(), padding=1)
         out.copy_(_nhwc(y))
 
-    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums) -> None:
+    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums, fused: bool = False) -> None:
         dt = p.dtype
         body = p.module.body
         x = self.source(src).to(dt)
         if x_out is not None:
             x_out.copy_(x)
-        a.copy_(torch.relu(self._conv(x.float(), body[0], dt)))
-        h = torch.relu(self._conv(a.float(), body[2], dt)).to(dt)
+        conv1 = torch.relu(self._conv(x.float(), body[0], dt)).to(dt)
+        if not fused:  # the two-launch contract writes conv1's output
+            a.copy_(conv1)
+        h = torch.relu(self._conv(conv1.float(), body[2], dt)).to(dt)
         u = self._conv(h.float(), body[4], dt)
         u_out.copy_(u)
         sums += u.sum(dim=(1, 2))
@@ -101,16 +103,29 @@ class EmulatedOps:
 class TritonOps:
     name = "triton"
 
-    def __init__(self):
-        from ..kernels import conv, head, materialize, rrcab, tail
+    def __init__(self, fused_rrcab: bool = False):
+        from ..kernels import conv, head, materialize, rrcab, rrcab_fused, tail
 
         self._head, self._materialize, self._rrcab, self._tail = head, materialize, rrcab, tail
-        self._conv = conv
+        self._conv, self._fused = conv, rrcab_fused
+        self.fused_rrcab = fused_rrcab
+        if fused_rrcab:
+            self.name = "triton-fused"
+
+    def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
+        from ..kernels.rrcab_fused import scratch_numel
+        from .packing import next_pow2
+
+        return scratch_numel(device, next_pow2(channels), n, h, w)
 
     def head(self, x, p: PackedHead, out) -> None:
         self._head.head(x, p.scale, p.mean_w, p.mean_b, p.w, p.b, out)
 
-    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums) -> None:
+    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums, fused: bool = False) -> None:
+        """``a``: conv1's output buffer, or with ``fused`` the one-launch kernel's scratch."""
+        if fused:
+            self._fused.rrcab_fused(src, p.w1, p.b1, p.w2, p.b2, p.w3, p.b3, u_out, sums, a, x_out)
+            return
         self._rrcab.rrcab_conv1(src, p.w1, p.b1, a, x_out)
         self._rrcab.rrcab_conv2(a, p.w2, p.b2, p.w3, p.b3, u_out, sums)
 

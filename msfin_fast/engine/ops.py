@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..kernels.contract import Source
+from ..kernels.contract import FUSED_MAX_CHANNELS, Source
 
 _REGISTRY: dict[int, object] = {}
 _keys = itertools.count(1)
@@ -66,9 +66,12 @@ def rrcab_pass(t: Tensor, u: Tensor | None, sums: Tensor | None, e1: Tensor | No
     """(finished input or an empty tensor, pre-CA output u, its channel sums)."""
     ops, packed = _entry(key)
     x_out = torch.empty_like(t) if write_x else None
-    u_out, a = torch.empty_like(t), torch.empty_like(t)
-    sums_out = torch.zeros(t.shape[0], t.shape[-1], dtype=torch.float32, device=t.device)
-    ops.rrcab_pass(_source(t, u, sums, e1, e2, ca_key), packed, x_out, a, u_out, sums_out)
+    u_out = torch.empty_like(t)
+    n, h, w, c = t.shape
+    fused = getattr(ops, "fused_rrcab", False) and c <= FUSED_MAX_CHANNELS
+    a = t.new_empty(ops.scratch_numel(t.device, c, n, h, w)) if fused else torch.empty_like(t)
+    sums_out = torch.zeros(n, c, dtype=torch.float32, device=t.device)
+    ops.rrcab_pass(_source(t, u, sums, e1, e2, ca_key), packed, x_out, a, u_out, sums_out, fused=fused)
     return (x_out if write_x else t.new_empty(0)), u_out, sums_out
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import trace_features
+from ..kernels.contract import FUSED_MAX_CHANNELS
 from ..model import MSFIN, RRCAB, Down2, Down4, Up2
 
 
@@ -104,7 +105,11 @@ class RRCABPass:
     block: str
     src: SourceRef
     x_out: Buf | None
-    a: Buf
+    a: Buf | None  # conv1's output; None when the pass is one launch (kernels/rrcab_fused.py)
+
+    @property
+    def fused(self) -> bool:
+        return self.a is None
     u: Buf
     sums: SumsSlot
 
@@ -147,7 +152,7 @@ Launch = Head | RRCABPass | Materialize | Layer | Conv | Tail
 
 def reads(launch: Launch) -> list[Buf]:
     if isinstance(launch, (RRCABPass, Materialize, Tail)):
-        return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) else [])
+        return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) and launch.a is not None else [])
     if isinstance(launch, (Layer, Conv)):
         return list(launch.inputs)
     return []
@@ -202,6 +207,7 @@ def lower(name: str, module: nn.Module) -> list[Conv]:
 class Plan:
     launches: list[Launch] = field(default_factory=list)
     slots: list[SumsSlot] = field(default_factory=list)
+    fused_rrcab: bool = False
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -228,9 +234,10 @@ def _out_shape(module: nn.Module, div: int, channels_in: int) -> tuple[int, int]
 
 
 class Planner:
-    def __init__(self, model: MSFIN, conv_kernels: bool = True):
+    def __init__(self, model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False):
         self.model = model
         self.conv_kernels = conv_kernels
+        self.fused_rrcab = fused_rrcab
         self.plan = Plan()
         self._next_buf = 0
 
@@ -290,8 +297,9 @@ class Planner:
             x_out = None if src.is_plain else self.new_buf(div, channels)
             if step == 0 and x_out is not None and not isinstance(value, Plain):
                 value.plain = x_out
-            launch = RRCABPass(name, src, x_out, self.new_buf(div, channels), self.new_buf(div, channels),
-                               self.new_slot(channels))
+            fused = self.fused_rrcab and channels <= FUSED_MAX_CHANNELS
+            a = None if fused else self.new_buf(div, channels)
+            launch = RRCABPass(name, src, x_out, a, self.new_buf(div, channels), self.new_slot(channels))
             self.plan.launches.append(launch)
             src = SourceRef(x_out or src.t, launch.u, launch.sums, name)
         return Deferred(src.t, src.u, src.sums, name)
@@ -353,10 +361,13 @@ class Planner:
         return self.plan
 
 
-def build_plan(model: MSFIN, conv_kernels: bool = True) -> Plan:
+def build_plan(model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False) -> Plan:
     """The launches for one forward of ``model`` (head to tail), independent of the input shape.
 
     ``conv_kernels``: run the layers between RRCAB blocks as kernels/conv.py launches (False:
-    as the reference's PyTorch modules, i.e. cuDNN on a GPU).
+    as the reference's PyTorch modules, i.e. cuDNN on a GPU). ``fused_rrcab``: each RRCAB pass
+    up to FUSED_MAX_CHANNELS wide is one launch that keeps conv1's output on chip (no ``a`` buffer).
     """
-    return Planner(model, conv_kernels).build(trace_features(model))
+    plan = Planner(model, conv_kernels, fused_rrcab).build(trace_features(model))
+    plan.fused_rrcab = fused_rrcab
+    return plan

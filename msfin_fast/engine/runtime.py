@@ -55,7 +55,9 @@ class Arena:
     """The tensors of one input shape: one per slot, plus the channel sums of every pass."""
 
     def __init__(self, plan: P.Plan, assignment: SlotAssignment, n: int, H: int, W: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, scratch_numel: int = 0):
+        # Per-program scratch of the fused RRCAB kernel, sized for the pass that needs the most.
+        self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
         self.tensors = [
             torch.empty(n, H // div, W // div, ch, dtype=dtype, device=device) for div, ch in assignment.slots
         ]
@@ -70,7 +72,8 @@ class Arena:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors) + self.sums_flat.numel() * 4
+        extra = self.scratch.numel() * self.scratch.element_size() if self.scratch is not None else 0
+        return sum(t.numel() * t.element_size() for t in self.tensors) + self.sums_flat.numel() * 4 + extra
 
     def __getitem__(self, buf: P.Buf) -> torch.Tensor:
         return self.tensors[self.slot_of[buf.id]]
@@ -89,7 +92,13 @@ class Runner:
         self.last_use = self.assignment.last_use
 
     def arena(self, n: int, H: int, W: int, dtype: torch.dtype, device: torch.device) -> Arena:
-        return Arena(self.plan, self.assignment, n, H, W, dtype, device)
+        scratch = 0
+        if self.plan.fused_rrcab and hasattr(self.ops, "scratch_numel"):
+            scratch = max(
+                self.ops.scratch_numel(device, launch.src.t.channels, n, H // launch.src.t.div, W // launch.src.t.div)
+                for launch in self.plan.launches if isinstance(launch, P.RRCABPass) and launch.fused
+            )
+        return Arena(self.plan, self.assignment, n, H, W, dtype, device, scratch)
 
     def run(self, x: torch.Tensor, arena: Arena, out: torch.Tensor) -> torch.Tensor:
         """``x``: LR NCHW contiguous in the engine dtype; ``out``: [N, 3, H, W] NCHW, written."""
@@ -108,8 +117,9 @@ class Runner:
         arena.sums_flat.zero_()
         for i, launch in enumerate(self.plan.launches):
             if isinstance(launch, P.RRCABPass):
+                a = arena.scratch if launch.fused else tensor(launch.a)
                 self.ops.rrcab_pass(source(launch.src), self.packed[launch.block], tensor(launch.x_out),
-                                    tensor(launch.a), tensor(launch.u), arena.sums[launch.sums.id])
+                                    a, tensor(launch.u), arena.sums[launch.sums.id], fused=launch.fused)
             elif isinstance(launch, P.Head):
                 self.ops.head(x, self.packed["head"], tensor(launch.out))
             elif isinstance(launch, P.Materialize):
