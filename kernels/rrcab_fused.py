@@ -42,6 +42,8 @@ def _rrcab_fused_kernel(
     scratch = scratch_ptr + pid * (EH * EW * CP)
     per_image = tiles_h * tiles_w
     job = pid
+    # A while loop rather than range(pid, total, nprog): Triton 3.6's interpreter cannot take a
+    # runtime range bound under NumPy >= 2.4, and the CPU tests run this kernel there.
     while job < N * per_image:  # a persistent program: tiles pid, pid + nprog, ...
         n = job // per_image
         tile = job % per_image
