@@ -7,6 +7,8 @@ One kernel covers every remaining layer of MSFIN:
   * ConvTranspose2d(kernel 2, stride 2): a 1×1 GEMM to ``4·C_out`` channels with that same store;
   * 1×1 convs over a concatenation of up to three equally wide inputs (``c1``, ``c2``): each input
     is its own K-range of the GEMM, so the concatenation is never built.
+A single input may be a deferred :class:`Source` (``t + CA(u) + e1 + e2``, see source.py), finished
+as it loads, so a block's output feeding an up-sampling conv needs no ``materialize`` pass.
 Layout: inputs and output NHWC contiguous, storage fp16 or fp32, fp32 accumulation. Zero padding.
 Packed weights (engine/packing.py): ``w`` [K·K, NSRC·KCHUNK, 16, NP] (tap, input chunk, in, out),
 bias [NP] fp32; KCHUNK = ceil(C_src / 16), NP = GEMM output channels padded to a power of two.
@@ -16,14 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, mma
+from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args
 
 
 @triton.jit
 def _conv_kernel(
-    x0_ptr, x1_ptr, x2_ptr, w_ptr, b_ptr, out_ptr, H_in, W_in, C_src, H_out, W_out, C_gemm,
+    x0_ptr, x1_ptr, x2_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
+    w_ptr, b_ptr, out_ptr, H_in, W_in, C_src, H_out, W_out, C_gemm,
     NSRC: tl.constexpr, KSIZE: tl.constexpr, STRIDE: tl.constexpr, KCHUNK: tl.constexpr,
     NP: tl.constexpr, LEAKY: tl.constexpr, SHUFFLE: tl.constexpr, FP16: tl.constexpr,
+    DEFERRED: tl.constexpr, N_ADD: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -49,8 +53,18 @@ def _conv_kernel(
                 src = x2_ptr
             for k in tl.static_range(KCHUNK):
                 ch = k * 16 + ci
-                x = tl.load(src + pix[:, None] * C_src + ch[None, :], mask=ok[:, None] & (ch < C_src)[None, :],
-                            other=0.0)
+                offs = pix[:, None] * C_src + ch[None, :]
+                mask = ok[:, None] & (ch < C_src)[None, :]
+                if DEFERRED or N_ADD > 0:  # a single deferred input, finished while loading
+                    if DEFERRED:
+                        scale = ca_scale(sums_ptr, n, C_src, inv_hw, ca_w1, ca_b1, ca_w2t, ca_b2, k * 16, 16,
+                                         CP, CRP)
+                    else:
+                        scale = tl.zeros([16], tl.float32)
+                    x = load_source(src, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
+                    x = x.to(out_ptr.dtype.element_ty)
+                else:
+                    x = tl.load(src + offs, mask=mask, other=0.0)
                 w = tl.load(w_ptr + ((tap * NSRC * KCHUNK + s * KCHUNK + k) * 16 + ci[:, None]) * NP + co[None, :])
                 acc = mma(x, w, acc, FP16)
     acc += tl.load(b_ptr + co)[None, :]
@@ -68,9 +82,19 @@ def _conv_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
-def conv(inputs: list[torch.Tensor], w: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, ksize: int,
-         stride: int, leaky: bool, shuffle: bool) -> None:
-    """``out = epilogue(conv(concat(inputs)))``; see the module docstring for the cases."""
+def conv(inputs: list[torch.Tensor] | Source, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+         ksize: int, stride: int, leaky: bool, shuffle: bool) -> None:
+    """``out = epilogue(conv(concat(inputs)))``; ``inputs`` may instead be one deferred Source."""
+    if isinstance(inputs, Source):
+        args = source_args(inputs)
+        deferred = dict(ptrs=args["ptrs"][1:], sums=args["sums"], ca=args["ca"], inv_hw=args["inv_hw"],
+                        consts=args["consts"])
+        inputs = [inputs.t]
+    else:
+        x0 = inputs[0]
+        dummy = x0.new_zeros(1, dtype=torch.float32)
+        deferred = dict(ptrs=(x0, x0, x0), sums=dummy, ca=(dummy,) * 4, inv_hw=1.0,
+                        consts=dict(DEFERRED=False, N_ADD=0, CP=16, CRP=1))
     if not 1 <= len(inputs) <= 3:
         raise ValueError(f"conv takes 1 to 3 inputs, got {len(inputs)}")
     x0 = inputs[0]
@@ -95,7 +119,8 @@ def conv(inputs: list[torch.Tensor], w: torch.Tensor, b: torch.Tensor, out: torc
         bh, bw, warps = (8, 16, 4) if np_ <= 32 else (8, 8, 4)
     xs = list(inputs) + [x0] * (3 - len(inputs))
     _conv_kernel[(triton.cdiv(h_out, bh) * triton.cdiv(w_out, bw), n)](
-        *xs, w, b, out, h_in, w_in, c_src, h_out, w_out, c_gemm,
+        *xs, *deferred["ptrs"], deferred["sums"], *deferred["ca"], deferred["inv_hw"],
+        w, b, out, h_in, w_in, c_src, h_out, w_out, c_gemm,
         NSRC=len(inputs), KSIZE=ksize, STRIDE=stride, KCHUNK=kchunk, NP=np_, LEAKY=leaky, SHUFFLE=shuffle,
-        FP16=x0.dtype == torch.float16, BH=bh, BW=bw, num_warps=warps,
+        FP16=x0.dtype == torch.float16, BH=bh, BW=bw, num_warps=warps, **deferred["consts"],
     )

@@ -245,3 +245,25 @@ def test_rrcab_fused_pass(width, dtype, n, hw, deferred, n_add, write_x):
     for name, want, got in zip(("x_out", "u", "sums"), results[False], results[True]):
         if want is not None:
             assert_close(got, want, dtype, f"fused {name} (C={c}, {dtype})")
+
+
+@pytest.mark.parametrize("c, dtype, n_add", [(24, torch.float16, 0), (48, torch.float32, 1)])
+def test_conv_with_a_deferred_input(c, dtype, n_add):
+    """An up-sampling conv reading a block's unfinished output t + CA(u) (+ addends)."""
+    from msfin_fast.engine.packing import pack_conv
+    from msfin_fast.engine.plan import Conv
+
+    torch.manual_seed(c)
+    module = torch.nn.Conv2d(c, 4 * (c // 2), 3, padding=1).to(DEVICE)
+    packed = pack_conv(module, 1, dtype)
+    step = Conv("", [], None, 3, 1, shuffle=True)
+    n, h, w = 2, 5, 7
+    g, r = (6, 5) if c % 6 == 0 else (4, 4)
+    adds = [nhwc(n, h, w, c, dtype, 3) for _ in range(n_add)]
+    src = Source(nhwc(n, h, w, c, dtype, 10), nhwc(n, h, w, c, dtype, 5), torch.randn(n, c, device=DEVICE) * h * w,
+                 producer_ca(c, g, r, dtype, 3), *(adds + [None, None])[:2])
+    want = torch.full((n, 2 * h, 2 * w, c // 2), float("nan"), device=DEVICE, dtype=dtype)
+    got = torch.full_like(want, float("nan"))
+    EmulatedOps().conv(src, packed, want, step)
+    TritonOps().conv(src, packed, got, step)
+    assert_close(got, want, dtype, "conv of a deferred input")

@@ -84,7 +84,9 @@ class EmulatedOps:
         out.copy_(F.conv2d(y, p.add_mean.weight.detach().float(), p.add_mean.bias.detach().float()))
 
 
-    def conv(self, inputs: list[torch.Tensor], p: PackedConv, out: torch.Tensor, step) -> None:
+    def conv(self, inputs: list[torch.Tensor] | Source, p: PackedConv, out: torch.Tensor, step) -> None:
+        if isinstance(inputs, Source):
+            inputs = [self.source(inputs).to(p.dtype)]
         x = torch.cat([_nchw(t).float() for t in inputs], dim=1)
         m = p.module
         w = m.weight.detach().to(p.dtype).float()

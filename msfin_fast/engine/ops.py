@@ -120,15 +120,19 @@ def _conv_out(inputs: list[Tensor], packed, stride: int, shuffle: bool) -> tuple
 
 
 @torch.library.custom_op("msfin_fast::conv", mutates_args=())
-def conv(inputs: list[Tensor], key: int, ksize: int, stride: int, leaky: bool, shuffle: bool) -> Tensor:
+def conv(inputs: list[Tensor], u: Tensor | None, sums: Tensor | None, e1: Tensor | None, e2: Tensor | None,
+         ca_key: int, key: int, ksize: int, stride: int, leaky: bool, shuffle: bool) -> Tensor:
+    """A conv between blocks; with ``u``/``e1`` its single input is deferred (see kernels/conv.py)."""
     from .plan import Conv
 
     ops, packed = _entry(key)
     out = inputs[0].new_empty(_conv_out(inputs, packed, stride, shuffle))
-    ops.conv(inputs, packed, out, Conv("", [], None, ksize, stride, leaky, shuffle))
+    deferred = u is not None or e1 is not None
+    src = _source(inputs[0], u, sums, e1, e2, ca_key) if deferred else inputs
+    ops.conv(src, packed, out, Conv("", [], None, ksize, stride, leaky, shuffle))
     return out
 
 
 @conv.register_fake
-def _(inputs, key, ksize, stride, leaky, shuffle):
+def _(inputs, u, sums, e1, e2, ca_key, key, ksize, stride, leaky, shuffle):
     return inputs[0].new_empty(_conv_out(inputs, _entry(key)[1], stride, shuffle))

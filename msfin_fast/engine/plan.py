@@ -140,6 +140,7 @@ class Conv:
     stride: int
     leaky: bool = False
     shuffle: bool = False
+    src: SourceRef | None = None  # a single deferred input, finished by the conv as it loads
 
 
 @dataclass
@@ -153,6 +154,8 @@ Launch = Head | RRCABPass | Materialize | Layer | Conv | Tail
 def reads(launch: Launch) -> list[Buf]:
     if isinstance(launch, (RRCABPass, Materialize, Tail)):
         return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) and launch.a is not None else [])
+    if isinstance(launch, Conv) and launch.src is not None:
+        return launch.src.bufs
     if isinstance(launch, (Layer, Conv)):
         return list(launch.inputs)
     return []
@@ -305,7 +308,12 @@ class Planner:
         return Deferred(src.t, src.u, src.sums, name)
 
     def layer(self, name: str, module: nn.Module, values: list[Value]) -> Plain:
-        inputs = [self.materialize(v) for v in values]
+        deferred = None
+        if self.conv_kernels and len(values) == 1 and not isinstance(values[0], Plain) and values[0].plain is None:
+            deferred = self.source(values[0])  # the first conv finishes it; no materialize launch
+            inputs = [deferred.t]
+        else:
+            inputs = [self.materialize(v) for v in values]
         divs = {b.div for b in inputs}
         if len(divs) != 1:
             raise UnsupportedModel(f"{name}: inputs at different resolutions")
@@ -321,6 +329,7 @@ class Planner:
                 if step_div < 1 or (len(bufs) > 1 and conv.in_channels % len(bufs)):
                     raise UnsupportedModel(f"{step.module}: cannot run as a kernel")
                 step.inputs, step.out = bufs, self.new_buf(step_div, channels)
+                step.src, deferred = deferred, None
                 self.plan.launches.append(step)
                 bufs, div = [step.out], step_div
             return Plain(bufs[0])

@@ -125,7 +125,8 @@ class Runner:
             elif isinstance(launch, P.Materialize):
                 self.ops.materialize(source(launch.src), tensor(launch.out))
             elif isinstance(launch, P.Conv):
-                self.ops.conv([tensor(b) for b in launch.inputs], self.packed[launch.module], tensor(launch.out), launch)
+                inputs = source(launch.src) if launch.src is not None else [tensor(b) for b in launch.inputs]
+                self.ops.conv(inputs, self.packed[launch.module], tensor(launch.out), launch)
             elif isinstance(launch, P.Layer):
                 env[launch.out.id] = self.layer(launch, [tensor(b) for b in launch.inputs])
             elif isinstance(launch, P.Tail):
@@ -169,7 +170,12 @@ class Runner:
             elif isinstance(launch, P.Materialize):
                 env[launch.out.id] = ops.materialize(*args(launch.src), self.keys["ops"])
             elif isinstance(launch, P.Conv):
-                env[launch.out.id] = ops.conv([env[b.id] for b in launch.inputs], self.keys[launch.module],
+                if launch.src is not None:
+                    t, u, s, e1, e2, ca_key = args(launch.src)
+                    inputs = [t]
+                else:
+                    inputs, u, s, e1, e2, ca_key = [env[b.id] for b in launch.inputs], None, None, None, None, -1
+                env[launch.out.id] = ops.conv(inputs, u, s, e1, e2, ca_key, self.keys[launch.module],
                                               launch.ksize, launch.stride, launch.leaky, launch.shuffle)
             elif isinstance(launch, P.Layer):
                 env[launch.out.id] = self.layer(launch, [env[b.id] for b in launch.inputs])
