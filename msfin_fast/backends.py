@@ -46,6 +46,18 @@ def available_backends() -> list[BackendStatus]:
                 f"triton {triton.__version__}; " + (f"runs on {device}" if reason is None else reason),
             )
         )
+    from .engine.choice import cache_path, load_choices
+
+    choices = load_choices()
+    statuses.append(
+        BackendStatus(
+            "auto choices",
+            bool(choices),
+            (f"{len(choices)} measured in {cache_path()}: "
+             + "; ".join(f"{k.split(' | ')[-2]} on {k.split(' | ')[0]} → {v.get('backend')}" for k, v in choices.items()))
+            if choices else f"none measured yet ({cache_path()}); backend='auto' measures on first use per GPU and shape class",
+        )
+    )
     statuses.append(
         BackendStatus("CUDA C++ extension", False, "not built (this version has no csrc sources yet)")
     )

@@ -8,8 +8,9 @@ arena planned per input shape, optionally replaying a CUDA graph per shape.
 
 Backends: ``"triton"`` (kernels/, on CUDA, or on the CPU under ``TRITON_INTERPRET=1``),
 ``"emulate"`` (the same plan with every kernel computed by PyTorch ops — slow, for checking),
-``"reference"`` (the model itself). ``"auto"`` takes Triton where it can run and otherwise falls
-back to the reference, saying so once.
+``"reference"`` (the model itself). ``"auto"`` on a GPU measures the engine's variants per shape
+class and runs the fastest (``choice.AutoEngine``); where the kernels cannot run it falls back to
+the reference, saying so once.
 """
 
 from __future__ import annotations
@@ -243,14 +244,29 @@ class Engine(nn.Module):
                 f"conv_kernels={self.conv_kernels}, fuse_rrcab={self.fuse_rrcab}")
 
 
+def variants(model: MSFIN) -> dict[str, dict]:
+    """The engine configurations ``backend="auto"`` chooses among on ``model``'s device."""
+    return {"triton": dict(backend="triton"), "triton-fused": dict(backend="triton", fuse_rrcab=True)}
+
+
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
              cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
-             fuse_rrcab: bool = False) -> Engine:
+             fuse_rrcab: bool = False) -> nn.Module:
     """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged.
 
     ``conv_kernels=False`` runs the layers between RRCAB blocks through PyTorch (cuDNN) instead
     of kernels/conv.py, to compare the two. ``fuse_rrcab=True`` runs each RRCAB pass as one launch
     that keeps conv1's output in an L2-resident scratch (kernels/rrcab_fused.py) instead of two.
     """
-    return Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                  conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab)
+    engine = Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
+                    conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab)
+    if backend != "auto" or engine.backend != "triton" or not engine.device.type == "cuda":
+        return engine
+    from .choice import AutoEngine
+
+    engines = {"triton-fused" if fuse_rrcab else "triton": engine}
+    for name, kw in variants(model).items():
+        if name not in engines:
+            engines[name] = Engine(model, dtype=dtype, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
+                                   conv_kernels=conv_kernels, **kw)
+    return AutoEngine(model, engines, dtype)
