@@ -56,9 +56,10 @@ def data_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path_factory):
-    """No downloads, a private hub cache, and MSFIN_WEIGHTS_DIR as the test run found it."""
+    """No downloads, a private hub cache and choice cache, and MSFIN_WEIGHTS_DIR as the run found it."""
     hub = tmp_path_factory.mktemp("hub")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setenv("MSFIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("MSFIN_OFFLINE", "1")
     weights = os.environ.get("MSFIN_WEIGHTS_DIR") or str(SHARED / "weights")
     monkeypatch.setenv("MSFIN_WEIGHTS_DIR", weights)
