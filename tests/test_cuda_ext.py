@@ -1,0 +1,406 @@
+"""The CUDA C++ RRCAB pass: its build, its module, its Python wrapper, and (on a GPU) its numbers.
+
+Without a GPU these check that the extension was built wherever nvcc exists, what it exposes, that
+the wrapper refuses bad arguments with typed errors before any pointer reaches the kernel, and that
+the reference of the pass contract used on the GPU reproduces the RRCAB module. The ``gpu`` tests
+compare the kernel with that reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msfin_fast
+from msfin_fast.engine import cuda_backend
+from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
+from msfin_fast.model import RRCAB
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+# (channels, groups, CA reduction) of every RRCAB in MSFIN (G 6, r 5) and MSFIN-S (G 4, r 4).
+CONFIGS = [(16, 4, 4), (24, 6, 5), (32, 4, 4), (48, 6, 5), (64, 4, 4), (96, 6, 5)]
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2}  # max |Δ| / max |reference|
+
+
+def nvcc_present() -> bool:
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(env)
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return True
+    return shutil.which("nvcc") is not None
+
+
+EXTENSION_EXPECTED = nvcc_present() and os.environ.get("MSFIN_NO_CUDA_EXT") != "1"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not cuda_backend.built():
+        message = f"msfin_fast._C is not built: {cuda_backend.unavailable_reason()}"
+        if EXTENSION_EXPECTED and IN_CI:
+            pytest.fail("nvcc is present, so the install must build the extension; " + message)
+        pytest.skip(message)
+    return cuda_backend._C
+
+
+def gpu_ready() -> bool:
+    return torch.cuda.is_available() and cuda_backend.available()
+
+
+gpu = pytest.mark.skipif(not gpu_ready(), reason="needs a CUDA GPU and the built extension")
+
+
+def make_block(channels: int, groups: int, reduction: int, seed: int = 0) -> RRCAB:
+    torch.manual_seed(seed)
+    block = RRCAB(channels, groups, reduction, num_steps=1)
+    with torch.no_grad():  # non-zero biases everywhere, so a dropped bias shows
+        for m in block.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias.uniform_(-0.2, 0.2)
+    return block.eval()
+
+
+# ---- the reference of the pass contract (NHWC in and out, computed in float64) ----------------------
+
+
+def ca_scale(ca_block: RRCAB, sums: torch.Tensor, hw: int) -> torch.Tensor:
+    squeeze, excite = ca_block.body[5].conv_du[0], ca_block.body[5].conv_du[2]
+    c, cr = excite.out_channels, squeeze.out_channels
+    mean = sums.double() / hw
+    hidden = F.relu(mean @ squeeze.weight.double().reshape(cr, c).t() + squeeze.bias.double())
+    return torch.sigmoid(hidden @ excite.weight.double().reshape(c, cr).t() + excite.bias.double())
+
+
+def reference_pass(block: RRCAB, t, *, u=None, sums_in=None, ca=None, e1=None, e2=None):
+    """(x, u_out, sums_out) of one pass as the contract defines it, rounded where the kernel rounds."""
+    dtype = t.dtype
+    conv1, conv2, conv3 = block.body[0], block.body[2], block.body[4]
+    x = t.double()
+    if u is not None:
+        x = x + ca_scale(ca, sums_in, t.shape[1] * t.shape[2])[:, None, None, :] * u.double()
+    for e in (e1, e2):
+        if e is not None:
+            x = x + e.double()
+    x = x.to(dtype)
+    xn = x.double().permute(0, 3, 1, 2)
+    g = conv1.groups
+    a = F.relu(F.conv2d(xn, conv1.weight.double(), conv1.bias.double(), padding=1, groups=g)).to(dtype).double()
+    h = F.relu(F.conv2d(a, conv2.weight.double(), conv2.bias.double(), padding=1, groups=g)).to(dtype).double()
+    u_out = F.conv2d(h, conv3.weight.double(), conv3.bias.double())
+    return x, u_out.permute(0, 2, 3, 1).to(dtype), u_out.sum(dim=(2, 3)).float()
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def test_reference_pass_reproduces_the_rrcab_module():
+    # Two passes with the CA deferred to the consumer are the module's two steps: what the GPU tests
+    # compare the kernel with is the network, not a guess.
+    block = make_block(24, 6, 5).double()
+    t = torch.randn(2, 24, 11, 13, dtype=torch.float64) * 3
+    x1, u1, s1 = reference_pass(block, nhwc(t))
+    x2, u2, s2 = reference_pass(block, x1, u=u1, sums_in=s1, ca=block)
+    out = x2 + ca_scale(block, s2, 11 * 13)[:, None, None, :] * u2
+    with torch.no_grad():
+        expected = nhwc(block(t))
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x1, nhwc(t))
+
+
+# ---- the module ------------------------------------------------------------------------------------
+
+
+def test_extension_absence_is_reported_not_raised():
+    if cuda_backend.built():
+        assert cuda_backend.compiled_archs()
+        return
+    assert not cuda_backend.available()
+    assert "not built" in cuda_backend.unavailable_reason()
+    assert cuda_backend.compiled_archs() == []
+
+
+def test_module_exposes_the_pass_and_what_it_was_built_for(ext):
+    for name in ("rrcab_pass", "version", "compiled_archs", "supported_configs", "device_status",
+                 "device_count", "runtime_version", "driver_version", "smem_bytes"):
+        assert callable(getattr(ext, name)), name
+    assert ext.version() == msfin_fast.__version__
+    archs = ext.compiled_archs()
+    if "MSFIN_CUDA_ARCHS" not in os.environ:
+        assert archs == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
+    assert [tuple(c) for c in ext.supported_configs()] == [(c, g) for c, g, _ in CONFIGS]
+    assert ext.runtime_version() >= 11000
+
+
+@pytest.mark.parametrize("dtype_code", [0, 1])
+def test_every_variant_fits_the_smallest_shared_memory_of_its_targets(ext, dtype_code):
+    for c, g, _ in CONFIGS:
+        assert 0 < ext.smem_bytes(dtype_code, c, g) <= 99 * 1024, (c, g)
+    assert ext.smem_bytes(dtype_code, 40, 4) == 0
+
+
+def test_device_status_without_a_gpu_is_an_answer_not_a_crash(ext):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    count, why = ext.device_status()
+    assert count == 0 and why
+    assert ext.device_count() == 0
+    assert not cuda_backend.available()
+    assert "no" in cuda_backend.unavailable_reason()
+
+
+def test_the_binding_refuses_missing_pointers_before_launching(ext):
+    args = dict(dtype_code=0, N=1, H=4, W=4, C=24, G=6, CR=0, t=0, u=0, sums_in=0, ca_w1=0, ca_b1=0,
+                ca_w2=0, ca_b2=0, e1=0, e2=0, x_out=0, u_out=0, sums_out=0, w1=0, b1=0, w2=0, b2=0,
+                w3t=0, b3=0, device=0, stream=0)
+    with pytest.raises(ValueError, match="required"):
+        ext.rrcab_pass(**args)
+    with pytest.raises(ValueError, match="dtype_code"):
+        ext.rrcab_pass(**dict(args, dtype_code=2))
+
+
+def test_pure_python_install_reports_the_backend_unavailable(tmp_path):
+    # What a machine without nvcc gets: the package imports, the backend says why it cannot run.
+    code = (
+        "import sys\n"
+        "sys.modules['msfin_fast._C'] = None  # import msfin_fast._C now fails as if never built\n"
+        "from msfin_fast.engine import cuda_backend as cb\n"
+        "from msfin_fast.backends import cuda_extension_status\n"
+        "s = cuda_extension_status()\n"
+        "print(cb.built(), cb.available(), s.available, s.detail)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("False False False the CUDA extension msfin_fast._C is not built"), out.stdout
+
+
+# ---- the wrapper's checks (no GPU needed: they run before anything touches a pointer) -------------
+
+
+@pytest.fixture(scope="module")
+def packed_cpu():
+    return cuda_backend.pack_rrcab(make_block(24, 6, 5), torch.float16, "cpu")
+
+
+def cpu_args(n=2, h=5, w=7, c=24, dtype=torch.float16):
+    return dict(
+        t=torch.zeros(n, h, w, c, dtype=dtype),
+        u_out=torch.zeros(n, h, w, c, dtype=dtype),
+        sums_out=torch.zeros(n, c),
+    )
+
+
+def test_packing_lays_weights_out_as_the_kernel_reads_them():
+    block = make_block(32, 4, 4)
+    p = cuda_backend.pack_rrcab(block, "fp32", "cpu")
+    w1, w3 = block.body[0].weight, block.body[4].weight
+    cg = 8
+    for g, ci, dy, dx, co in [(0, 0, 0, 0, 0), (1, 3, 2, 1, 5), (3, 7, 1, 2, 7), (2, 5, 0, 2, 1)]:
+        assert p.w1[g, ci, dy, dx, co] == w1[g * cg + co, ci, dy, dx]
+    assert torch.equal(p.w3t, w3[:, :, 0, 0].t())
+    assert p.ca.squeeze == 8 and p.ca.channels == 32
+    assert p.w1.is_contiguous() and p.w1.dtype == torch.float32
+    assert p.dtype == torch.float32 and (p.channels, p.groups) == (32, 4)
+
+
+def test_packing_refuses_what_has_no_kernel():
+    with pytest.raises(ConfigError, match="40 channels"):
+        cuda_backend.pack_rrcab(RRCAB(40, 4, 4, 1), torch.float16, "cpu")
+    with pytest.raises(ConfigError, match="fp16 or fp32"):
+        cuda_backend.pack_rrcab(make_block(24, 6, 5), torch.bfloat16, "cpu")
+    with pytest.raises(ConfigError, match="RRCAB"):
+        cuda_backend.pack_rrcab(torch.nn.Conv2d(3, 3, 1), torch.float16, "cpu")
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error(packed_cpu):
+    with pytest.raises(InvalidInputError, match=r"t is on cpu; the CUDA backend runs on CUDA tensors"):
+        cuda_backend.rrcab_pass(packed_cpu, **cpu_args())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(t=a["t"].float()), r"t has dtype torch.float32, expected torch.float16"),
+        (lambda a: a.update(t=torch.zeros(2, 5, 7, 16, dtype=torch.float16)), r"\[N, H, W, 24\]"),
+        (lambda a: a.update(t=torch.zeros(5, 7, 24, dtype=torch.float16)), r"\[N, H, W, 24\]"),
+        (lambda a: a.update(t=torch.zeros(2, 0, 7, 24, dtype=torch.float16)), "zero-size"),
+        (lambda a: a.update(t=torch.zeros(2, 24, 5, 7, dtype=torch.float16).permute(0, 2, 3, 1)),
+         "not contiguous"),
+        (lambda a: a.update(u_out=torch.zeros(2, 5, 8, 24, dtype=torch.float16)),
+         r"u_out has shape \(2, 5, 8, 24\), expected \(2, 5, 7, 24\)"),
+        (lambda a: a.update(sums_out=torch.zeros(2, 24, dtype=torch.float16)), "sums_out has dtype"),
+        (lambda a: a.update(sums_out=torch.zeros(24)), r"sums_out has shape \(24,\)"),
+        (lambda a: a.update(u=torch.zeros(2, 5, 7, 24, dtype=torch.float16)), "u needs sums_in"),
+        (lambda a: a.update(sums_in=torch.zeros(2, 24)), "go with u"),
+        (lambda a: a.update(e1=torch.zeros(2, 5, 7, 24)), "e1 has dtype"),
+        (lambda a: a.update(x_out=torch.zeros(1, 5, 7, 24, dtype=torch.float16)), "x_out has shape"),
+        (lambda a: a.update(u_out=None), "u_out is required"),
+        (lambda a: a.update(t=[[0.0]]), "t must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(packed_cpu, change, message):
+    args = cpu_args()
+    change(args)
+    with pytest.raises(InvalidInputError, match=message):
+        cuda_backend.rrcab_pass(packed_cpu, **args)
+
+
+def test_ca_must_match_the_activations(packed_cpu):
+    args = cpu_args()
+    other = cuda_backend.pack_rrcab(make_block(16, 4, 4), torch.float16, "cpu")
+    args.update(u=torch.zeros(2, 5, 7, 24, dtype=torch.float16), sums_in=torch.zeros(2, 24), ca=other)
+    with pytest.raises(InvalidInputError, match="ca has 16 channels, the activations 24"):
+        cuda_backend.rrcab_pass(packed_cpu, **args)
+
+
+def test_packed_weights_must_come_from_pack_rrcab():
+    with pytest.raises(InvalidInputError, match="pack_rrcab"):
+        cuda_backend.rrcab_pass(object(), **cpu_args())
+
+
+def test_backend_report_says_what_was_built():
+    from msfin_fast.backends import cuda_extension_status
+
+    status = cuda_extension_status()
+    assert status.available == cuda_backend.available()
+    if cuda_backend.built():
+        assert "built for sm_" in status.detail
+    else:
+        assert "not built" in status.detail
+
+
+# ---- the kernel against the reference (GPU) --------------------------------------------------------
+
+
+def poisoned(shape, dtype, guard=64):
+    """A NaN-filled tensor inside a NaN-filled buffer: writes outside it show in the guards."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = torch.full((guard + numel + guard,), float("nan"), dtype=dtype, device="cuda")
+    return buf, buf[guard:guard + numel].view(shape)
+
+
+def assert_guards_intact(buf, guard=64):
+    assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[-guard:]).all(), "wrote outside the tensor"
+
+
+def max_rel_error(out, ref):
+    scale = ref.double().abs().max().clamp_min(1e-6)
+    return ((out.double() - ref.double()).abs().max() / scale).item()
+
+
+def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
+    block = make_block(c, g, r, seed).cuda()
+    producer = make_block(c, g, r, seed + 1).cuda()
+    packed = cuda_backend.pack_rrcab(block, dtype, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def act(scale=2.0):
+        return (torch.randn(n, h, w, c, device="cuda", generator=gen) * scale).to(dtype)
+
+    t = act()
+    kwargs, ref_kwargs = {}, {}
+    if with_inputs:
+        u = act()
+        sums_in = torch.randn(n, c, device="cuda", generator=gen) * h * w
+        e1, e2 = act(0.5), act(0.5)
+        kwargs = dict(u=u, sums_in=sums_in, ca=cuda_backend.pack_rrcab(producer, dtype, "cuda"), e1=e1, e2=e2)
+        ref_kwargs = dict(u=u, sums_in=sums_in, ca=producer, e1=e1, e2=e2)
+    u_buf, u_out = poisoned((n, h, w, c), dtype)
+    x_buf, x_out = poisoned((n, h, w, c), dtype)
+    sums_out = torch.zeros(n, c, device="cuda")
+    cuda_backend.rrcab_pass(packed, t, x_out=x_out, u_out=u_out, sums_out=sums_out, **kwargs)
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        x_ref, u_ref, sums_ref = reference_pass(block, t, **ref_kwargs)
+    return dict(u_buf=u_buf, u_out=u_out, x_buf=x_buf, x_out=x_out, sums_out=sums_out,
+                x_ref=x_ref, u_ref=u_ref, sums_ref=sums_ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("c, g, r", CONFIGS, ids=[f"C{c}G{g}" for c, g, _ in CONFIGS])
+@pytest.mark.parametrize("n, h, w", [(1, 13, 29), (3, 37, 41)], ids=["1x13x29", "3x37x41"])
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["t", "t+s*u+e1+e2"])
+def test_kernel_matches_the_reference(dtype, c, g, r, n, h, w, with_inputs):
+    res = run_case(c, g, r, dtype, n, h, w, with_inputs)
+    tol = TOLERANCE[dtype]
+    assert_guards_intact(res["u_buf"])
+    assert_guards_intact(res["x_buf"])
+    assert not torch.isnan(res["u_out"]).any() and not torch.isnan(res["x_out"]).any()
+    assert max_rel_error(res["u_out"], res["u_ref"]) <= tol
+    assert max_rel_error(res["x_out"], res["x_ref"]) <= (1e-6 if dtype == torch.float32 else 1e-3)
+    # The CA sums as means per channel, against the activations' scale.
+    scale = res["u_ref"].double().abs().max()
+    err = ((res["sums_out"] - res["sums_ref"]).double().abs().max() / (h * w) / scale).item()
+    assert err <= tol
+
+
+@gpu
+@pytest.mark.gpu
+def test_two_passes_are_the_pretrained_block(pretrained):
+    # MSFIN's first full-resolution block, run as the engine runs it: pass 1 on t, pass 2 on
+    # t + s1·u1 with this block's own CA, and the last CA applied by the consumer.
+    model = pretrained("msfin-x4")
+    block = model.ds0_body
+    packed = cuda_backend.pack_rrcab(block, torch.float32, "cuda")
+    torch.manual_seed(0)
+    t_nchw = torch.randn(2, 24, 31, 45) * 8
+    with torch.no_grad():
+        expected = nhwc(block(t_nchw)).cuda()
+    t = nhwc(t_nchw).cuda()
+    u1, s1 = torch.empty_like(t), torch.zeros(2, 24, device="cuda")
+    cuda_backend.rrcab_pass(packed, t, u_out=u1, sums_out=s1)
+    x2, u2, s2 = torch.empty_like(t), torch.empty_like(t), torch.zeros(2, 24, device="cuda")
+    cuda_backend.rrcab_pass(packed, t, u=u1, sums_in=s1, ca=packed, x_out=x2, u_out=u2, sums_out=s2)
+    out = x2 + ca_scale(block, s2.cpu(), 31 * 45)[:, None, None, :].float().cuda() * u2
+    assert max_rel_error(out, expected) <= 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_pass_runs_on_the_current_stream_and_in_a_cuda_graph():
+    c, g, r = 24, 6, 5
+    packed = cuda_backend.pack_rrcab(make_block(c, g, r), torch.float16, "cuda")
+    t = (torch.randn(1, 20, 24, c, device="cuda") * 2).half()
+    u_out, sums_out = torch.empty_like(t), torch.zeros(1, c, device="cuda")
+    expected_u, expected_sums = torch.empty_like(t), torch.zeros(1, c, device="cuda")
+    cuda_backend.rrcab_pass(packed, t, u_out=expected_u, sums_out=expected_sums)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
+        cuda_backend.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sums_out.zero_()
+        cuda_backend.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
+    u_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(u_out, expected_u)
+    assert torch.allclose(sums_out, expected_sums, rtol=1e-5, atol=1e-3)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_is_clean(tool):
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    proc = subprocess.run(
+        [sanitizer, f"--tool={tool}", "--error-exitcode=3", sys.executable, str(ROOT / "csrc" / "sanitize_rrcab.py")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr
