@@ -152,7 +152,11 @@ __global__ void __launch_bounds__(kThreads) rrcab_pass_kernel(const PassParams p
   constexpr int XPIX = S::XPIX, APIX = S::APIX, TPIX = S::TPIX;
   constexpr int VEC = Vec16<T>::kN;
 
+#ifdef MSFIN_HOST_EMULATION
+  unsigned char* smem_raw = host_emulation::shared_memory();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   T* xs = reinterpret_cast<T*>(smem_raw);                   // [C][XPIX]  x, tile + 2-pixel halo
   T* as = xs + C * XPIX;                                     // [C][APIX]  a, tile + 1-pixel halo
   T* hs = xs;                                                // [C][TPIX]  h, once x is consumed

@@ -8,7 +8,9 @@ compare the kernel with that reference.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +98,25 @@ def reference_pass(block: RRCAB, t, *, u=None, sums_in=None, ca=None, e1=None, e
     h = F.relu(F.conv2d(a, conv2.weight.double(), conv2.bias.double(), padding=1, groups=g)).to(dtype).double()
     u_out = F.conv2d(h, conv3.weight.double(), conv3.bias.double())
     return x, u_out.permute(0, 2, 3, 1).to(dtype), u_out.sum(dim=(2, 3)).float()
+
+
+def max_rel_error(out, ref):
+    scale = ref.double().abs().max().clamp_min(1e-6)
+    return ((out.double() - ref.double()).abs().max() / scale).item()
+
+
+def poisoned(shape, dtype, device="cuda", guard=64):
+    """A NaN-filled tensor inside a NaN-filled buffer: writes outside it show in the guards.
+    (guard is a multiple of 8 elements, so the view stays 16-byte aligned.)"""
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = torch.full((guard + numel + guard,), float("nan"), dtype=dtype, device=device)
+    return buf, buf[guard:guard + numel].view(shape)
+
+
+def assert_guards_intact(buf, guard=64):
+    assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[-guard:]).all(), "wrote outside the tensor"
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -276,25 +297,104 @@ def test_backend_report_says_what_was_built():
         assert "not built" in status.detail
 
 
+# ---- the kernel's source run on the CPU (one OS thread per CUDA thread) ----------------------------
+
+
+class EmulatedParams(ctypes.Structure):
+    # msfin::PassParams, field for field.
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "t", "u", "e1", "e2", "sums_in", "ca_w1", "ca_b1", "ca_w2", "ca_b2", "x_out", "u_out", "sums_out",
+        "w1", "b1", "w2", "b2", "w3t", "b3")] + [(name, ctypes.c_int) for name in ("N", "H", "W", "CR")]
+
+
+def cuda_include_dir() -> str | None:
+    nvcc = shutil.which("nvcc")
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            nvcc = os.path.join(os.environ[env], "bin", "nvcc")
+    if nvcc is None or not os.access(nvcc, os.X_OK):
+        return None
+    probe = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True)
+    match = re.search(r'INCLUDES="-I([^"]+)"', probe.stdout + probe.stderr)
+    return match.group(1).strip() if match else None
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    include, cxx = cuda_include_dir(), shutil.which("g++") or shutil.which("c++")
+    if include is None or cxx is None:
+        message = "the host emulation needs the CUDA headers (nvcc) and a C++20 compiler"
+        if IN_CI and EXTENSION_EXPECTED:
+            pytest.fail(message)
+        pytest.skip(message)
+    lib = tmp_path_factory.mktemp("emulation") / "rrcab_host.so"
+    subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{include}", f"-I{ROOT / 'csrc'}",
+         "-o", str(lib), str(ROOT / "csrc" / "host_emulation" / "rrcab_host.cpp")],
+        check=True, capture_output=True, text=True,
+    )
+    so = ctypes.CDLL(str(lib))
+    assert so.emulate_params_size() == ctypes.sizeof(EmulatedParams)
+    so.emulate_rrcab_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(EmulatedParams)]
+    return so
+
+
+def emulate_pass(so, packed, t, *, u=None, sums_in=None, ca=None, e1=None, e2=None, x_out=None, u_out,
+                 sums_out):
+    def ptr(x):
+        return None if x is None else x.data_ptr()
+
+    n, h, w, c = t.shape
+    cw = ca.ca if ca is not None else None
+    params = EmulatedParams(
+        t=ptr(t), u=ptr(u), e1=ptr(e1), e2=ptr(e2), sums_in=ptr(sums_in),
+        ca_w1=ptr(cw.w1 if cw else None), ca_b1=ptr(cw.b1 if cw else None),
+        ca_w2=ptr(cw.w2 if cw else None), ca_b2=ptr(cw.b2 if cw else None),
+        x_out=ptr(x_out), u_out=ptr(u_out), sums_out=ptr(sums_out),
+        w1=ptr(packed.w1), b1=ptr(packed.b1), w2=ptr(packed.w2), b2=ptr(packed.b2),
+        w3t=ptr(packed.w3t), b3=ptr(packed.b3), N=n, H=h, W=w, CR=cw.squeeze if cw else 0,
+    )
+    code = 1 if packed.dtype == torch.float16 else 0
+    assert so.emulate_rrcab_pass(code, c, packed.groups, ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("c, g, r", CONFIGS, ids=[f"C{c}G{g}" for c, g, _ in CONFIGS])
+def test_kernel_source_matches_the_reference_on_the_cpu(emulator, dtype, c, g, r):
+    # The same cases as the GPU test, smaller: an image inside one tile and one across ragged tiles,
+    # with and without every optional input; outputs start as NaN.
+    block, producer = make_block(c, g, r), make_block(c, g, r, seed=1)
+    packed = cuda_backend.pack_rrcab(block, dtype, "cpu")
+    ca = cuda_backend.pack_rrcab(producer, dtype, "cpu")
+    gen = torch.Generator().manual_seed(c)
+    for (n, h, w), with_inputs in (((1, 5, 3), True), ((2, 19, 37), False), ((1, 13, 29), True)):
+        def act(scale=2.0):
+            return (torch.randn(n, h, w, c, generator=gen) * scale).to(dtype)
+
+        t = act()
+        kwargs, ref_kwargs = {}, {}
+        if with_inputs:
+            u, e1, e2 = act(), act(0.5), act(0.5)
+            sums_in = torch.randn(n, c, generator=gen) * h * w
+            kwargs = dict(u=u, sums_in=sums_in, ca=ca, e1=e1, e2=e2)
+            ref_kwargs = dict(u=u, sums_in=sums_in, ca=producer, e1=e1, e2=e2)
+        x_buf, x_out = poisoned((n, h, w, c), dtype, "cpu")
+        u_buf, u_out = poisoned((n, h, w, c), dtype, "cpu")
+        sums_out = torch.zeros(n, c)
+        emulate_pass(emulator, packed, t, x_out=x_out, u_out=u_out, sums_out=sums_out, **kwargs)
+        with torch.no_grad():
+            x_ref, u_ref, sums_ref = reference_pass(block, t, **ref_kwargs)
+        case = f"{n}x{h}x{w} inputs={with_inputs}"
+        assert_guards_intact(x_buf)
+        assert_guards_intact(u_buf)
+        assert not torch.isnan(u_out).any() and not torch.isnan(x_out).any(), case
+        assert max_rel_error(x_out, x_ref) <= (1e-6 if dtype == torch.float32 else 1e-3), case
+        assert max_rel_error(u_out, u_ref) <= TOLERANCE[dtype], case
+        scale = u_ref.double().abs().max()
+        assert ((sums_out - sums_ref).double().abs().max() / (h * w) / scale).item() <= TOLERANCE[dtype], case
+
+
 # ---- the kernel against the reference (GPU) --------------------------------------------------------
-
-
-def poisoned(shape, dtype, guard=64):
-    """A NaN-filled tensor inside a NaN-filled buffer: writes outside it show in the guards."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    buf = torch.full((guard + numel + guard,), float("nan"), dtype=dtype, device="cuda")
-    return buf, buf[guard:guard + numel].view(shape)
-
-
-def assert_guards_intact(buf, guard=64):
-    assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[-guard:]).all(), "wrote outside the tensor"
-
-
-def max_rel_error(out, ref):
-    scale = ref.double().abs().max().clamp_min(1e-6)
-    return ((out.double() - ref.double()).abs().max() / scale).item()
 
 
 def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
