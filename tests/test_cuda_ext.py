@@ -273,6 +273,32 @@ def test_bad_arguments_are_refused_by_name(packed_cpu, change, message):
         cuda_backend.rrcab_pass(packed_cpu, **args)
 
 
+def test_outputs_may_not_overlap_inputs(packed_cpu):
+    args = cpu_args()
+    with pytest.raises(InvalidInputError, match="x_out overlaps t"):
+        cuda_backend.rrcab_pass(packed_cpu, x_out=args["t"], **args)
+    buf = torch.zeros(2 * 2 * 5 * 7 * 24, dtype=torch.float16)
+    u_out, x_out = buf.view(2, 2, 5, 7, 24)
+    args.update(u_out=u_out)
+    with pytest.raises(InvalidInputError, match="x_out overlaps u_out"):
+        cuda_backend.rrcab_pass(packed_cpu, x_out=buf[8:8 + x_out.numel()].view(x_out.shape), **args)
+
+
+def test_misaligned_views_are_refused(packed_cpu):
+    args = cpu_args()
+    buf = torch.zeros(args["t"].numel() + 1, dtype=torch.float16)
+    args.update(t=buf[1:].view(args["t"].shape))
+    with pytest.raises(InvalidInputError, match="t is not 16-byte aligned"):
+        cuda_backend.rrcab_pass(packed_cpu, **args)
+
+
+def test_unchecked_call_without_a_usable_gpu_is_a_device_error(packed_cpu):
+    if cuda_backend.available():
+        pytest.skip("this machine has a usable GPU")
+    with pytest.raises(DeviceError, match="not built|no CUDA driver|no usable GPU|newer driver"):
+        cuda_backend.rrcab_pass(packed_cpu, **cpu_args(), check=False)
+
+
 def test_ca_must_match_the_activations(packed_cpu):
     args = cpu_args()
     other = cuda_backend.pack_rrcab(make_block(16, 4, 4), torch.float16, "cpu")

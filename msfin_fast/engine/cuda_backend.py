@@ -225,25 +225,8 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     return start, start + x.numel() * x.element_size()
 
 
-def rrcab_pass(
-    packed: PackedRRCAB,
-    t: torch.Tensor,
-    *,
-    u: torch.Tensor | None = None,
-    sums_in: torch.Tensor | None = None,
-    ca: PackedCA | PackedRRCAB | None = None,
-    e1: torch.Tensor | None = None,
-    e2: torch.Tensor | None = None,
-    x_out: torch.Tensor | None = None,
-    u_out: torch.Tensor,
-    sums_out: torch.Tensor,
-) -> None:
-    """Run one RRCAB pass of ``packed`` on ``t`` (see the module docstring for the contract).
-
-    ``u`` comes with ``sums_in`` and ``ca``, the CA weights of the block that produced it (a
-    ``PackedCA`` or that block's ``PackedRRCAB``). ``sums_out`` is accumulated into: zero it first.
-    Outputs must not overlap inputs.
-    """
+def _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out) -> PackedCA | None:
+    """Every check of rrcab_pass's arguments, before any pointer is taken; returns u's CA weights."""
     if not isinstance(packed, PackedRRCAB):
         raise InvalidInputError(f"packed must come from pack_rrcab, got {type(packed).__name__}")
     if not isinstance(t, torch.Tensor):
@@ -283,16 +266,6 @@ def rrcab_pass(
     elif sums_in is not None or ca is not None:
         raise InvalidInputError("sums_in and ca go with u; pass u too, or neither")
 
-    device = packed.device
-    for name, x in {**acts, **sums}.items():
-        if x.device.type != "cuda":
-            raise InvalidInputError(
-                f"{name} is on {x.device}; the CUDA backend runs on CUDA tensors (move it with .cuda())"
-            )
-        if x.device != device:
-            raise InvalidInputError(f"{name} is on {x.device}, the packed weights on {device}")
-    if ca_weights is not None and ca_weights.w1.device != device:
-        raise InvalidInputError(f"ca's weights are on {ca_weights.w1.device}, the block's on {device}")
     for name, x in acts.items():
         if x.data_ptr() % _ALIGNMENT:
             raise InvalidInputError(f"{name} is not {_ALIGNMENT}-byte aligned (a view at an odd offset?)")
@@ -309,12 +282,53 @@ def rrcab_pass(
             if lo < ohi and olo < hi:
                 raise InvalidInputError(f"{out_name} overlaps {other_name}; outputs need memory of their own")
 
+    device = packed.device
+    for name, x in {**acts, **sums}.items():
+        if x.device.type != "cuda":
+            raise InvalidInputError(
+                f"{name} is on {x.device}; the CUDA backend runs on CUDA tensors (move it with .cuda())"
+            )
+        if x.device != device:
+            raise InvalidInputError(f"{name} is on {x.device}, the packed weights on {device}")
+    if ca_weights is not None and ca_weights.w1.device != device:
+        raise InvalidInputError(f"ca's weights are on {ca_weights.w1.device}, the block's on {device}")
+    return ca_weights
+
+
+def rrcab_pass(
+    packed: PackedRRCAB,
+    t: torch.Tensor,
+    *,
+    u: torch.Tensor | None = None,
+    sums_in: torch.Tensor | None = None,
+    ca: PackedCA | PackedRRCAB | None = None,
+    e1: torch.Tensor | None = None,
+    e2: torch.Tensor | None = None,
+    x_out: torch.Tensor | None = None,
+    u_out: torch.Tensor,
+    sums_out: torch.Tensor,
+    check: bool = True,
+) -> None:
+    """Run one RRCAB pass of ``packed`` on ``t`` (see the module docstring for the contract).
+
+    ``u`` comes with ``sums_in`` and ``ca``, the CA weights of the block that produced it (a
+    ``PackedCA`` or that block's ``PackedRRCAB``). ``sums_out`` is accumulated into: zero it first.
+    Outputs must not overlap inputs. ``check=False`` skips the argument checks (their Python cost
+    is paid on every call) for a caller that has validated the same tensors before, such as a plan
+    run over a preallocated arena; wrong arguments then reach the kernel as raw pointers.
+    """
+    if check:
+        ca_weights = _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out)
+    else:
+        ca_weights = ca.ca if isinstance(ca, PackedRRCAB) else ca
     if _C is None or not available():
         raise DeviceError(unavailable_reason())
 
     def ptr(x) -> int:
         return 0 if x is None else x.data_ptr()
 
+    n, h, w, c = t.shape
+    dtype, device = packed.dtype, packed.device
     stream = torch.cuda.current_stream(device).cuda_stream
     _C.rrcab_pass(
         dtype_code=_DTYPE_CODES[dtype],
