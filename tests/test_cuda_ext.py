@@ -456,6 +456,35 @@ def test_kernel_source_matches_the_reference_on_the_cpu(emulator, dtype, c, g, r
         assert ((sums_out - sums_ref).double().abs().max() / (h * w) / scale).item() <= TOLERANCE[dtype], case
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sanitizer, flags",
+    [("ThreadSanitizer", ["-fsanitize=thread"]),
+     ("AddressSanitizer", ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"])],
+    ids=["races", "bounds"],
+)
+def test_kernel_source_is_clean_under_host_sanitizers(tmp_path, sanitizer, flags):
+    # The CPU stand-ins for compute-sanitizer's racecheck and memcheck: a shared-memory access not
+    # ordered by __syncthreads is a data race between the emulated threads, and shared memory is a
+    # heap buffer of exactly the launch's size, so an access outside it, or outside any tensor, trips
+    # AddressSanitizer. About 20 s on two cores.
+    include, cxx = cuda_include_dir(), shutil.which("g++")
+    if include is None or cxx is None:
+        if IN_CI and EXTENSION_EXPECTED:
+            pytest.fail("the host sanitizers need g++ and the CUDA headers")
+        pytest.skip("the host sanitizers need g++ and the CUDA headers")
+    exe = tmp_path / "sanitize_host"
+    subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-g", "-pthread", *flags, f"-I{include}", f"-I{ROOT / 'csrc'}",
+         "-o", str(exe), str(ROOT / "csrc" / "host_emulation" / "sanitize_host.cpp")],
+        check=True, capture_output=True, text=True,
+    )
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=0")
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and sanitizer not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count(" ran\n") == 12
+
+
 # ---- the kernel against the reference (GPU) --------------------------------------------------------
 
 
