@@ -1,38 +1,32 @@
 """Build and install msfin_fast.
 
-The top-level ``kernels/`` folder (Triton) installs as ``msfin_fast.kernels``. Sources in ``csrc/``
-(``*.cu``, ``*.cpp``) are compiled with ninja into ``msfin_fast._C`` through torch's
-``BuildExtension``; that needs torch importable while building, so use
-``pip install --no-build-isolation -e .`` once csrc/ has sources. ``MSFIN_NO_CUDA_EXT=1`` skips it.
+The top-level ``kernels/`` folder (Triton) installs as ``msfin_fast.kernels``. The CUDA C++ sources
+in ``csrc/`` build into ``msfin_fast._C`` with nvcc, the host compiler and ninja — pybind11 for the
+binding, the CUDA runtime linked statically — so no CUDA build of torch is needed, neither to build
+nor to import it. Without nvcc (``CUDA_HOME``/``CUDA_PATH``, else ``PATH``) the package installs
+without the extension and its CUDA backend reports itself unavailable; ``MSFIN_NO_CUDA_EXT=1`` skips
+it on purpose. ``MSFIN_CUDA_ARCHS`` (default ``80;86;89;90``) picks the GPU targets: machine code for
+each, plus PTX of the newest for GPUs after it.
 """
 
 import glob
 import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_ARCHS = "80;86;89;90"
 
 
-def cuda_extension():
-    sources = sorted(
-        os.path.relpath(p, ROOT)
-        for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
-    )
-    if not sources or os.environ.get("MSFIN_NO_CUDA_EXT") == "1":
-        return [], {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError as exc:
-        raise SystemExit(
-            f"csrc/ needs torch at build time ({exc}); run: pip install --no-build-isolation -e ."
-        ) from None
-    ext = CUDAExtension(
-        "msfin_fast._C",
-        sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-    )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+def note(message):
+    print(f"msfin_fast setup: {message}", file=sys.stderr)
 
 
 def version():
@@ -43,7 +37,140 @@ def version():
     raise RuntimeError("no __version__ in msfin_fast/__init__.py")
 
 
-ext_modules, cmdclass = cuda_extension()
+def find_nvcc():
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(env)
+        if home:
+            candidate = os.path.join(home, "bin", "nvcc")
+            if os.access(candidate, os.X_OK):
+                return candidate
+            note(f"{env}={home} has no bin/nvcc; looking on PATH")
+    return shutil.which("nvcc")
+
+
+def cuda_archs():
+    archs = [a.strip() for a in os.environ.get("MSFIN_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    if not archs or not all(a.isdigit() for a in archs):
+        raise SystemExit(f"MSFIN_CUDA_ARCHS must list compute capabilities like '80;90', got {archs!r}")
+    return sorted(set(archs), key=int)
+
+
+class CudaExtension(Extension):
+    """An extension whose ``.cu`` sources go through nvcc; built by ``NinjaBuildExt``."""
+
+
+class NinjaBuildExt(build_ext):
+    """Writes a build.ninja for csrc/ and runs ninja: nvcc for .cu, the host compiler for .cpp, and
+    nvcc as the linker driver with the static CUDA runtime (the module then loads without a GPU or
+    driver, and tells Python so when asked)."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CudaExtension):
+            return super().build_extension(ext)
+        try:
+            import pybind11
+        except ImportError:
+            raise SystemExit(
+                "building msfin_fast._C needs pybind11 and ninja: pip install pybind11 ninja "
+                "(or set MSFIN_NO_CUDA_EXT=1 to install without the CUDA extension)"
+            ) from None
+        ninja = self._ninja()
+        nvcc = find_nvcc()
+        archs = cuda_archs()
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "msfin_fast_C"))
+        os.makedirs(build_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        listed = ";".join([f"sm_{a}" for a in archs] + [f"compute_{archs[-1]}"])
+        defines = [f'-DMSFIN_VERSION="{version()}"', f'-DMSFIN_CUDA_ARCHS="{listed}"']
+        includes = [f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        nvcc_flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                      "-lineinfo", f"-I{CSRC}"] + gencode
+        cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+        cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden"] + defines + includes
+
+        rules = [
+            "ninja_required_version = 1.3",
+            f"nvcc = {shlex.quote(nvcc)}",
+            f"cxx = {cxx}",
+            f"nvcc_flags = {' '.join(shlex.quote(f) for f in nvcc_flags)}",
+            f"cxx_flags = {' '.join(shlex.quote(f) for f in cxx_flags)}",
+            "rule nvcc",
+            "  command = $nvcc $nvcc_flags -MD -MF $out.d -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = nvcc $in",
+            "rule cxx",
+            "  command = $cxx $cxx_flags -MMD -MF $out.d -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = c++ $in",
+            "rule link",
+            "  command = $nvcc -shared -cudart=static -Xcompiler -fPIC $in -o $out -ldl -lrt -lpthread",
+            "  description = link $out",
+        ]
+        objects = []
+        for source in ext.sources:
+            path = os.path.join(ROOT, source)
+            obj = os.path.join(build_dir, os.path.basename(source) + ".o")
+            rule = "nvcc" if source.endswith(".cu") else "cxx"
+            rules.append(f"build {self._ninja_path(obj)}: {rule} {self._ninja_path(path)}")
+            objects.append(self._ninja_path(obj))
+        rules.append(f"build {self._ninja_path(out)}: link {' '.join(objects)}")
+        rules.append(f"default {self._ninja_path(out)}")
+        with open(os.path.join(build_dir, "build.ninja"), "w") as f:
+            f.write("\n".join(rules) + "\n")
+
+        note(f"building msfin_fast._C with {nvcc} for {listed} (ninja in {build_dir})")
+        command = [ninja, "-C", build_dir]
+        if isinstance(self.parallel, int) and not isinstance(self.parallel, bool) and self.parallel > 0:
+            command += ["-j", str(self.parallel)]
+        subprocess.run(command, check=True)
+
+    @staticmethod
+    def _ninja():
+        try:
+            import ninja
+
+            path = os.path.join(ninja.BIN_DIR, "ninja")
+            if os.access(path, os.X_OK):
+                return path
+        except ImportError:
+            pass
+        path = shutil.which("ninja")
+        if path is None:
+            raise SystemExit(
+                "building msfin_fast._C needs ninja: pip install ninja "
+                "(or set MSFIN_NO_CUDA_EXT=1 to install without the CUDA extension)"
+            )
+        return path
+
+    @staticmethod
+    def _ninja_path(path):
+        return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+def cuda_extension():
+    sources = sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cpp"))
+    )
+    if not sources:
+        return []
+    if os.environ.get("MSFIN_NO_CUDA_EXT") == "1":
+        note("MSFIN_NO_CUDA_EXT=1: installing without the CUDA extension msfin_fast._C")
+        return []
+    if find_nvcc() is None:
+        note(
+            "nvcc not found (set CUDA_HOME, or put nvcc on PATH): installing without the CUDA "
+            "extension msfin_fast._C; the CUDA backend will report itself unavailable"
+        )
+        return []
+    return [CudaExtension("msfin_fast._C", sources)]
+
 
 setup(
     name="msfin_fast",
@@ -61,7 +188,7 @@ setup(
         "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    ext_modules=cuda_extension(),
+    cmdclass={"build_ext": NinjaBuildExt},
     zip_safe=False,
 )

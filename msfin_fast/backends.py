@@ -58,7 +58,30 @@ def available_backends() -> list[BackendStatus]:
             if choices else f"none measured yet ({cache_path()}); backend='auto' measures on first use per GPU and shape class",
         )
     )
-    statuses.append(
-        BackendStatus("CUDA C++ extension", False, "not built (this version has no csrc sources yet)")
-    )
+    statuses.append(cuda_extension_status())
     return statuses
+
+
+def cuda_extension_status() -> BackendStatus:
+    """Whether msfin_fast._C is built, for which GPU targets, and whether its runtime sees a GPU."""
+    from .engine import cuda_backend
+
+    name = "CUDA C++ extension"
+    if not cuda_backend.built():
+        return BackendStatus(name, False, cuda_backend.unavailable_reason())
+    ext = cuda_backend._C
+    built = (
+        f"built for {', '.join(ext.compiled_archs())} "
+        f"(CUDA runtime {cuda_backend._version(ext.runtime_version())}, linked statically)"
+    )
+    if not cuda_backend.available():
+        return BackendStatus(name, False, f"{built}; {cuda_backend.unavailable_reason()}")
+    devices = []
+    for i in range(ext.device_count()):
+        label = f"cuda:{i}"
+        if torch.cuda.is_available() and i < torch.cuda.device_count():
+            major, minor = torch.cuda.get_device_capability(i)
+            runs = cuda_backend.supports_capability(major, minor)
+            label += f" sm_{major}{minor}" + ("" if runs else " (no code for it)")
+        devices.append(label)
+    return BackendStatus(name, True, f"{built}; devices: {', '.join(devices)}")
