@@ -36,7 +36,7 @@ run gpu-tests python -m pytest -m gpu -v -rs --tb=short
 run latency-quick python benchmarks/latency.py --quick --out-dir "$out" --name latency-quick
 run latency python benchmarks/latency.py --out-dir "$out" --name latency --backends ref-fp32 ref-fp16-cl \
     engine-fp16 engine-fp32 engine-fp16-graph engine-fp32-graph engine-fp16-fused engine-fp16-fused-graph \
-    engine-fp16-cudnn-graph
+    engine-fp16-cudnn-graph cuda-fp16 cuda-fp16-graph cuda-fp32 auto-fp16-graph
 run latency-compile python benchmarks/latency.py --out-dir "$out" --name latency-compile --backends compile \
     --sizes 180x320 --batch 1
 exit $status

@@ -8,7 +8,8 @@ Backends: ref-fp32 (eager reference), ref-fp16-cl (eager fp16, channels_last), c
 max-autotune, which CUDA-graphs the call; minutes to build), engine-fp16 / engine-fp32 (the Triton
 engine), engine-fp16-graph / engine-fp32-graph (the engine replaying a CUDA graph per shape),
 engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept in L2) and engine-fp16-cudnn-graph
-(the layers between blocks through cuDNN instead of kernels/conv.py).
+(the layers between blocks through cuDNN instead of kernels/conv.py); cuda-fp16[-graph] / cuda-fp32
+(the RRCAB passes by the CUDA C++ kernel of csrc/); auto-fp16-graph (what backend="auto" picks).
 On a GPU each number is the median of CUDA-event timings after warm-up; peak memory is the
 allocator's high-water mark during the timed calls. "floor" is the time to move each RRCAB pass's
 activation once in and once out at the card's copy bandwidth (``--bandwidth``), the bound the
@@ -35,7 +36,8 @@ import msfin_fast  # noqa: E402
 from msfin_fast.engine import plan as P  # noqa: E402
 
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "compile", "engine-fp16", "engine-fp32", "engine-fp16-graph",
-            "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph"]
+            "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph",
+            "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph"]
 SIZES = ["64x64", "180x320", "270x480"]
 
 
@@ -93,9 +95,13 @@ def build(backend: str, model: msfin_fast.MSFIN):
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
         return "CUDA graphs need a GPU", None
-    engine = msfin_fast.optimize(model, dtype=dtype, backend="auto", cuda_graphs=graphs,
-                                 fuse_rrcab="-fused" in backend, conv_kernels="-cudnn" not in backend)
-    if engine.backend != "triton":
+    kind = "cuda" if backend.startswith("cuda") else "triton" if backend.startswith("engine") else "auto"
+    try:
+        engine = msfin_fast.optimize(model, dtype=dtype, backend=kind, cuda_graphs=graphs,
+                                     fuse_rrcab="-fused" in backend, conv_kernels="-cudnn" not in backend)
+    except msfin_fast.MSFINError as exc:
+        return f"cannot run here ({exc})", None
+    if engine.backend == "reference":
         return f"engine falls back to the reference here ({engine.fallback_reason})", None
     engine.check_finite = False
     return engine, dtype

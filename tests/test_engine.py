@@ -167,6 +167,8 @@ def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
         assert torch.equal(again(x), model(x))
     with pytest.raises(DeviceError, match="need a CUDA device"):
         optimize(model, backend="triton")
+    with pytest.raises(DeviceError, match="backend='cuda' cannot run"):
+        optimize(model, backend="cuda")
 
 
 def test_models_the_kernels_do_not_cover_run_the_reference():

@@ -34,8 +34,10 @@ def reference(request, weights_dir):
     return msfin_fast.load_pretrained(request.param, device="cuda", weights=weights)
 
 
-VARIANTS = {  # dtype, CUDA graphs, one-launch RRCAB passes, conv kernels between blocks
+VARIANTS = {  # dtype, CUDA graphs, one-launch RRCAB passes ("cuda": the CUDA C++ kernel), conv kernels
     "fp32": (torch.float32, False, False, True),
+    "fp32-cuda": (torch.float32, False, "cuda", True),
+    "fp16-cuda-graph": (torch.float16, True, "cuda", True),
     "fp32-fused": (torch.float32, False, True, True),
     "fp16": (torch.float16, False, False, True),
     "fp16-graph": (torch.float16, True, False, True),
@@ -48,8 +50,10 @@ VARIANTS = {  # dtype, CUDA graphs, one-launch RRCAB passes, conv kernels betwee
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_engine_matches_reference(reference, n, h, w, variant):
     dtype, graphs, fused, convs = VARIANTS[variant]
-    engine = msfin_fast.optimize(reference, dtype=dtype, backend="triton", cuda_graphs=graphs, fuse_rrcab=fused,
-                                 conv_kernels=convs)
+    backend = "cuda" if fused == "cuda" else "triton"
+    engine = msfin_fast.optimize(reference, dtype=dtype, backend=backend, cuda_graphs=graphs,
+                                 fuse_rrcab=fused is True, conv_kernels=convs)
+    assert engine.backend == backend
     g = torch.Generator(device="cuda").manual_seed(n * 1000 + h * w)
     x = torch.rand(n, 3, h, w, device="cuda", generator=g) * 255
     with torch.no_grad():

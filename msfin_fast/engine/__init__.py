@@ -7,6 +7,7 @@ the kernels (again whenever the model's parameters change), ``runtime`` runs the
 arena planned per input shape, optionally replaying a CUDA graph per shape.
 
 Backends: ``"triton"`` (kernels/, on CUDA, or on the CPU under ``TRITON_INTERPRET=1``),
+``"cuda"`` (the RRCAB passes by the CUDA C++ kernel of csrc/, everything else by Triton),
 ``"emulate"`` (the same plan with every kernel computed by PyTorch ops — slow, for checking),
 ``"reference"`` (the model itself). ``"auto"`` on a GPU measures the engine's variants per shape
 class and runs the fastest (``choice.AutoEngine``); where the kernels cannot run it falls back to
@@ -30,7 +31,7 @@ from .backends import EmulatedOps
 from .packing import pack_conv, pack_head, pack_rrcab, pack_tail
 from .runtime import GraphCache, Runner
 
-BACKENDS = ("auto", "triton", "emulate", "reference")
+BACKENDS = ("auto", "triton", "cuda", "emulate", "reference")
 DTYPES = (torch.float32, torch.float16)
 _warned: set[str] = set()
 
@@ -39,6 +40,21 @@ def _say_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cuda_unavailable_reason(model: MSFIN) -> str | None:
+    """Why the CUDA C++ RRCAB kernel cannot run ``model`` (None when it can)."""
+    from . import cuda_backend
+
+    if model.head.weight.device.type != "cuda":
+        return f"the CUDA C++ kernel needs a CUDA device (the model is on {model.head.weight.device})"
+    if not cuda_backend.available():
+        return cuda_backend.unavailable_reason()
+    widths = {(m.body[0].in_channels, m.body[0].groups) for m in model.modules() if isinstance(m, RRCAB)}
+    missing = widths - {tuple(c) for c in cuda_backend._C.supported_configs()}
+    if missing:
+        return f"the CUDA C++ kernel has no variant for (channels, groups) {sorted(missing)}"
+    return None
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -89,7 +105,7 @@ class Engine(nn.Module):
 
     @property
     def backend(self) -> str:
-        """What actually runs: ``triton``, ``emulate`` or ``reference``."""
+        """What actually runs: ``triton``, ``cuda``, ``emulate`` or ``reference``."""
         return self._backend
 
     def _choose_backend(self) -> None:
@@ -100,16 +116,23 @@ class Engine(nn.Module):
             reason = f"the engine's head kernel is specialised for ×4 (model is ×{self.source.config.scale})"
         else:
             try:
-                self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels, fused_rrcab=self.fuse_rrcab)
+                if requested == "cuda":  # one launch per pass at every width
+                    self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels, fused_rrcab=True,
+                                             fused_max_channels=1 << 30)
+                else:
+                    self.plan = P.build_plan(self.source, conv_kernels=self.conv_kernels,
+                                             fused_rrcab=self.fuse_rrcab)
             except P.UnsupportedModel as exc:
                 reason = str(exc)
-        if reason is None and requested in ("auto", "triton"):
+        if reason is None and requested in ("auto", "triton", "cuda"):
             reason = triton_unavailable_reason(self.device)
+            if reason is None and requested == "cuda":
+                reason = cuda_unavailable_reason(self.source)
             if reason is None:
-                self._backend = "triton"
+                self._backend = "triton" if requested == "auto" else requested
         if requested == "reference":
             reason = "backend='reference' was requested"
-        if reason is not None and requested in ("triton", "emulate"):
+        if reason is not None and requested in ("triton", "cuda", "emulate"):
             raise DeviceError(f"backend={requested!r} cannot run: {reason}")
         if reason is not None:
             self._backend = "reference"
@@ -120,6 +143,10 @@ class Engine(nn.Module):
             from .backends import TritonOps
 
             self.ops = TritonOps(fused_rrcab=self.fuse_rrcab)
+        elif self._backend == "cuda":
+            from .backends import CudaOps
+
+            self.ops = CudaOps()
         elif self._backend == "emulate":
             self.ops = EmulatedOps()
 
@@ -142,6 +169,12 @@ class Engine(nn.Module):
         else:
             with torch.no_grad():
                 packed = {name: pack_rrcab(mod, self.dtype) for name, mod in m.named_children() if isinstance(mod, RRCAB)}
+                if self._backend == "cuda":
+                    from . import cuda_backend
+
+                    for name, p in packed.items():
+                        p.cuda = cuda_backend.pack_rrcab(p.module, self.dtype, self.device)
+                        p.ca = p.ca._replace(cuda=p.cuda.ca)
                 packed["head"] = pack_head(m.sub_mean, m.head, m.config.scale)
                 packed["tail"] = pack_tail(m.tail2, m.add_mean, self.dtype)
                 for launch in self.plan.launches:
@@ -246,7 +279,10 @@ class Engine(nn.Module):
 
 def variants(model: MSFIN) -> dict[str, dict]:
     """The engine configurations ``backend="auto"`` chooses among on ``model``'s device."""
-    return {"triton": dict(backend="triton"), "triton-fused": dict(backend="triton", fuse_rrcab=True)}
+    out = {"triton": dict(backend="triton"), "triton-fused": dict(backend="triton", fuse_rrcab=True)}
+    if cuda_unavailable_reason(model) is None:
+        out["cuda"] = dict(backend="cuda")
+    return out
 
 
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",

@@ -140,3 +140,22 @@ class TritonOps:
     def conv(self, inputs, p: PackedConv, out, step) -> None:
         self._conv.conv(inputs, p.w, p.b, out, ksize=step.ksize, stride=step.stride, leaky=step.leaky,
                         shuffle=step.shuffle)
+
+
+class CudaOps(TritonOps):
+    """RRCAB passes by the CUDA C++ kernel (csrc/, one launch each); every other launch by Triton."""
+
+    name = "cuda"
+
+    def __init__(self):
+        super().__init__(fused_rrcab=False)
+        from . import cuda_backend
+
+        self._cuda = cuda_backend
+
+    def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
+        return 0  # the kernel keeps conv1's output in shared memory
+
+    def rrcab_pass(self, src: Source, p: PackedRRCAB, x_out, a, u_out, sums, fused: bool = False) -> None:
+        self._cuda.rrcab_pass(p.cuda, src.t, u=src.u, sums_in=src.sums, ca=src.ca.cuda if src.deferred else None,
+                              e1=src.e1, e2=src.e2, x_out=x_out, u_out=u_out, sums_out=sums)

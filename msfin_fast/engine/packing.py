@@ -86,6 +86,7 @@ class PackedRRCAB:
     w3: torch.Tensor
     b3: torch.Tensor
     ca: CAWeights
+    cuda: object = None  # cuda_backend.PackedRRCAB, when the CUDA C++ kernel runs the passes
 
     @property
     def steps(self) -> int:

@@ -237,10 +237,12 @@ def _out_shape(module: nn.Module, div: int, channels_in: int) -> tuple[int, int]
 
 
 class Planner:
-    def __init__(self, model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False):
+    def __init__(self, model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False,
+                 fused_max_channels: int = FUSED_MAX_CHANNELS):
         self.model = model
         self.conv_kernels = conv_kernels
         self.fused_rrcab = fused_rrcab
+        self.fused_max_channels = fused_max_channels
         self.plan = Plan()
         self._next_buf = 0
 
@@ -300,7 +302,7 @@ class Planner:
             x_out = None if src.is_plain else self.new_buf(div, channels)
             if step == 0 and x_out is not None and not isinstance(value, Plain):
                 value.plain = x_out
-            fused = self.fused_rrcab and channels <= FUSED_MAX_CHANNELS
+            fused = self.fused_rrcab and channels <= self.fused_max_channels
             a = None if fused else self.new_buf(div, channels)
             launch = RRCABPass(name, src, x_out, a, self.new_buf(div, channels), self.new_slot(channels))
             self.plan.launches.append(launch)
@@ -370,13 +372,15 @@ class Planner:
         return self.plan
 
 
-def build_plan(model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False) -> Plan:
+def build_plan(model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False,
+               fused_max_channels: int = FUSED_MAX_CHANNELS) -> Plan:
     """The launches for one forward of ``model`` (head to tail), independent of the input shape.
 
     ``conv_kernels``: run the layers between RRCAB blocks as kernels/conv.py launches (False:
     as the reference's PyTorch modules, i.e. cuDNN on a GPU). ``fused_rrcab``: each RRCAB pass
-    up to FUSED_MAX_CHANNELS wide is one launch that keeps conv1's output on chip (no ``a`` buffer).
+    up to ``fused_max_channels`` wide is one launch that keeps conv1's output on chip (no ``a``
+    buffer): the Triton kernel's limit by default; the CUDA C++ kernel covers every width.
     """
-    plan = Planner(model, conv_kernels, fused_rrcab).build(trace_features(model))
+    plan = Planner(model, conv_kernels, fused_rrcab, fused_max_channels).build(trace_features(model))
     plan.fused_rrcab = fused_rrcab
     return plan
