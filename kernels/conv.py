@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args
+from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, stages
 
 
 @triton.jit
@@ -115,6 +115,8 @@ def conv(inputs: list[torch.Tensor] | Source, w: torch.Tensor, b: torch.Tensor, 
         raise ValueError(f"conv out: expected a contiguous {want} × C tensor, got {tuple(out.shape)}")
     if INTERPRET:
         bh, bw, warps = 16, 16, 4
+    elif x0.dtype == torch.float32:  # exact fp32 dots hold more per thread: 8×8 tiles spill 28 KB (ptxas)
+        bh, bw, warps = 4, 8, 8
     else:
         bh, bw, warps = (8, 16, 4) if np_ <= 32 else (8, 8, 4)
     xs = list(inputs) + [x0] * (3 - len(inputs))
@@ -122,5 +124,6 @@ def conv(inputs: list[torch.Tensor] | Source, w: torch.Tensor, b: torch.Tensor, 
         *xs, *deferred["ptrs"], deferred["sums"], *deferred["ca"], deferred["inv_hw"],
         w, b, out, h_in, w_in, c_src, h_out, w_out, c_gemm,
         NSRC=len(inputs), KSIZE=ksize, STRIDE=stride, KCHUNK=kchunk, NP=np_, LEAKY=leaky, SHUFFLE=shuffle,
-        FP16=x0.dtype == torch.float16, BH=bh, BW=bw, num_warps=warps, **deferred["consts"],
+        FP16=x0.dtype == torch.float16, BH=bh, BW=bw, num_warps=warps, num_stages=stages(x0.dtype),
+        **deferred["consts"],
     )

@@ -44,7 +44,7 @@ def _head_kernel(x_ptr, mean_w, mean_b, w_ptr, b_ptr, out_ptr, h, w, H, W, C,
     c = (tile % tiles_w) * BW + p % BW
     co = tl.arange(0, NP)
     acc = tl.zeros([BH * BW, NP], tl.float32)
-    for tap in tl.static_range(9):
+    for tap in tl.range(9):  # rolled: unrolled, the 9 taps' gathers spill registers (ptxas)
         rr = r + (tap // 3 - 1)
         cc = c + (tap % 3 - 1)
         ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)

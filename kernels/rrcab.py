@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args
+from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def rrcab_conv1(src: Source, w: torch.Tensor, b: torch.Tensor, a_out: torch.Tens
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"],
         w, b, a_out, x_out if x_out is not None else a_out, h, wd, c,
         WRITE_X=x_out is not None, FP16=src.t.dtype == torch.float16, NCHUNK=nchunk, BH=bh, BW=bw,
-        UNROLL=TAP_UNROLL, num_warps=warps,
+        UNROLL=TAP_UNROLL, num_warps=warps, num_stages=stages(src.t.dtype),
         **args["consts"],
     )
 
@@ -160,5 +160,5 @@ def rrcab_conv2(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w3: torch.Ten
     _rrcab_conv2_kernel[_grid(n, h, wd, bh, bw)](
         a, w, b, w3, b3, u_out, sums, h, wd, c,
         FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw, UNROLL=TAP_UNROLL,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages(a.dtype),
     )

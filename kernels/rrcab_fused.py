@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args
+from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages
 
 
 @triton.jit
@@ -136,5 +136,5 @@ def rrcab_fused(src: Source, w1, b1, w2, b2, w3, b3, u_out: torch.Tensor, sums: 
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"], w1, b1, w2, b2, w3, b3,
         x_out if x_out is not None else u_out, u_out, sums, scratch, n, h, w, c, tiles_h, tiles_w, grid,
         WRITE_X=x_out is not None, FP16=src.t.dtype == torch.float16, NCHUNK=nchunk, EH=eh, EW=ew,
-        num_warps=warps, **args["consts"],
+        num_warps=warps, num_stages=stages(src.t.dtype), **args["consts"],
     )

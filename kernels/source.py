@@ -25,6 +25,13 @@ from .contract import CAWeights, Source  # noqa: F401  (re-exported for the laun
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def stages(dtype: torch.dtype) -> int:
+    """Software-pipeline depth of the tap loops. fp32 operands staged for ``tl.dot`` need up to
+    200 KB of shared memory at Triton's default of 3 (ptxas, benchmarks/compile_kernels.py), more
+    than an sm_80 block may have (163 KB) and than sm_86/89 allow (99 KB); fp16 keeps 2."""
+    return 1 if dtype == torch.float32 else 2
+
+
 @triton.jit
 def ca_scale(sums_ptr, n, C, inv_hw, ca_w1_ptr, ca_b1_ptr, ca_w2t_ptr, ca_b2_ptr, col0,
              WIDTH: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr):

@@ -35,7 +35,7 @@ def _tail_kernel(
             scale = ca_scale(sums_ptr, n, C, inv_hw, ca_w1, ca_b1, ca_w2t, ca_b2, j * 16, 16, CP, CRP)
         else:
             scale = tl.zeros([16], tl.float32)
-        for tap in tl.static_range(9):
+        for tap in tl.range(9):  # rolled, as in rrcab.py (register pressure)
             rr = r + (tap // 3 - 1)
             cc = c + (tap % 3 - 1)
             ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
