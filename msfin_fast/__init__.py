@@ -14,15 +14,16 @@ from .errors import (
     ImageWriteError,
     InvalidInputError,
     MSFINError,
+    QueueFullError,
     WeightsError,
 )
 from .model import MSFIN, msfin_s_x4, msfin_x4
-from .upscaler import Upscaler
+from .upscaler import ServingUpscaler, Upscaler
 from .weights import load_pretrained
 
 __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
-    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler",
+    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "ServingUpscaler",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
-    "InvalidInputError", "WeightsError",
+    "InvalidInputError", "QueueFullError", "WeightsError",
 ]

@@ -27,3 +27,7 @@ class ImageWriteError(MSFINError, OSError):
 
 class DeviceError(MSFINError, RuntimeError):
     """A device or precision that this machine cannot provide."""
+
+
+class QueueFullError(MSFINError, RuntimeError):
+    """A serving queue that is full: the request was not taken; retry later or add capacity."""
