@@ -129,7 +129,7 @@ def test_memory_estimate_scales_with_width_and_dtype():
     assert 3 * 24 * 4 < per_px < 40 * 24 * 4
     assert bytes_per_output_pixel(small) < per_px
     assert bytes_per_output_pixel(msfin, torch.float16) == pytest.approx(per_px / 2)
-    budget = int(per_px * 16 * 200 * 200)  # a 200×200 LR image, one at a time
+    budget = int(tiling.HEADROOM * per_px * 16 * 200 * 200)  # a 200×200 LR image, one at a time
     assert fits(msfin, torch.float32, (1, 3, 200, 200), budget)
     assert not fits(msfin, torch.float32, (2, 3, 200, 200), budget)
     tile = choose_tile(msfin, torch.float32, 1, budget, tile_pad=10)
@@ -141,7 +141,7 @@ def test_whole_run_that_would_not_fit_falls_back_to_exact_tiles(pretrained, monk
     rgb = np.random.default_rng(0).integers(0, 256, (30, 22, 3), dtype=np.uint8)
     whole = Upscaler(model, device="cpu").upscale(rgb)
     per_px = bytes_per_output_pixel(model.config)
-    monkeypatch.setattr(tiling, "available_memory", lambda device: int(per_px * 16 * 18 * 18))
+    monkeypatch.setattr(tiling, "available_memory", lambda device: int(tiling.HEADROOM * per_px * 16 * 18 * 18))
     import msfin_fast.upscaler as upscaler_module
 
     monkeypatch.setattr(upscaler_module, "available_memory", tiling.available_memory)
