@@ -203,7 +203,7 @@ class Upscaler:
 
     def __init__(
         self,
-        model: str | MSFIN = "msfin-x4",
+        model: str | torch.nn.Module = "msfin-x4",
         *,
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype = torch.float32,
