@@ -186,6 +186,7 @@ setup(
         "triton": ["triton>=3.0"],
         "build": ["pybind11>=2.10", "ninja"],
         "test": ["pytest>=7"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

@@ -14,18 +14,19 @@ from .errors import (
     ImageWriteError,
     InvalidInputError,
     MSFINError,
+    QueueFullError,
     WeightsError,
 )
 from .engine import Engine, optimize
 from .model import MSFIN, msfin_s_x4, msfin_x4
-from .upscaler import Upscaler
+from .upscaler import ServingUpscaler, Upscaler
 from .weights import load_pretrained
 
 __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
-    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "optimize", "Engine",
+    "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "ServingUpscaler", "optimize", "Engine",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
-    "InvalidInputError", "WeightsError",
+    "InvalidInputError", "QueueFullError", "WeightsError",
 ]
 
 # Training (the paper's recipe). The function msfin_fast.train.train is not re-exported: the name

@@ -58,6 +58,29 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="your own checkpoint for the preset's architecture instead of the released file")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=_positive_int, default=None, metavar="N",
+                   help="run N×N LR-pixel tiles instead of the whole image (default: whole image, "
+                        "falling back to tiles when it would not fit)")
+    p.add_argument("--tile-pad", type=int, default=10, metavar="N",
+                   help="LR pixels of context around each plain tile (default 10)")
+    p.add_argument("--tile-mode", choices=["plain", "exact"], default="plain",
+                   help="plain: fast, channel attention pools per tile; exact: layer by layer, "
+                        "the same output as a whole-image run")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the 8 flips/rotations (MSFIN+; 8× the work)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -71,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output file (its suffix picks the format) or folder")
     up.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
     _add_model_options(up)
+    _add_run_options(up)
     up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
 
     ev = sub.add_parser("eval", help="PSNR/SSIM (Y, paper convention) on HR image folders")
@@ -79,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", required=True, type=Path, help="folders of HR images")
     ev.add_argument("--per-image", action="store_true", help="also print every image's scores")
     _add_model_options(ev)
+    _add_run_options(ev)
+
+    sv = sub.add_parser("serve", help="HTTP service: POST an image to /upscale, get the ×4 PNG")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
+    _add_model_options(sv)
+    sv.add_argument("--max-batch", type=_positive_int, default=8, help="images per model run (default 8)")
+    sv.add_argument("--batch-window-ms", type=float, default=2.0,
+                    help="how long the oldest request waits for same-shape company (default 2 ms)")
+    sv.add_argument("--max-queue", type=_positive_int, default=64,
+                    help="waiting requests before new ones get 503 (default 64)")
+    sv.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload in MiB, else 413 (default 20)")
+    sv.add_argument("--max-pixels", type=_positive_int, default=2_000_000,
+                    help="largest image in LR pixels (w·h), else 400 (default 2,000,000)")
+    sv.add_argument("--graph-cache", type=int, default=8,
+                    help="captured CUDA graphs kept, one per batch size and shape (default 8; 0: none)")
 
     sub.add_parser("info", help="presets, weights, devices and backends")
 
@@ -93,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_upscaler(model: str, args):
     from .upscaler import Upscaler
 
-    return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights)
+    return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights,
+                    tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode,
+                    self_ensemble=args.self_ensemble)
 
 
 def cmd_upscale(args) -> int:
@@ -138,7 +181,8 @@ def cmd_upscale(args) -> int:
     done = len(jobs) - len(failures)
     if not args.quiet:
         print(
-            f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model} on "
+            f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model}"
+            f"{'+' if args.self_ensemble else ''} on "
             f"{upscaler.device} ({args.precision}): {px_in / 1e6:.2f} → {px_out / 1e6:.2f} Mpx in "
             f"{seconds:.2f} s, {px_out / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out"
             + (f"; {len(failures)} failed" if failures else "")
@@ -166,7 +210,7 @@ def cmd_eval(args) -> int:
                           f"{score.psnr:8.4f}  {score.ssim:.4f}", flush=True)
 
             result = evaluate_folder(upscale, folder, scale, on_image=show)
-            rows.append((model, result))
+            rows.append((model + ("+" if args.self_ensemble and model != "bicubic" else ""), result))
     print(f"{'model':<11}  {'set':<10} {'images':>6}  {'PSNR (dB)':>9}  {'SSIM':>6}  {'seconds':>7}")
     for model, r in rows:
         print(f"{model:<11}  {r.name:<10} {len(r.images):>6}  {r.psnr:>9.4f}  {r.ssim:>6.4f}  {r.seconds:>7.1f}")
@@ -272,8 +316,32 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample": cmd_sample}
-COMMANDS["train"] = cmd_train
+def cmd_serve(args) -> int:
+    from .server import Limits, make_server
+    from .upscaler import ServingUpscaler
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidInputError(f"--port {args.port} is out of range (0 to 65535)")
+    if args.batch_window_ms < 0 or args.max_body_mb <= 0 or args.graph_cache < 0:
+        raise InvalidInputError("--batch-window-ms and --graph-cache must be >= 0 and --max-body-mb > 0")
+    limits = Limits(max_body=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
+    upscaler = ServingUpscaler(
+        args.model, device=args.device, dtype=args.precision, weights=args.weights,
+        max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
+        graph_cache=args.graph_cache,
+    )
+    server = make_server(upscaler, args.host, args.port, limits)
+    print(f"serving {args.model} on {upscaler.device} ({args.precision}) at http://{args.host}:{args.port} "
+          "(POST /upscale, GET /healthz, GET /metrics)", flush=True)
+    try:
+        server.run()
+    finally:
+        upscaler.close()
+    return 0
+
+
+COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample": cmd_sample,
+            "serve": cmd_serve, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,3 +35,7 @@ class DatasetError(MSFINError, ValueError):
 
 class TrainingError(MSFINError, RuntimeError):
     """A training run that cannot start, resume or go on (diverged, finished, wrong folder)."""
+
+
+class QueueFullError(MSFINError, RuntimeError):
+    """A serving queue that is full: the request was not taken; retry later or add capacity."""

@@ -1,0 +1,146 @@
+"""ServingUpscaler: concurrent requests come back right, same-shape requests share a batch, a full
+queue refuses instead of growing, and a failing batch fails only its own requests."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msfin_fast import InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
+
+RNG = np.random.default_rng(0)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run thousands of tiny ops. With two intra-op threads on cores that other
+    processes share, OpenMP workers spin-wait at every op and the file takes 10–20× longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def close_enough(a, b):
+    """Batched fp32 convs may round a pixel the other way: at most 1 apart, and rarely."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+class Gate(nn.Module):
+    """×4 nearest that blocks until released, so a test can hold the worker still."""
+
+    scale = 4
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        self.entered.set()
+        assert self.release.wait(30)
+        if (x > 250).all():
+            raise RuntimeError("white images are refused by this test model")
+        return F.interpolate(x, scale_factor=4, mode="nearest")
+
+
+@pytest.fixture(scope="module")
+def direct(pretrained):
+    return Upscaler(pretrained("msfin-s-x4"), device="cpu")
+
+
+def test_concurrent_requests_match_direct_calls_and_share_batches(pretrained, direct):
+    images = [RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(12)]
+    images += [RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
+    with ServingUpscaler(pretrained("msfin-s-x4"), device="cpu", max_batch=4, batch_window=0.05) as up:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda im: up.upscale(im, timeout=60), images))
+        stats = up.snapshot()
+    for image, result in zip(images, results):
+        assert close_enough(result, direct.upscale(image))
+    assert stats.images == 16 and stats.failed == 0
+    assert sum(size * n for size, n in stats.batch_sizes.items()) == 16
+    assert max(stats.batch_sizes) > 1 and max(stats.batch_sizes) <= 4
+
+
+def test_batches_hold_one_shape_and_one_set_of_options():
+    gate = Gate()
+    with ServingUpscaler(gate, device="cpu", max_batch=8, batch_window=0.0) as up:
+        first = up.submit(np.zeros((4, 4, 3), np.uint8))
+        assert gate.entered.wait(10)  # the worker is busy with the first request
+        a = [up.submit(np.full((4, 4, 3), i, np.uint8)) for i in range(3)]
+        b = up.submit(np.zeros((4, 6, 3), np.uint8))
+        c = up.submit(np.zeros((4, 4, 3), np.uint8), up.options(self_ensemble=True))
+        gate.release.set()
+        outs = [f.result(10) for f in [first, *a, b, c]]
+    assert gate.batches[:3] == [1, 3, 1]  # the 3 same-shape requests ran together, in order
+    assert [o[0, 0, 0] for o in outs[1:4]] == [0, 1, 2] and outs[4].shape == (16, 24, 3)
+    assert len(gate.batches) == 4 and gate.batches[3] == 8  # self-ensemble of 1 image: 8 variants
+
+
+def test_full_queue_refuses_and_close_finishes_the_queue():
+    gate = Gate()
+    up = ServingUpscaler(gate, device="cpu", max_batch=1, max_queue=2, batch_window=0.0)
+    running = up.submit(np.zeros((4, 4, 3), np.uint8))
+    assert gate.entered.wait(10)
+    queued = [up.submit(np.zeros((4, 4, 3), np.uint8)) for _ in range(2)]
+    assert up.queue_depth == 2
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        up.submit(np.zeros((4, 4, 3), np.uint8))
+    gate.release.set()
+    up.close()
+    assert all(f.result(10).shape == (16, 16, 3) for f in [running, *queued])
+    with pytest.raises(QueueFullError, match="closed"):
+        up.submit(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    gate = Gate()
+    gate.release.set()
+    with ServingUpscaler(gate, device="cpu", batch_window=0.0) as up:
+        with pytest.raises(RuntimeError, match="white images"):
+            up.upscale(np.full((4, 4, 3), 255, np.uint8), timeout=10)
+        assert up.upscale(np.zeros((4, 4, 3), np.uint8), timeout=10).shape == (16, 16, 3)
+        assert up.snapshot().failed == 1
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
+                                   np.zeros((0, 4, 3), np.uint8)])
+def test_bad_requests_are_refused_at_submit(image):
+    gate = Gate()
+    with ServingUpscaler(gate, device="cpu") as up:
+        with pytest.raises(InvalidInputError, match="uint8 H×W×3"):
+            up.submit(image)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(max_batch=0), "max_batch"), (dict(max_queue=0), "max_queue"),
+                                             (dict(batch_window=-1), "batch_window"),
+                                             (dict(graph_cache=-1), "graph_cache")])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        ServingUpscaler(Gate(), device="cpu", **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_and_the_cache_is_bounded():
+    torch.manual_seed(0)
+    from msfin_fast.model import MSFIN
+
+    model = MSFIN("msfin-s-x4").eval()
+    direct = Upscaler(model, device="cuda")
+    with ServingUpscaler(model, device="cuda", graph_cache=2, batch_window=0.0) as up:
+        for size in (8, 12, 16, 8):
+            image = RNG.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            for _ in range(2):
+                assert close_enough(up.upscale(image, timeout=60), direct.upscale(image))
+        stats = up.snapshot()
+        assert len(up._graphs) == 2
+        assert stats.graph_captures == 4 and stats.graph_hits == 4  # 8 evicted by 16, captured again
+        ensemble = up.upscale(image, up.options(self_ensemble=True), timeout=60)
+        assert close_enough(ensemble, Upscaler(model, device="cuda", self_ensemble=True).upscale(image))
