@@ -56,6 +56,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(precision="fp32")
     p.add_argument("--weights", type=Path, default=None,
                    help="your own checkpoint for the preset's architecture instead of the released file")
+    p.add_argument("--backend", default="reference", choices=["reference", "auto", "triton", "cuda"],
+                   help="reference (default): the PyTorch model; auto/triton/cuda: the fused engine "
+                        "(msfin_fast.optimize; GPU only, not yet verified on a GPU)")
 
 
 def _positive_int(text: str) -> int:
@@ -136,7 +139,7 @@ def _make_upscaler(model: str, args):
 
     return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights,
                     tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode,
-                    self_ensemble=args.self_ensemble)
+                    self_ensemble=args.self_ensemble, backend=args.backend)
 
 
 def cmd_upscale(args) -> int:
@@ -328,7 +331,7 @@ def cmd_serve(args) -> int:
     upscaler = ServingUpscaler(
         args.model, device=args.device, dtype=args.precision, weights=args.weights,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
-        graph_cache=args.graph_cache,
+        graph_cache=args.graph_cache, backend=args.backend,
     )
     server = make_server(upscaler, args.host, args.port, limits)
     print(f"serving {args.model} on {upscaler.device} ({args.precision}) at http://{args.host}:{args.port} "

@@ -214,20 +214,33 @@ class Upscaler:
         tile_mode: str = "plain",
         self_ensemble: bool = False,
         auto_tile: bool = True,
+        backend: str = "reference",
     ):
         self.options = RunOptions(tile, tile_pad, tile_mode, self_ensemble, auto_tile)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        if self.dtype == torch.float16 and self.device.type == "cpu":
+        if self.dtype == torch.float16 and self.device.type == "cpu" and backend == "reference":
             warnings.warn("float16 on the CPU is slow and no more accurate; prefer float32 there")
+        # The engine is built from the fp32 model and runs in self.dtype; the reference runs in it.
+        load_dtype = self.dtype if backend == "reference" else torch.float32
         if isinstance(model, torch.nn.Module):
             self.name = "custom"
-            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            self.model = model.to(device=self.device, dtype=load_dtype).eval()
         else:
             self.name = model
             self.model = load_pretrained(
-                model, self.device, self.dtype, weights=weights, allow_download=allow_download
+                model, self.device, load_dtype, weights=weights, allow_download=allow_download
             )
+        if backend != "reference":
+            if not isinstance(self.model, MSFIN):
+                raise InvalidInputError(f"backend={backend!r} builds the engine from an MSFIN model, "
+                                        f"not {type(self.model).__name__}")
+            if tile_mode == "exact":
+                raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference'")
+            from .engine import optimize
+
+            self.model = optimize(self.model, dtype=self.dtype, backend=backend)
+        self.backend = getattr(self.model, "backend", "reference")
         if tile_mode == "exact" and not isinstance(self.model, MSFIN):
             raise InvalidInputError(
                 f"exact tiles walk the reference MSFIN's graph; {type(self.model).__name__} is not one. "
@@ -361,6 +374,7 @@ class ServingUpscaler:
         graph_cache: int = 8,
         tile_pad: int = DEFAULT_TILE_PAD,
         auto_tile: bool = True,
+        backend: str = "reference",
     ):
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise InvalidInputError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -371,7 +385,7 @@ class ServingUpscaler:
         if not batch_window >= 0:
             raise InvalidInputError(f"batch_window must be >= 0 seconds, got {batch_window!r}")
         self._upscaler = Upscaler(model, device=device, dtype=dtype, weights=weights,
-                                  allow_download=allow_download)
+                                  allow_download=allow_download, backend=backend)
         self.model, self.device, self.dtype = self._upscaler.model, self._upscaler.device, self._upscaler.dtype
         self.name, self.scale = self._upscaler.name, self._upscaler.scale
         self.max_batch, self.batch_window, self.max_queue = max_batch, float(batch_window), max_queue

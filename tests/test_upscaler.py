@@ -96,3 +96,25 @@ def test_by_name_with_weights_dir(weights_dir):
     up = Upscaler("msfin-x4", device="cpu")
     assert up.scale == 4 and up.name == "msfin-x4"
     assert up.upscale(np.zeros((3, 3, 3), np.uint8)).shape == (12, 12, 3)
+
+
+def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, monkeypatch):
+    import warnings
+
+    import msfin_fast.engine
+    from msfin_fast.errors import InvalidInputError
+    from msfin_fast.upscaler import Upscaler
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(msfin_fast.engine, "_warned", set())
+    reference = pretrained("msfin-s-x4")
+    rgb = (np.arange(7 * 9 * 3) % 251).astype(np.uint8).reshape(7, 9, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        up = Upscaler(reference, device="cpu", backend="auto")
+    assert up.backend == "reference" and any("reference instead of the kernels" in str(w.message) for w in caught)
+    assert isinstance(up.model, msfin_fast.engine.Engine)
+    want = Upscaler(reference, device="cpu").upscale(rgb)
+    assert np.array_equal(up.upscale(rgb), want)
+    with pytest.raises(InvalidInputError, match="backend='reference'"):
+        Upscaler(reference, device="cpu", backend="auto", tile=4, tile_mode="exact")
