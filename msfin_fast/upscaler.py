@@ -133,6 +133,21 @@ def _tiled(model: torch.nn.Module, x: torch.Tensor, tile: int, options: RunOptio
     return tiled_forward(model, x, tile, options.tile_pad)
 
 
+# The engine's arena holds its activations; PyTorch-run layers, the input and the output come on top.
+ENGINE_HEADROOM = 1.5
+
+
+def _lr_shape(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.shape[0], x.shape[-2], x.shape[-1]
+
+
+def _engine_arena(model: torch.nn.Module):
+    """``arena_bytes(n, h, w)`` of a fast engine that plans one, else None."""
+    if getattr(model, "backend", None) in ("triton", "cuda", "emulate") and hasattr(model, "arena_bytes"):
+        return model.arena_bytes
+    return None
+
+
 def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions) -> torch.Tensor:
     if options.tile is not None:
         return _tiled(model, x, options.tile, options)
@@ -140,7 +155,20 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
     if not options.auto_tile:
         return model(x)
     budget = available_memory(x.device)
-    if config is not None and budget is not None and not fits(config, x.dtype, tuple(x.shape), budget):
+    arena = _engine_arena(model)
+    if arena is not None and budget is not None and arena(*_lr_shape(x)) * ENGINE_HEADROOM > budget:
+        # The engine plans its activations per shape, so its own arena size is the estimate.
+        n, h, w = _lr_shape(x)
+        tile = max(h, w)
+        while tile > MIN_TILE and arena(n, tile + 2 * options.tile_pad, tile + 2 * options.tile_pad) * ENGINE_HEADROOM > budget:
+            tile //= 2
+        tile = max(tile, MIN_TILE)
+        warnings.warn(
+            f"a whole {h}×{w} run (batch {n}) would need a {arena(n, h, w) / 2**30:.1f} GiB arena, more than "
+            f"{budget / 2**30:.1f} GiB free on {x.device}; running {options.tile_mode} tiles of {tile} px"
+        )
+        return _tiled(model, x, tile, options)
+    if arena is None and config is not None and budget is not None and not fits(config, x.dtype, tuple(x.shape), budget):
         tile = choose_tile(config, x.dtype, x.shape[0], budget, options.tile_pad)
         warnings.warn(
             f"a whole {x.shape[-2]}×{x.shape[-1]} run (batch {x.shape[0]}) would not fit in "

@@ -118,3 +118,22 @@ def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, 
     assert np.array_equal(up.upscale(rgb), want)
     with pytest.raises(InvalidInputError, match="backend='reference'"):
         Upscaler(reference, device="cpu", backend="auto", tile=4, tile_mode="exact")
+
+
+def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
+    """An engine that would not fit runs tiles sized from its own arena estimate."""
+    import msfin_fast.upscaler as up_mod
+    from msfin_fast import MSFIN, optimize
+
+    torch.manual_seed(0)
+    model = MSFIN("msfin-s-x4").eval()
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    x = torch.rand(1, 3, 20, 24) * 255
+    whole = engine.arena_bytes(1, 20, 24)
+    monkeypatch.setattr(up_mod, "available_memory", lambda device: int(whole * up_mod.ENGINE_HEADROOM / 2))
+    with pytest.warns(UserWarning, match="arena"):
+        y = up_mod.run_forward(engine, x, up_mod.RunOptions(tile_pad=2))
+    assert y.shape == (1, 3, 80, 96) and torch.isfinite(y).all()
+    monkeypatch.setattr(up_mod, "available_memory", lambda device: int(whole * up_mod.ENGINE_HEADROOM * 2))
+    with torch.no_grad():
+        assert torch.equal(up_mod.run_forward(engine, x, up_mod.RunOptions()), engine(x))
