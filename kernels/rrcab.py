@@ -111,10 +111,13 @@ def _rrcab_conv2_kernel(
 TAP_UNROLL = 1
 
 
-def launch_config(cp: int) -> tuple[int, int, int]:
-    """(tile rows, tile columns, warps). The interpreter wants few big programs."""
+def launch_config(cp: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(tile rows, tile columns, warps). The interpreter wants few big programs; exact fp32 dots
+    hold more per thread (an 8×8 tile at 128 channels spills 31 KB, ptxas), so fp32 tiles are small."""
     if INTERPRET:
         return 16, 16, 4
+    if dtype == torch.float32:
+        return 4, 8, 8
     return (8, 16, 8) if cp <= 32 else (8, 8, 4)
 
 
@@ -133,7 +136,7 @@ def rrcab_conv1(src: Source, w: torch.Tensor, b: torch.Tensor, a_out: torch.Tens
     nchunk = triton.cdiv(c, 16)
     if w.shape != (9, nchunk, 16, 16) or w.dtype != src.t.dtype:
         raise ValueError(f"conv1 weight: expected (9, {nchunk}, 16, 16) {src.t.dtype}, got {tuple(w.shape)} {w.dtype}")
-    bh, bw, warps = launch_config(args["consts"]["CP"])
+    bh, bw, warps = launch_config(args["consts"]["CP"], src.t.dtype)
     _rrcab_conv1_kernel[_grid(n, h, wd, bh, bw)](
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"],
         w, b, a_out, x_out if x_out is not None else a_out, h, wd, c,
@@ -156,7 +159,7 @@ def rrcab_conv2(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w3: torch.Ten
         raise ValueError(f"conv2 weights: got {tuple(w.shape)} and {tuple(w3.shape)} for {c} channels")
     if sums.shape != (n, c) or sums.dtype != torch.float32:
         raise ValueError(f"sums: expected ({n}, {c}) float32, got {tuple(sums.shape)} {sums.dtype}")
-    bh, bw, warps = launch_config(cp)
+    bh, bw, warps = launch_config(cp, a.dtype)
     _rrcab_conv2_kernel[_grid(n, h, wd, bh, bw)](
         a, w, b, w3, b3, u_out, sums, h, wd, c,
         FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw, UNROLL=TAP_UNROLL,
