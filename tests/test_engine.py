@@ -205,3 +205,10 @@ def test_load_pretrained_returns_the_engine(weights_dir, monkeypatch):
     x = lr_batch(1, 4, 4)
     with torch.no_grad():
         assert (engine(x) - reference(x)).abs().max().item() <= 0.05
+
+
+def test_inputs_beyond_32_bit_indexing_are_refused_before_any_work():
+    engine = optimize(random_model("msfin-s-x4"), dtype=torch.float32, backend="emulate")
+    huge = torch.zeros(1, 3, 1, 1).expand(64, 3, 1024, 1024)  # no memory behind it
+    with pytest.raises(InvalidInputError, match="32-bit indexing"):
+        engine(huge)

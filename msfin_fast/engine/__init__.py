@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DeviceError
+from ..errors import ConfigError, DeviceError, InvalidInputError
 from ..model import MSFIN, RRCAB, check_input
 from . import plan as P
 from .backends import EmulatedOps
@@ -69,7 +69,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 class Engine(nn.Module):
-    """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from."""
+    """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from.
+
+    Not thread-safe: calls of one input shape share that shape's arena (ServingUpscaler gives an
+    engine a single worker thread).
+    """
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
                  cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
@@ -227,6 +231,14 @@ class Engine(nn.Module):
             raise DeviceError(f"input is on {x.device} but the engine's model is on {self.device}; move one of them")
         if not compiling:  # a compiled engine keeps the weights it was packed with (call refresh())
             self._refresh()
+        if self._backend != "reference":
+            n, _, h, w = x.shape
+            widest = n * (self.scale * h) * (self.scale * w) * self.source.config.n_feats
+            if widest >= 2**31:
+                raise InvalidInputError(
+                    f"input {tuple(x.shape)} makes a {widest}-element activation, beyond the kernels' 32-bit "
+                    "indexing; split the batch or run tiles (Upscaler(..., tile=512))"
+                )
         x = x.to(self.dtype).contiguous()
         with torch.no_grad():
             if self._backend == "reference":
