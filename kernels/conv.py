@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, stages
+from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, stages, tile_pixels
 
 
 @triton.jit
@@ -30,12 +30,7 @@ def _conv_kernel(
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tiles_w = tl.cdiv(W_out, BW)
-    p = tl.arange(0, BH * BW)
-    r = (tile // tiles_w) * BH + p // BW
-    c = (tile % tiles_w) * BW + p % BW
+    n, r, c = tile_pixels(W_out, BH, BW)
     ci = tl.arange(0, 16)
     co = tl.arange(0, NP)
     acc = tl.zeros([BH * BW, NP], tl.float32)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET
+from .source import INTERPRET, tile_pixels
 
 
 @triton.jit
@@ -36,12 +36,7 @@ def _bilinear(x_ptr, base, r, c, h, w, INV_S: tl.constexpr):
 @triton.jit
 def _head_kernel(x_ptr, mean_w, mean_b, w_ptr, b_ptr, out_ptr, h, w, H, W, C,
                  NP: tl.constexpr, INV_S: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    p = tl.arange(0, BH * BW)
-    r = (tile // tiles_w) * BH + p // BW
-    c = (tile % tiles_w) * BW + p % BW
+    n, r, c = tile_pixels(W, BH, BW)
     co = tl.arange(0, NP)
     acc = tl.zeros([BH * BW, NP], tl.float32)
     for tap in tl.range(9):  # rolled: unrolled, the 9 taps' gathers spill registers (ptxas)

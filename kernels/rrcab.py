@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages
+from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages,
+                     tap_pixels, tile_pixels)
 
 
 @triton.jit
@@ -33,12 +34,7 @@ def _rrcab_conv1_kernel(
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    p = tl.arange(0, BH * BW)
-    r = (tile // tiles_w) * BH + p // BW
-    c = (tile % tiles_w) * BW + p % BW
+    n, r, c = tile_pixels(W, BH, BW)
     inside = (r < H) & (c < W)
     ci = tl.arange(0, 16)
     for j in tl.static_range(NCHUNK):
@@ -50,10 +46,8 @@ def _rrcab_conv1_kernel(
             scale = tl.zeros([16], tl.float32)
         acc = tl.zeros([BH * BW, 16], tl.float32)
         for tap in tl.range(9, loop_unroll_factor=UNROLL):
-            rr = r + (tap // 3 - 1)
-            cc = c + (tap % 3 - 1)
-            ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-            offs = ((n * H + rr) * W + cc)[:, None] * C + ch[None, :]
+            pix, ok = tap_pixels(n, r, c, tap, H, W)
+            offs = pix[:, None] * C + ch[None, :]
             mask = ok[:, None] & ch_ok[None, :]
             x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
             x = x.to(a_ptr.dtype.element_ty)
@@ -72,12 +66,7 @@ def _rrcab_conv2_kernel(
     FP16: tl.constexpr, CP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    p = tl.arange(0, BH * BW)
-    r = (tile // tiles_w) * BH + p // BW
-    c = (tile % tiles_w) * BW + p % BW
+    n, r, c = tile_pixels(W, BH, BW)
     inside = (r < H) & (c < W)
     ci = tl.arange(0, 16)
     cp = tl.arange(0, CP)
@@ -87,10 +76,8 @@ def _rrcab_conv2_kernel(
         ch_ok = ch < C
         acc = tl.zeros([BH * BW, 16], tl.float32)
         for tap in tl.range(9, loop_unroll_factor=UNROLL):
-            rr = r + (tap // 3 - 1)
-            cc = c + (tap % 3 - 1)
-            ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-            offs = ((n * H + rr) * W + cc)[:, None] * C + ch[None, :]
+            pix, ok = tap_pixels(n, r, c, tap, H, W)
+            offs = pix[:, None] * C + ch[None, :]
             a = tl.load(a_ptr + offs, mask=ok[:, None] & ch_ok[None, :], other=0.0)
             w = tl.load(w_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
             acc = mma(a, w, acc, FP16)

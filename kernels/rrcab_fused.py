@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages
+from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages,
+                     tap_pixels)
 
 
 @triton.jit
@@ -59,10 +60,8 @@ def _rrcab_fused_kernel(
                 scale = tl.zeros([16], tl.float32)
             acc = tl.zeros([EH * EW, 16], tl.float32)
             for tap in tl.range(9):
-                rr = r + (tap // 3 - 1)
-                cc = c + (tap % 3 - 1)
-                ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-                offs = ((n * H + rr) * W + cc)[:, None] * C + ch[None, :]
+                pix, ok = tap_pixels(n, r, c, tap, H, W)
+                offs = pix[:, None] * C + ch[None, :]
                 mask = ok[:, None] & ch_ok[None, :]
                 x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
                 x = x.to(u_out_ptr.dtype.element_ty)

@@ -33,6 +33,23 @@ def stages(dtype: torch.dtype) -> int:
 
 
 @triton.jit
+def tile_pixels(W, BH: tl.constexpr, BW: tl.constexpr):
+    """(sample, rows, cols) of this program's BH×BW tile; the grid is (tiles of one image, N)."""
+    tile = tl.program_id(0)
+    tiles_w = tl.cdiv(W, BW)
+    p = tl.arange(0, BH * BW)
+    return tl.program_id(1), (tile // tiles_w) * BH + p // BW, (tile % tiles_w) * BW + p % BW
+
+
+@triton.jit
+def tap_pixels(n, r, c, tap, H, W):
+    """Flat NHWC pixel index of 3×3 tap ``tap`` around each (r, c), and whether it is in the image."""
+    rr = r + (tap // 3 - 1)
+    cc = c + (tap % 3 - 1)
+    return (n * H + rr) * W + cc, (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+
+
+@triton.jit
 def ca_scale(sums_ptr, n, C, inv_hw, ca_w1_ptr, ca_b1_ptr, ca_w2t_ptr, ca_b2_ptr, col0,
              WIDTH: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr):
     """Channel-attention scale of sample ``n`` for channels ``col0 .. col0 + WIDTH`` (fp32 [WIDTH])."""

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args
+from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, tap_pixels, tile_pixels
 
 
 @triton.jit
@@ -21,12 +21,7 @@ def _tail_kernel(
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    p = tl.arange(0, BH * BW)
-    r = (tile // tiles_w) * BH + p // BW
-    c = (tile % tiles_w) * BW + p % BW
+    n, r, c = tile_pixels(W, BH, BW)
     ci = tl.arange(0, 16)
     acc = tl.zeros([BH * BW, 16], tl.float32)
     for j in tl.static_range(NCHUNK):
@@ -36,10 +31,8 @@ def _tail_kernel(
         else:
             scale = tl.zeros([16], tl.float32)
         for tap in tl.range(9):  # rolled, as in rrcab.py (register pressure)
-            rr = r + (tap // 3 - 1)
-            cc = c + (tap % 3 - 1)
-            ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-            offs = ((n * H + rr) * W + cc)[:, None] * C + ch[None, :]
+            pix, ok = tap_pixels(n, r, c, tap, H, W)
+            offs = pix[:, None] * C + ch[None, :]
             x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, ok[:, None] & (ch < C)[None, :], scale,
                             DEFERRED, N_ADD)
             w = tl.load(w_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
