@@ -95,7 +95,7 @@ def test_plan_folds_channel_attention_and_sums():
     # input conv finishes it while loading: A4 and A8, which also feed a concatenation.
     assert counts["Materialize"] == 2
     deferred_convs = [launch.module for launch in plan.launches if isinstance(launch, P.Conv) and launch.src]
-    assert deferred_convs == ["ds4_up4.0", "ds4_up5.0", "ds2_up.up.0", "Ft01", "Ft02", "Ft03"]
+    assert sorted(deferred_convs) == sorted(["ds4_up4.0", "ds4_up5.0", "ds2_up.up.0", "Ft01", "Ft02", "Ft03"])
     passes = [launch for launch in plan.launches if isinstance(launch, P.RRCABPass)]
     # Every `+` node is folded into the prologue of the pass that reads it.
     with_addends = [launch.block for launch in passes if launch.src.e1 is not None]
@@ -119,6 +119,20 @@ def test_arena_reuses_buffers_and_every_read_is_written_first():
     assert torch.equal(engine(x), first)
     assert engine.arena_bytes(2, 4, 6) == arena.nbytes
     assert engine.arena_bytes(2, 8, 12) == 4 * arena.nbytes - 3 * arena.sums_flat.numel() * 4
+
+
+def test_upsampling_runs_late_and_the_arena_stays_near_the_live_peak():
+    """L3 and L2 (full resolution) are made just before the reconstruction reads them, and slots
+    are shared across shapes: MSFIN's arena is ~10 full-resolution maps, not the 15 of shape-keyed slots."""
+    engine = optimize(random_model("msfin-x4"), dtype=torch.float16, backend="emulate")
+    order = [getattr(launch, "module", None) or getattr(launch, "block", None) for launch in engine.plan.launches]
+    first_re = order.index("block_re1")
+    assert order.index("ds4_up5.0") > order.index("ds0_body5") and order.index("ds4_up5.0") < first_re
+    assert order.index("ds2_up.up.0") > order.index("ds0_body5") and order.index("ds2_up.up.0") < first_re
+    maps = float(sum(engine.runner.assignment.slots)) / 24
+    assert maps <= 10.5, maps
+    # 1080p output, fp16: the planned arena is under the issue's 1.5 GB peak budget.
+    assert engine.arena_bytes(1, 270, 480) < 1.0 * 2**30
 
 
 def test_engine_repacks_when_the_source_model_changes():
