@@ -91,6 +91,8 @@ class AutoEngine(nn.Module):
         super().__init__()
         self.__dict__["source"] = model
         self.engines = nn.ModuleDict(engines)
+        for engine in engines.values():
+            engine.check_finite = False  # this module checks its input once, or not at all (capture)
         self.dtype = dtype
         self.timer = timer or (cuda_timer if model.head.weight.is_cuda else wall_timer)
         self.persist = persist
