@@ -226,3 +226,58 @@ def test_inputs_beyond_32_bit_indexing_are_refused_before_any_work():
     huge = torch.zeros(1, 3, 1, 1).expand(64, 3, 1024, 1024)  # no memory behind it
     with pytest.raises(InvalidInputError, match="32-bit indexing"):
         engine(huge)
+
+
+class _ContractOfTheCudaKernel:
+    """Stands in for cuda_backend on a CPU: the pass contract computed from the CUDA-packed weights,
+    so the engine's wiring of backend='cuda' (packing, CA of the producer, x_out, sums) is checked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def rrcab_pass(self, packed, t, *, u=None, sums_in=None, ca=None, e1=None, e2=None, x_out=None, u_out, sums_out):
+        import torch.nn.functional as F
+
+        self.calls += 1
+        c, g = packed.channels, packed.groups
+        n, h, w, _ = t.shape
+
+        def grouped(weight):  # [G, ci, dy, dx, co] → [C, C/G, 3, 3]
+            return weight.permute(0, 4, 1, 2, 3).reshape(c, c // g, 3, 3)
+
+        x = t.float()
+        if u is not None:
+            z = torch.relu(sums_in / (h * w) @ ca.w1.t() + ca.b1)
+            x = x + torch.sigmoid(z @ ca.w2.t() + ca.b2)[:, None, None, :] * u.float()
+        for e in (e1, e2):
+            if e is not None:
+                x = x + e.float()
+        x = x.to(t.dtype)
+        if x_out is not None:
+            x_out.copy_(x)
+        a = torch.relu(F.conv2d(x.permute(0, 3, 1, 2).float(), grouped(packed.w1), packed.b1, padding=1, groups=g))
+        hh = torch.relu(F.conv2d(a, grouped(packed.w2), packed.b2, padding=1, groups=g))
+        out = F.conv2d(hh, packed.w3t.t()[:, :, None, None], packed.b3).permute(0, 2, 3, 1)
+        u_out.copy_(out)
+        sums_out += out.sum(dim=(1, 2))
+
+
+def test_cuda_backend_wiring_against_the_reference(monkeypatch):
+    import msfin_fast.engine as engine_mod
+    from msfin_fast.engine.backends import EmulatedOps
+
+    monkeypatch.setattr(engine_mod, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(engine_mod, "cuda_unavailable_reason", lambda model: None)
+    model = random_model("msfin-x4")
+    engine = optimize(model, dtype=torch.float32, backend="cuda")
+    assert engine.backend == "cuda"
+    assert all(launch.fused for launch in engine.plan.launches if isinstance(launch, P.RRCABPass))
+    fake, emulated = _ContractOfTheCudaKernel(), EmulatedOps()
+    engine.ops._cuda = fake
+    for name in ("head", "tail", "conv", "materialize"):  # the Triton launches, emulated for speed
+        setattr(engine.ops, name, getattr(emulated, name))
+    x = lr_batch(2, 4, 5)
+    with torch.no_grad():
+        want = model(x)
+    assert (engine(x) - want).abs().max().item() <= 1e-3
+    assert fake.calls == 48
