@@ -59,20 +59,24 @@ class Recorder:
             names = self.fn.arg_names
             values = dict(zip(names, args))
             values.update(kwargs)
-            signature, constexprs = {}, {}
+            signature, constexprs, attrs = {}, {}, {}
             for i, name in enumerate(names):
                 v = values[name]
                 if self.fn.params[i].is_constexpr:
                     signature[name], constexprs[name] = "constexpr", v
                 elif isinstance(v, torch.Tensor):
                     signature[name] = TRITON_TYPES[v.dtype]
+                    # As the JIT specialises a launch: 16-byte-aligned pointers (PyTorch's are).
+                    attrs[(i,)] = [["tt.divisibility", 16]]
                 elif isinstance(v, float):
                     signature[name] = "fp32"
                 else:
                     signature[name] = "i32"
+                    if v % 16 == 0:  # the JIT also specialises integers divisible by 16
+                        attrs[(i,)] = [["tt.divisibility", 16]]
             key = (self.fn.__name__, tuple(sorted(signature.items())),
                    tuple(sorted(constexprs.items())) + tuple(sorted(options.items())))
-            self.calls.setdefault(key, (self.fn, signature, constexprs, options))
+            self.calls.setdefault(key, (self.fn, signature, constexprs, options, attrs))
         return launch
 
 
@@ -131,26 +135,29 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in (torch.float16, torch.float32):
             for fused in (False, True):
                 variants.update(record_launches(preset, dtype, fused))
-    rows = ["| kernel | variant | arch | compile s | shared B | warps | mma/wgmma in PTX | ptxas |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| kernel | variant | arch | compile s | shared B | warps | mma/wgmma in PTX | vector / scalar loads | ptxas |",
+            "|---|---|---|---|---|---|---|---|---|"]
     failures = 0
-    for (name, _, consts), (fn, signature, constexprs, options) in sorted(variants.items(), key=lambda kv: str(kv[0])):
+    for (name, _, consts), (fn, signature, constexprs, options, attrs) in sorted(variants.items(),
+                                                                                key=lambda kv: str(kv[0])):
         ptr = next(t for t in signature.values() if t.startswith("*f")).lstrip("*")
         variant = f"{ptr} " + " ".join(f"{k}={v}" for k, v in consts)
         for arch in args.archs:
             t0 = time.time()
             try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                          options=options)
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
             except Exception as exc:  # report every failing variant, not just the first
                 failures += 1
-                rows.append(f"| {name} | {variant} | sm_{arch} | FAILED | | | | {str(exc).splitlines()[0][:120]} |")
+                rows.append(f"| {name} | {variant} | sm_{arch} | FAILED | | | | | {str(exc).splitlines()[0][:120]} |")
                 continue
             ptx = compiled.asm["ptx"]
             mma = len(re.findall(r"\b(?:mma|wgmma)\.", ptx))
+            vector = len(re.findall(r"\bld\.global\.v\d", ptx))
+            scalar = len(re.findall(r"\bld\.global\.b(?:16|32)\b", ptx))
             rows.append(
                 f"| {name} | {variant} | sm_{arch} | {time.time() - t0:.1f} | {compiled.metadata.shared} | "
-                f"{compiled.metadata.num_warps} | {mma} | {resource_usage(ptx, arch)} |"
+                f"{compiled.metadata.num_warps} | {mma} | {vector} / {scalar} | {resource_usage(ptx, arch)} |"
             )
             print(rows[-1], flush=True)
     table = "\n".join(rows) + "\n"

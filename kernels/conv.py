@@ -24,7 +24,7 @@ from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, 
 @triton.jit
 def _conv_kernel(
     x0_ptr, x1_ptr, x2_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
-    w_ptr, b_ptr, out_ptr, H_in, W_in, C_src, H_out, W_out, C_gemm,
+    w_ptr, b_ptr, out_ptr, H_in, W_in, C_src: tl.constexpr, H_out, W_out, C_gemm: tl.constexpr,
     NSRC: tl.constexpr, KSIZE: tl.constexpr, STRIDE: tl.constexpr, KCHUNK: tl.constexpr,
     NP: tl.constexpr, LEAKY: tl.constexpr, SHUFFLE: tl.constexpr, FP16: tl.constexpr,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr,

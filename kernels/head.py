@@ -34,7 +34,7 @@ def _bilinear(x_ptr, base, r, c, h, w, INV_S: tl.constexpr):
 
 
 @triton.jit
-def _head_kernel(x_ptr, mean_w, mean_b, w_ptr, b_ptr, out_ptr, h, w, H, W, C,
+def _head_kernel(x_ptr, mean_w, mean_b, w_ptr, b_ptr, out_ptr, h, w, H, W, C: tl.constexpr,
                  NP: tl.constexpr, INV_S: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     n, r, c = tile_pixels(W, BH, BW)
     co = tl.arange(0, NP)

@@ -29,7 +29,7 @@ from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, 
 @triton.jit
 def _rrcab_conv1_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
-    w_ptr, b_ptr, a_ptr, x_ptr, H, W, C,
+    w_ptr, b_ptr, a_ptr, x_ptr, H, W, C: tl.constexpr,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, WRITE_X: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     UNROLL: tl.constexpr,
@@ -62,7 +62,7 @@ def _rrcab_conv1_kernel(
 
 @triton.jit
 def _rrcab_conv2_kernel(
-    a_ptr, w_ptr, b_ptr, w3_ptr, b3_ptr, u_ptr, sums_ptr, H, W, C,
+    a_ptr, w_ptr, b_ptr, w3_ptr, b3_ptr, u_ptr, sums_ptr, H, W, C: tl.constexpr,
     FP16: tl.constexpr, CP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     UNROLL: tl.constexpr,
 ):

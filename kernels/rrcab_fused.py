@@ -29,7 +29,7 @@ from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, 
 def _rrcab_fused_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, x_ptr, u_out_ptr, sums_out_ptr, scratch_ptr,
-    N, H, W, C, tiles_h, tiles_w, nprog,
+    N, H, W, C: tl.constexpr, tiles_h, tiles_w, nprog,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, WRITE_X: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, EH: tl.constexpr, EW: tl.constexpr,
 ):

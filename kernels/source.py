@@ -9,7 +9,9 @@ the *next* kernel that reads the value finishes it while loading:
 ``u``, ``e1`` and ``e2`` are optional (``DEFERRED``, ``N_ADD``); ``e1``/``e2`` carry the network's
 ``+`` nodes (e.g. ``d2 + Fd21(A2)``), so sums never take a pass of their own either.
 
-Layout: NHWC contiguous [N, H, W, C]; ``sums`` [N, C] fp32. Channel-attention weights are packed
+Layout: NHWC contiguous [N, H, W, C]; ``sums`` [N, C] fp32. Channel counts are constexpr in every
+kernel: a pixel's row of C=24 fp16 values is 48 bytes, and only a compile-time C lets Triton prove
+the 16-byte alignment it needs for vector loads (a runtime 24 gives 2-byte loads; ptxas/PTX check). Channel-attention weights are packed
 by the engine, zero-padded to powers of two: ``ca_w1`` [CRP, CP], ``ca_b1`` [CRP],
 ``ca_w2t`` [CRP, CP] (W2 transposed), ``ca_b2`` [CP]. Everything is computed in fp32.
 """

@@ -17,7 +17,7 @@ from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, 
 @triton.jit
 def _tail_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
-    w_ptr, b_ptr, out_ptr, H, W, C,
+    w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
