@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from msfin_fast import InvalidInputError
 from msfin_fast.evaluate import (
