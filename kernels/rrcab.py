@@ -27,44 +27,56 @@ from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, 
 
 
 @triton.jit
+def conv1_chunk(t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw, w_ptr, b_ptr,
+                x_ptr, own, n, r, c, H, W, j,
+                C: tl.constexpr, DEFERRED: tl.constexpr, N_ADD: tl.constexpr, WRITE_X: tl.constexpr,
+                FP16: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr):
+    """``ReLU(gconv3x3(x) + b)`` for 16-channel chunk ``j`` at pixels (r, c), fp32, where x is the
+    Source finished while loading (rounded to the storage dtype of ``x_ptr``); with ``WRITE_X`` the
+    centre tap's x is stored at the pixels ``own`` marks. Shared by the two-launch and fused passes."""
+    ci = tl.arange(0, 16)
+    ch = j * 16 + ci
+    ch_ok = ch < C
+    if DEFERRED:
+        scale = ca_scale(sums_ptr, n, C, inv_hw, ca_w1, ca_b1, ca_w2t, ca_b2, j * 16, 16, CP, CRP)
+    else:
+        scale = tl.zeros([16], tl.float32)
+    acc = tl.zeros([r.shape[0], 16], tl.float32)
+    for tap in tl.range(9):  # rolled: unrolled taps hoist every load and spill (ptxas)
+        pix, ok = tap_pixels(n, r, c, tap, H, W)
+        offs = pix[:, None] * C + ch[None, :]
+        mask = ok[:, None] & ch_ok[None, :]
+        x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
+        x = x.to(x_ptr.dtype.element_ty)
+        if WRITE_X:
+            tl.store(x_ptr + offs, x, mask=mask & (own[:, None] & (tap == 4)))
+        w = tl.load(w_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
+        acc = mma(x, w, acc, FP16)
+    return tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)
+
+
+@triton.jit
 def _rrcab_conv1_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w_ptr, b_ptr, a_ptr, x_ptr, H, W, C: tl.constexpr,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, WRITE_X: tl.constexpr, FP16: tl.constexpr,
     CP: tl.constexpr, CRP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-    UNROLL: tl.constexpr,
 ):
     n, r, c = tile_pixels(W, BH, BW)
     inside = (r < H) & (c < W)
     ci = tl.arange(0, 16)
     for j in tl.static_range(NCHUNK):
+        a = conv1_chunk(t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw, w_ptr, b_ptr,
+                        x_ptr, inside, n, r, c, H, W, j, C, DEFERRED, N_ADD, WRITE_X, FP16, CP, CRP, NCHUNK)
         ch = j * 16 + ci
-        ch_ok = ch < C
-        if DEFERRED:
-            scale = ca_scale(sums_ptr, n, C, inv_hw, ca_w1, ca_b1, ca_w2t, ca_b2, j * 16, 16, CP, CRP)
-        else:
-            scale = tl.zeros([16], tl.float32)
-        acc = tl.zeros([BH * BW, 16], tl.float32)
-        for tap in tl.range(9, loop_unroll_factor=UNROLL):
-            pix, ok = tap_pixels(n, r, c, tap, H, W)
-            offs = pix[:, None] * C + ch[None, :]
-            mask = ok[:, None] & ch_ok[None, :]
-            x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
-            x = x.to(a_ptr.dtype.element_ty)
-            if WRITE_X:
-                tl.store(x_ptr + offs, x, mask=mask & (tap == 4))
-            w = tl.load(w_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
-            acc = mma(x, w, acc, FP16)
-        a = tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)
         offs = ((n * H + r) * W + c)[:, None] * C + ch[None, :]
-        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside[:, None] & ch_ok[None, :])
+        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside[:, None] & (ch < C)[None, :])
 
 
 @triton.jit
 def _rrcab_conv2_kernel(
     a_ptr, w_ptr, b_ptr, w3_ptr, b3_ptr, u_ptr, sums_ptr, H, W, C: tl.constexpr,
     FP16: tl.constexpr, CP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-    UNROLL: tl.constexpr,
 ):
     n, r, c = tile_pixels(W, BH, BW)
     inside = (r < H) & (c < W)
@@ -75,7 +87,7 @@ def _rrcab_conv2_kernel(
         ch = j * 16 + ci
         ch_ok = ch < C
         acc = tl.zeros([BH * BW, 16], tl.float32)
-        for tap in tl.range(9, loop_unroll_factor=UNROLL):
+        for tap in tl.range(9):
             pix, ok = tap_pixels(n, r, c, tap, H, W)
             offs = pix[:, None] * C + ch[None, :]
             a = tl.load(a_ptr + offs, mask=ok[:, None] & ch_ok[None, :], other=0.0)
@@ -95,9 +107,6 @@ def _rrcab_conv2_kernel(
 # the loads of every tap are hoisted and a tile needs 190–255 registers per thread, spilling in
 # some variants; a rolled tap loop needs 64–146. Rolled taps and these warp counts are predictions
 # for a memory-bound kernel (occupancy over ILP), to be tuned on the card (benchmarks/NOTES.md).
-TAP_UNROLL = 1
-
-
 def launch_config(cp: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(tile rows, tile columns, warps). The interpreter wants few big programs; exact fp32 dots
     hold more per thread (an 8×8 tile at 128 channels spills 31 KB, ptxas), so fp32 tiles are small."""
@@ -128,7 +137,7 @@ def rrcab_conv1(src: Source, w: torch.Tensor, b: torch.Tensor, a_out: torch.Tens
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"],
         w, b, a_out, x_out if x_out is not None else a_out, h, wd, c,
         WRITE_X=x_out is not None, FP16=src.t.dtype == torch.float16, NCHUNK=nchunk, BH=bh, BW=bw,
-        UNROLL=TAP_UNROLL, num_warps=warps, num_stages=stages(src.t.dtype),
+        num_warps=warps, num_stages=stages(src.t.dtype),
         **args["consts"],
     )
 
@@ -149,6 +158,6 @@ def rrcab_conv2(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w3: torch.Ten
     bh, bw, warps = launch_config(cp, a.dtype)
     _rrcab_conv2_kernel[_grid(n, h, wd, bh, bw)](
         a, w, b, w3, b3, u_out, sums, h, wd, c,
-        FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw, UNROLL=TAP_UNROLL,
+        FP16=a.dtype == torch.float16, CP=cp, NCHUNK=nchunk, BH=bh, BW=bw,
         num_warps=warps, num_stages=stages(a.dtype),
     )

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages,
-                     tap_pixels)
+from .rrcab import conv1_chunk
+from .source import INTERPRET, Source, check_nhwc, mma, source_args, stages
 
 
 @triton.jit
@@ -52,25 +52,11 @@ def _rrcab_fused_kernel(
         c = (tile % tiles_w) * (EW - 2) - 1 + lj
         in_image = (r >= 0) & (r < H) & (c >= 0) & (c < W)
         for j in tl.static_range(NCHUNK):
-            ch = j * 16 + ci
-            ch_ok = ch < C
-            if DEFERRED:
-                scale = ca_scale(sums_ptr, n, C, inv_hw, ca_w1, ca_b1, ca_w2t, ca_b2, j * 16, 16, CP, CRP)
-            else:
-                scale = tl.zeros([16], tl.float32)
-            acc = tl.zeros([EH * EW, 16], tl.float32)
-            for tap in tl.range(9):
-                pix, ok = tap_pixels(n, r, c, tap, H, W)
-                offs = pix[:, None] * C + ch[None, :]
-                mask = ok[:, None] & ch_ok[None, :]
-                x = load_source(t_ptr, u_ptr, e1_ptr, e2_ptr, offs, mask, scale, DEFERRED, N_ADD)
-                x = x.to(u_out_ptr.dtype.element_ty)
-                if WRITE_X:
-                    tl.store(x_ptr + offs, x, mask=mask & (inner[:, None] & (tap == 4)))
-                w = tl.load(w1_ptr + ((tap * NCHUNK + j) * 16 + ci[:, None]) * 16 + ci[None, :])
-                acc = mma(x, w, acc, FP16)
-            a = tl.maximum(acc + tl.load(b1_ptr + ch)[None, :], 0.0)
+            a = conv1_chunk(t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw, w1_ptr,
+                            b1_ptr, x_ptr, inner, n, r, c, H, W, j, C, DEFERRED, N_ADD, WRITE_X, FP16, CP, CRP,
+                            NCHUNK)
             a = tl.where(in_image[:, None], a, 0.0)  # conv2 pads with zeros outside the image
+            ch = j * 16 + ci
             tl.store(scratch + q[:, None] * CP + ch[None, :], a.to(scratch_ptr.dtype.element_ty))
         tl.debug_barrier()
         u = tl.zeros([EH * EW, CP], tl.float32)
