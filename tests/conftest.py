@@ -80,3 +80,27 @@ def pretrained(weights_dir):
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """Checks that the CLI printed exactly one ``msfin-fast: error:`` line, no traceback, holding
+    every given fragment."""
+    def check(*fragments):
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in err if line.startswith("msfin-fast: error:")]
+        assert len(errors) == 1, err
+        assert "Traceback" not in "\n".join(err)
+        for fragment in fragments:
+            assert fragment in errors[0], errors[0]
+    return check
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For files of thousands of tiny ops: with two intra-op threads on cores that other processes
+    share, OpenMP workers spin-wait at every op and such a file takes 10–20× longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

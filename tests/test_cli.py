@@ -18,15 +18,6 @@ def _png(path, shape=(12, 10, 3), mode=None):
     return path
 
 
-def _one_line_error(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("msfin-fast: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_sample_then_upscale(tmp_path, weights_dir, capsys):
     lr = tmp_path / "lr.png"
     assert main(["sample", str(lr), "--size", "24"]) == 0
@@ -76,29 +67,29 @@ def test_folder_with_every_kind_and_one_bad_file(tmp_path, weights_dir, capsys):
     ids=["missing", "not-image", "bad-suffix", "parent-is-file", "overwrite-input", "no-weights",
          "bad-device", "empty-folder"],
 )
-def test_bad_input_gives_one_line_and_exit_1(tmp_path, weights_dir, capsys, setup, args, fragments):
+def test_bad_input_gives_one_line_and_exit_1(tmp_path, weights_dir, capsys, setup, args, fragments, one_line_error):
     setup(tmp_path)
     argv = ["upscale", "--model", "msfin-s-x4"] + [a.format(d=tmp_path) for a in args]
     assert main(argv) == 1
-    _one_line_error(capsys, *fragments)
+    one_line_error(*fragments)
     assert not (tmp_path / "o.png").exists()
 
 
-def test_missing_released_weights(tmp_path, capsys, monkeypatch):
+def test_missing_released_weights(tmp_path, capsys, monkeypatch, one_line_error):
     monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(tmp_path / "nothing"))
     _png(tmp_path / "x.png")
     assert main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png")]) == 1
-    _one_line_error(capsys, "msfin-x4", "MSFIN_X4.pt", "MSFIN_WEIGHTS_DIR")
+    one_line_error("msfin-x4", "MSFIN_X4.pt", "MSFIN_WEIGHTS_DIR")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
-def test_corrupt_released_weights(tmp_path, weights_dir, capsys, monkeypatch):
+def test_corrupt_released_weights(tmp_path, weights_dir, capsys, monkeypatch, one_line_error):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "MSFIN_X4.pt").write_bytes((weights_dir / "MSFIN_X4.pt").read_bytes()[:5000])
     monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(tmp_path / "w"))
     _png(tmp_path / "x.png")
     assert main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png")]) == 1
-    _one_line_error(capsys, "not the released msfin-x4 checkpoint")
+    one_line_error("not the released msfin-x4 checkpoint")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -123,9 +114,9 @@ def test_eval_prints_a_table(tmp_path, weights_dir, data_dir, capsys):
     assert scores["msfin-s-x4"] > scores["bicubic"] + 2  # SR must beat bicubic clearly
 
 
-def test_eval_on_a_missing_folder(tmp_path, capsys):
+def test_eval_on_a_missing_folder(tmp_path, capsys, one_line_error):
     assert main(["eval", "--model", "bicubic", "--data", str(tmp_path / "nope")]) == 1
-    _one_line_error(capsys, "not a folder")
+    one_line_error("not a folder")
 
 
 def test_info(weights_dir, capsys):

@@ -14,14 +14,7 @@ from msfin_fast import InvalidInputError, QueueFullError, ServingUpscaler, Upsca
 
 RNG = np.random.default_rng(0)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny ops. With two intra-op threads on cores that other
-    processes share, OpenMP workers spin-wait at every op and the file takes 10–20× longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

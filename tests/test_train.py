@@ -39,12 +39,7 @@ from msfin_fast.train import (
 from msfin_fast.weights import REGISTRY, read_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -373,16 +368,7 @@ def test_from_pretrained_loads_every_released_weight_at_any_scale(hr_dir, tmp_pa
 # Command line
 
 
-def _one_line_error(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("msfin-fast: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def test_cli_trains_validates_logs_and_resumes(hr_dir, tmp_path, capsys):
+def test_cli_trains_validates_logs_and_resumes(hr_dir, tmp_path, capsys, one_line_error):
     out = tmp_path / "run"
     args = ["train", "--data", str(hr_dir), "--out", str(out), "--model", "msfin-s-x4", "--scale", "2",
             "--patch", "8", "--batch", "2", "--steps", "4", "--val", str(hr_dir), "--val-every", "2",
@@ -401,26 +387,26 @@ def test_cli_trains_validates_logs_and_resumes(hr_dir, tmp_path, capsys):
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
 
     assert main(args) == 1
-    _one_line_error(capsys, "already holds a training run")
+    one_line_error("already holds a training run")
     assert main(["train", "--out", str(out), "--resume", "-q"]) == 1
-    _one_line_error(capsys, "already finished (4/4 steps)")
+    one_line_error("already finished (4/4 steps)")
     assert main(["train", "--out", str(out), "--resume", "--lr", "1e-3"]) == 1
-    _one_line_error(capsys, "lr was 0.0001", "cannot change")
+    one_line_error("lr was 0.0001", "cannot change")
     assert main(["train", "--out", str(tmp_path / "new"), "--steps", "3"]) == 1
-    _one_line_error(capsys, "--data needed")
+    one_line_error("--data needed")
     assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none"), "--steps", "3"]) == 1
-    _one_line_error(capsys, "none: not a folder")
+    one_line_error("none: not a folder")
     (tmp_path / "file").write_text("")
     assert main(["train", "--out", str(tmp_path / "file"), "--data", str(hr_dir), "--steps", "3"]) == 1
-    _one_line_error(capsys, "file: cannot create the output folder")
+    one_line_error("file: cannot create the output folder")
 
 
-def test_cli_names_the_bad_image(tmp_path, capsys):
+def test_cli_names_the_bad_image(tmp_path, capsys, one_line_error):
     folder, fragments, _ = _bad_folder(tmp_path, "not-an-image")
     rc = main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "3",
                "--patch", "8", "--workers", "0", "-q"])
     assert rc == 1
-    _one_line_error(capsys, *fragments)
+    one_line_error(*fragments)
 
 
 # ---------------------------------------------------------------------------------------------
