@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, stages, tile_pixels
+from .source import (INTERPRET, Source, ca_scale, load_source, mma, source_args, stages, tile_pixels,
+                     unused_fp32)
 
 
 @triton.jit
@@ -87,7 +88,7 @@ def conv(inputs: list[torch.Tensor] | Source, w: torch.Tensor, b: torch.Tensor, 
         inputs = [inputs.t]
     else:
         x0 = inputs[0]
-        dummy = x0.new_zeros(1, dtype=torch.float32)
+        dummy = unused_fp32(x0.device)
         deferred = dict(ptrs=(x0, x0, x0), sums=dummy, ca=(dummy,) * 4, inv_hw=1.0,
                         consts=dict(DEFERRED=False, N_ADD=0, CP=16, CRP=1))
     if not 1 <= len(inputs) <= 3:

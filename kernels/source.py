@@ -94,6 +94,16 @@ def mma(a, w, acc, FP16: tl.constexpr):
 # Host side: the arguments every kernel with a deferred input takes.
 
 
+_UNUSED: dict = {}
+
+
+def unused_fp32(device: torch.device) -> torch.Tensor:
+    """A placeholder for pointer arguments a launch never reads (made once per device, not per launch)."""
+    if device not in _UNUSED:
+        _UNUSED[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _UNUSED[device]
+
+
 def check_nhwc(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
     if x.shape != like.shape or x.dtype != like.dtype or x.device != like.device:
         raise ValueError(
@@ -128,7 +138,7 @@ def source_args(src: Source):
         ca = None
     cp = triton.next_power_of_2(c)
     if ca is None:
-        dummy = t.new_zeros(1, dtype=torch.float32)
+        dummy = unused_fp32(t.device)
         ca_args = (dummy, dummy, dummy, dummy)
         crp = 1
     else:
@@ -139,7 +149,7 @@ def source_args(src: Source):
     return dict(
         ptrs=(t, src.u if src.deferred else t, src.e1 if src.e1 is not None else t,
               src.e2 if src.e2 is not None else t),
-        sums=src.sums if src.deferred else t.new_zeros(1, dtype=torch.float32),
+        sums=src.sums if src.deferred else unused_fp32(t.device),
         ca=ca_args,
         consts=dict(DEFERRED=src.deferred, N_ADD=len(src.addends), CP=cp, CRP=crp),
         inv_hw=1.0 / (h * w),
