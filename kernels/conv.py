@@ -22,7 +22,7 @@ from .source import (INTERPRET, Source, ca_scale, load_source, mma, source_args,
                      unused_fp32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H_in", "W_in", "H_out", "W_out"])
 def _conv_kernel(
     x0_ptr, x1_ptr, x2_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w_ptr, b_ptr, out_ptr, H_in, W_in, C_src: tl.constexpr, H_out, W_out, C_gemm: tl.constexpr,

@@ -33,7 +33,7 @@ def _bilinear(x_ptr, base, r, c, h, w, INV_S: tl.constexpr):
     return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["h", "w", "H", "W"])
 def _head_kernel(x_ptr, mean_w, mean_b, w_ptr, b_ptr, out_ptr, h, w, H, W, C: tl.constexpr,
                  NP: tl.constexpr, INV_S: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     n, r, c = tile_pixels(W, BH, BW)

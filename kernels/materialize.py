@@ -12,7 +12,7 @@ import triton.language as tl
 from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, source_args
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW"])
 def _materialize_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw, out_ptr, HW, C: tl.constexpr,
     DEFERRED: tl.constexpr, N_ADD: tl.constexpr, CP: tl.constexpr, CRP: tl.constexpr,

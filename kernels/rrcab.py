@@ -55,7 +55,7 @@ def conv1_chunk(t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca
     return tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _rrcab_conv1_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w_ptr, b_ptr, a_ptr, x_ptr, H, W, C: tl.constexpr,
@@ -73,7 +73,7 @@ def _rrcab_conv1_kernel(
         tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside[:, None] & (ch < C)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _rrcab_conv2_kernel(
     a_ptr, w_ptr, b_ptr, w3_ptr, b3_ptr, u_ptr, sums_ptr, H, W, C: tl.constexpr,
     FP16: tl.constexpr, CP: tl.constexpr, NCHUNK: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,

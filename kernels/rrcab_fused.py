@@ -25,7 +25,7 @@ from .rrcab import conv1_chunk
 from .source import INTERPRET, Source, check_nhwc, mma, source_args, stages
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_h", "tiles_w", "nprog"])
 def _rrcab_fused_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, x_ptr, u_out_ptr, sums_out_ptr, scratch_ptr,

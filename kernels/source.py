@@ -14,6 +14,12 @@ kernel: a pixel's row of C=24 fp16 values is 48 bytes, and only a compile-time C
 the 16-byte alignment it needs for vector loads (a runtime 24 gives 2-byte loads; ptxas/PTX check). Channel-attention weights are packed
 by the engine, zero-padded to powers of two: ``ca_w1`` [CRP, CP], ``ca_b1`` [CRP],
 ``ca_w2t`` [CRP, CP] (W2 transposed), ``ca_b2`` [CP]. Everything is computed in fp32.
+
+Shape integers (H, W, tile and program counts, N) are ``do_not_specialize`` in every kernel. By
+default Triton compiles a variant per integer argument being 1, divisible by 16 or neither: each
+new input shape could cost a compile of every kernel (2–4 variants per argument). The kernels
+address NHWC rows through the constexpr C, so divisibility of H or W buys them nothing; compiles now
+depend on the channel counts, dtypes and tile constexprs alone (benchmarks/count_compiles.py).
 """
 
 import os

@@ -14,7 +14,7 @@ import triton.language as tl
 from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, tap_pixels, tile_pixels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _tail_kernel(
     t_ptr, u_ptr, e1_ptr, e2_ptr, sums_ptr, ca_w1, ca_b1, ca_w2t, ca_b2, inv_hw,
     w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr,
