@@ -3,10 +3,21 @@
 The top-level ``kernels/`` folder (Triton) installs as ``msfin_fast.kernels``. The CUDA C++ sources
 in ``csrc/`` build into ``msfin_fast._C`` with nvcc, the host compiler and ninja — pybind11 for the
 binding, the CUDA runtime linked statically — so no CUDA build of torch is needed, neither to build
-nor to import it. Without nvcc (``CUDA_HOME``/``CUDA_PATH``, else ``PATH``) the package installs
-without the extension and its CUDA backend reports itself unavailable; ``MSFIN_NO_CUDA_EXT=1`` skips
-it on purpose. ``MSFIN_CUDA_ARCHS`` (default ``80;86;89;90``) picks the GPU targets: machine code for
-each, plus PTX of the newest for GPUs after it.
+nor to import it.
+
+``MSFIN_CUDA_EXT`` says what the install does with the extension:
+  ``auto`` (default)  build it where nvcc is found (``CUDA_HOME``/``CUDA_PATH``, else ``PATH``); a
+                      failed build is reported and the package installs without it (its CUDA
+                      backend then says it is not built);
+  ``0``               skip it (``MSFIN_NO_CUDA_EXT=1`` means the same);
+  ``1``               it must build: no nvcc, or a failed build, fails the command.
+Built as a separate step after a Python-only install:
+
+    MSFIN_CUDA_EXT=0 pip install --no-build-isolation -e .
+    MSFIN_CUDA_EXT=1 MSFIN_CUDA_ARCHS=90 python setup.py build_ext --inplace
+
+``MSFIN_CUDA_ARCHS`` (default ``80;86;89;90``) picks the GPU targets: machine code for each, plus
+PTX of the newest for GPUs after it; nvcc compiles the targets of a file in parallel (``--threads 0``).
 """
 
 import glob
@@ -19,6 +30,7 @@ import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -48,6 +60,15 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def cuda_ext_mode():
+    if os.environ.get("MSFIN_NO_CUDA_EXT") == "1":
+        return "0"
+    mode = os.environ.get("MSFIN_CUDA_EXT", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"MSFIN_CUDA_EXT must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
 def cuda_archs():
     archs = [a.strip() for a in os.environ.get("MSFIN_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")]
     archs = [a for a in archs if a]
@@ -57,7 +78,8 @@ def cuda_archs():
 
 
 class CudaExtension(Extension):
-    """An extension whose ``.cu`` sources go through nvcc; built by ``NinjaBuildExt``."""
+    """An extension whose ``.cu`` sources go through nvcc; built by ``NinjaBuildExt``. Optional unless
+    ``MSFIN_CUDA_EXT=1``: setuptools then reports a failed build and installs the rest."""
 
 
 class NinjaBuildExt(build_ext):
@@ -71,11 +93,9 @@ class NinjaBuildExt(build_ext):
         try:
             import pybind11
         except ImportError:
-            raise SystemExit(
-                "building msfin_fast._C needs pybind11 and ninja: pip install pybind11 ninja "
-                "(or set MSFIN_NO_CUDA_EXT=1 to install without the CUDA extension)"
-            ) from None
-        ninja = self._ninja()
+            self._fail(ext, "building msfin_fast._C needs pybind11 and ninja: pip install pybind11 ninja "
+                            "(or set MSFIN_CUDA_EXT=0 to install without the CUDA extension)")
+        ninja = self._ninja(ext)
         nvcc = find_nvcc()
         archs = cuda_archs()
         out = os.path.abspath(self.get_ext_fullpath(ext.name))
@@ -89,7 +109,7 @@ class NinjaBuildExt(build_ext):
         defines = [f'-DMSFIN_VERSION="{version()}"', f'-DMSFIN_CUDA_ARCHS="{listed}"']
         includes = [f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
         nvcc_flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                      "-lineinfo", f"-I{CSRC}"] + gencode
+                      "-lineinfo", "--threads", "0", f"-I{CSRC}"] + gencode
         cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
         cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden"] + defines + includes
 
@@ -129,10 +149,22 @@ class NinjaBuildExt(build_ext):
         command = [ninja, "-C", build_dir]
         if isinstance(self.parallel, int) and not isinstance(self.parallel, bool) and self.parallel > 0:
             command += ["-j", str(self.parallel)]
-        subprocess.run(command, check=True)
+        try:
+            subprocess.run(command, check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            self._fail(ext, f"building msfin_fast._C failed ({exc}); MSFIN_CUDA_EXT=1 python setup.py "
+                            "build_ext --inplace builds it on its own and shows why")
 
     @staticmethod
-    def _ninja():
+    def _fail(ext, message):
+        """An optional extension's failure is a CompileError, which setuptools reports and skips."""
+        note(message + ("; installing without it" if ext.optional else ""))
+        if ext.optional:
+            raise CompileError(message)
+        raise SystemExit(message)
+
+    @classmethod
+    def _ninja(cls, ext):
         try:
             import ninja
 
@@ -143,10 +175,8 @@ class NinjaBuildExt(build_ext):
             pass
         path = shutil.which("ninja")
         if path is None:
-            raise SystemExit(
-                "building msfin_fast._C needs ninja: pip install ninja "
-                "(or set MSFIN_NO_CUDA_EXT=1 to install without the CUDA extension)"
-            )
+            cls._fail(ext, "building msfin_fast._C needs ninja: pip install ninja "
+                           "(or set MSFIN_CUDA_EXT=0 to install without the CUDA extension)")
         return path
 
     @staticmethod
@@ -160,16 +190,19 @@ def cuda_extension():
     )
     if not sources:
         return []
-    if os.environ.get("MSFIN_NO_CUDA_EXT") == "1":
-        note("MSFIN_NO_CUDA_EXT=1: installing without the CUDA extension msfin_fast._C")
+    mode = cuda_ext_mode()
+    if mode == "0":
+        note("MSFIN_CUDA_EXT=0: installing without the CUDA extension msfin_fast._C")
         return []
     if find_nvcc() is None:
+        if mode == "1":
+            raise SystemExit("MSFIN_CUDA_EXT=1 but nvcc was not found: set CUDA_HOME or put nvcc on PATH")
         note(
             "nvcc not found (set CUDA_HOME, or put nvcc on PATH): installing without the CUDA "
             "extension msfin_fast._C; the CUDA backend will report itself unavailable"
         )
         return []
-    return [CudaExtension("msfin_fast._C", sources)]
+    return [CudaExtension("msfin_fast._C", sources, optional=mode != "1")]
 
 
 setup(

@@ -6,6 +6,7 @@ Read top-down, the package follows the data: ``config`` → ``model`` (the refer
 
 __version__ = "0.1.0"
 
+from . import _checkout  # noqa: F401  (first: maps msfin_fast.kernels in an uninstalled checkout)
 from .config import PRESETS, MSFINConfig, get_config
 from .errors import (
     ConfigError,

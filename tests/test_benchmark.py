@@ -45,3 +45,52 @@ def test_bad_size_is_rejected():
     latency = load_latency()
     with pytest.raises(SystemExit):
         latency.main(["--sizes", "12by4"])
+
+
+def test_latency_check_warm_only_and_dry_run(tmp_path, capsys):
+    latency = load_latency()
+    common = ["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--backends", "ref-fp32", "engine-fp16-graph",
+              "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert latency.main(common + ["--dry-run"]) == 0
+    assert "would time msfin-s-x4 4x6 b1 engine-fp16-graph" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    assert latency.main(common + ["--iters", "2", "--warmup", "0", "--check", "--name", "c"]) == 0
+    ref, engine = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert ref["max_abs_err"] == 0.0  # the fp32 reference against itself, TF32 or not
+    assert "skipped" in engine  # no GPU here
+    assert latency.main(common + ["--warm-only", "--name", "w"]) == 0
+    ref = json.loads((tmp_path / "w.json").read_text())["results"][0]
+    assert ref["skipped"].startswith("warm-up only") and "median_ms" not in ref
+
+
+def test_every_compile_is_independent_of_the_input_shape():
+    """Shape integers are do_not_specialize: inputs whose sizes are 1, multiples of 16 or neither
+    launch the same compiled variants. The same launches with every integer specialised differ,
+    so the count below can tell."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+import count_compiles as C
+keys = {}
+nets = C.models()
+with C.recording(keys) as group:
+    for name, shapes in (("a", [(1, 16, 32)]), ("b", [(3, 17, 23)]), ("c", [(1, 1, 1)])):
+        group(name)
+        for model in nets.values():
+            for kw in (dict(dtype=torch.float16), dict(dtype=torch.float32, fuse_rrcab=True),
+                       dict(dtype=torch.float16, backend="cuda"), dict(dtype=torch.float16, conv_kernels=False)):
+                C.replay(model, shapes, **kw)
+print(json.dumps({g: {m: sorted(map(repr, v)) for m, v in k.items()} for g, k in keys.items()}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(keys["a"]["declared"]) > 20
+    assert keys["a"]["declared"] == keys["b"]["declared"] == keys["c"]["declared"]
+    assert keys["a"]["specialize-all"] != keys["b"]["specialize-all"] != keys["c"]["specialize-all"]

@@ -28,7 +28,7 @@ from ..model import RRCAB
 
 try:
     from .. import _C
-except ImportError as exc:  # not built: no nvcc at install time, or MSFIN_NO_CUDA_EXT=1
+except ImportError as exc:  # not built: no nvcc at install time, a failed build, or MSFIN_CUDA_EXT=0
     _C = None
     _IMPORT_ERROR = str(exc)
 else:
@@ -65,8 +65,9 @@ def unavailable_reason() -> str:
     """Why ``available()`` is False, as a sentence that says what to do; "" when it is True."""
     if _C is None:
         return (
-            f"the CUDA extension msfin_fast._C is not built ({_IMPORT_ERROR}); reinstall with nvcc on "
-            "PATH or CUDA_HOME set, and pybind11 and ninja installed: pip install -e ."
+            f"the CUDA extension msfin_fast._C is not built ({_IMPORT_ERROR}); build it with nvcc on "
+            "PATH or CUDA_HOME set, and pybind11 and ninja installed: "
+            "MSFIN_CUDA_EXT=1 python setup.py build_ext --inplace (or reinstall: pip install -e .)"
         )
     count, why = _status()
     if count > 0:
