@@ -135,6 +135,33 @@ def test_upsampling_runs_late_and_the_arena_stays_near_the_live_peak():
     assert engine.arena_bytes(1, 270, 480) < 1.0 * 2**30
 
 
+def test_arenas_are_kept_for_the_most_recent_shapes_only():
+    """A service that sees many sizes must not keep an arena per size for ever."""
+    model = random_model("msfin-s-x4")
+    engine = optimize(model, dtype=torch.float32, backend="emulate", max_arenas=2)
+    shapes = [(1, 4, 5), (1, 5, 4), (2, 4, 5), (1, 4, 5)]
+    for n, h, w in shapes:
+        x = lr_batch(n, h, w)
+        with torch.no_grad():
+            assert (engine(x) - model(x)).abs().max().item() <= 1e-3
+    assert list(engine._arenas.entries) == [(2, 3, 4, 5), (1, 3, 4, 5)]  # (1, 3, 5, 4) was evicted
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="max_arenas"):
+            optimize(model, backend="emulate", max_arenas=bad)
+    with pytest.raises(ConfigError, match="max_graphs"):
+        optimize(model, backend="emulate", max_graphs=0)
+
+
+def test_poisoning_reaches_every_buffer_and_the_plan_rewrites_them():
+    engine = optimize(random_model("msfin-x4"), dtype=torch.float32, backend="emulate", fuse_rrcab=True)
+    x = lr_batch(1, 4, 6)
+    first = engine(x)
+    engine.poison_buffers()
+    (arena,) = engine._arenas.values()
+    assert all(torch.isnan(t).all() for t in arena.tensors)
+    assert torch.equal(engine(x), first)
+
+
 def test_engine_repacks_when_the_source_model_changes():
     model = random_model("msfin-s-x4", seed=0)
     engine = optimize(model, dtype=torch.float32, backend="emulate")
@@ -163,6 +190,13 @@ def test_triton_kernels_end_to_end(fuse_rrcab):
     x = lr_batch(2, 3, 5).to(device)
     with torch.no_grad():
         want = model(x)
+    # Over NaN-poisoned buffers: nothing may be read that this call did not write, the fused
+    # kernel's per-program scratch included.
+    arena = engine._arena(x)
+    engine.poison_buffers()
+    assert (arena.scratch is not None) == fuse_rrcab
+    if fuse_rrcab:
+        assert torch.isnan(arena.scratch).all()
     assert (engine(x) - want).abs().max().item() <= 1e-3
 
 

@@ -29,7 +29,7 @@ from ..model import MSFIN, RRCAB, check_input
 from . import plan as P
 from .backends import EmulatedOps
 from .packing import pack_conv, pack_head, pack_rrcab, pack_tail
-from .runtime import GraphCache, Runner
+from .runtime import Runner, ShapeCache
 
 BACKENDS = ("auto", "triton", "cuda", "emulate", "reference")
 DTYPES = (torch.float32, torch.float16)
@@ -72,12 +72,13 @@ class Engine(nn.Module):
     """MSFIN through fused kernels; same inputs and outputs as the reference module it was built from.
 
     Not thread-safe: calls of one input shape share that shape's arena (ServingUpscaler gives an
-    engine a single worker thread).
+    engine a single worker thread). Arenas (eager calls) and captured graphs (``cuda_graphs``) are
+    kept per input shape, the ``max_arenas`` / ``max_graphs`` most recently used of each.
     """
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
                  cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
-                 fuse_rrcab: bool = False):
+                 fuse_rrcab: bool = False, max_arenas: int = 4):
         super().__init__()
         if not isinstance(model, MSFIN):
             raise ConfigError(f"optimize() takes an msfin_fast.MSFIN model, got {type(model).__name__}")
@@ -85,6 +86,9 @@ class Engine(nn.Module):
             raise ConfigError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        for name, value in (("max_graphs", max_graphs), ("max_arenas", max_arenas)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.__dict__["source"] = model  # not a submodule: the engine holds packed copies, not the weights
         self.dtype = dtype
         self.requested_backend = backend
@@ -92,10 +96,10 @@ class Engine(nn.Module):
         self.conv_kernels = conv_kernels
         self.fuse_rrcab = fuse_rrcab
         self.check_finite = True
-        self.graphs = GraphCache(max_graphs)
+        self.graphs = ShapeCache(max_graphs)
         self.fallback_reason: str | None = None
         self._version: tuple | None = None
-        self._arenas: dict = {}
+        self._arenas = ShapeCache(max_arenas)
         self._reference: MSFIN | None = None
         self._keys: dict[str, int] = {}
         self._choose_backend()
@@ -258,8 +262,21 @@ class Engine(nn.Module):
         if arena is None:
             n, _, h, w = x.shape
             arena = self.runner.arena(n, self.scale * h, self.scale * w, self.dtype, x.device)
-            self._arenas[key] = arena
+            self._arenas.put(key, arena)
         return arena
+
+    def poison_buffers(self) -> None:
+        """Fill every arena (and the fused kernel's scratch) and every captured graph's output with
+        NaN. For tests: a kernel that reads a value nobody wrote during the next call then fails
+        loudly instead of reusing what the previous call left behind."""
+        arenas = list(self._arenas.values()) + [entry[3] for entry in self.graphs.values()]
+        for arena in arenas:
+            for t in arena.tensors:
+                t.fill_(float("nan"))
+            if arena.scratch is not None:
+                arena.scratch.fill_(float("nan"))
+        for entry in self.graphs.values():
+            entry[2].fill_(float("nan"))
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
@@ -299,7 +316,7 @@ def variants(model: MSFIN) -> dict[str, dict]:
 
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
              cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
-             fuse_rrcab: bool = False) -> nn.Module:
+             fuse_rrcab: bool = False, max_arenas: int = 4) -> nn.Module:
     """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged.
 
     ``conv_kernels=False`` runs the layers between RRCAB blocks through PyTorch (cuDNN) instead
@@ -307,7 +324,7 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
     that keeps conv1's output in an L2-resident scratch (kernels/rrcab_fused.py) instead of two.
     """
     engine = Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                    conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab)
+                    conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab, max_arenas=max_arenas)
     if backend != "auto" or engine.backend != "triton" or not engine.device.type == "cuda":
         return engine
     from .choice import AutoEngine
@@ -316,5 +333,5 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
     for name, kw in variants(model).items():
         if name not in engines:
             engines[name] = Engine(model, dtype=dtype, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                                   conv_kernels=conv_kernels, **kw)
+                                   conv_kernels=conv_kernels, max_arenas=max_arenas, **kw)
     return AutoEngine(model, engines, dtype)

@@ -2,7 +2,7 @@
 
 Arena: the plan's kernel-written buffers are assigned to physical slots once (a slot is reused as
 soon as every reader of its previous buffer has run; liveness does not depend on the shape), and
-each input shape gets one tensor per slot, allocated on first use and kept. Layers run by PyTorch
+each input shape gets one tensor per slot, allocated on first use and kept in an LRU of shapes. Layers run by PyTorch
 allocate their own outputs through its caching allocator and are dropped after their last reader.
 """
 
@@ -210,10 +210,13 @@ class Runner:
         raise RuntimeError("plan has no tail")
 
 
-class GraphCache:
-    """Captured CUDA graphs per input shape, least recently used dropped beyond ``capacity``."""
+class ShapeCache:
+    """Per-input-shape state (arenas, captured CUDA graphs), least recently used dropped beyond
+    ``capacity``: a service that sees many sizes keeps a bounded number of them alive."""
 
     def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self.entries: OrderedDict = OrderedDict()
 
@@ -228,6 +231,9 @@ class GraphCache:
         self.entries.move_to_end(key)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
+
+    def values(self):
+        return self.entries.values()
 
     def clear(self) -> None:
         self.entries.clear()
