@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -13,6 +14,23 @@ class BackendStatus:
     name: str
     available: bool
     detail: str
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """Inside the block, fp32 convolutions and matrix products are computed in fp32.
+
+    PyTorch lets cuDNN use TF32 for fp32 convolutions by default on Ampere and later (10-bit
+    mantissa products): MSFIN's fp32 output then drifts by up to ~2 grey levels, more than the
+    engine's own fp32 error. A reference that other implementations are checked against runs in here.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def cuda_devices() -> list[str]:
