@@ -506,8 +506,6 @@ class Trainer:
             self._load_initial_weights()
         self.model.to(self.device).train()
         self.model.check_finite = False  # inputs come from uint8 images; skip the per-step host sync
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest convs
 
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps
@@ -526,6 +524,11 @@ class Trainer:
 
         if _state is not None:
             self._load_state(_state)
+        # Fixed patch size: let cuDNN pick its fastest convs, for as long as this trainer is open
+        # (the process may go on to run inference on images of every size). Set last, so that a
+        # constructor that fails leaves the setting alone; close() puts it back.
+        self._cudnn_benchmark_before: bool | None = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
 
     # -- construction ------------------------------------------------------------------------
 
@@ -711,8 +714,11 @@ class Trainer:
         self._stop.set()
 
     def close(self) -> None:
-        """Shut the data-loader workers down."""
+        """Shut the data-loader workers down and give cuDNN back the benchmark setting it had."""
         self._batches = None
+        if self._cudnn_benchmark_before is not None:
+            torch.backends.cudnn.benchmark = self._cudnn_benchmark_before
+            self._cudnn_benchmark_before = None
 
     def __enter__(self) -> "Trainer":
         return self

@@ -197,6 +197,17 @@ def test_mixed_precision_needs_cuda(hr_dir, tmp_path):
 # Learning and resuming
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_cudnn_benchmark_is_on_while_the_trainer_is_open_only(hr_dir, tmp_path, before, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", before)
+    with Trainer(tiny(hr_dir, tmp_path, steps=1)) as trainer:
+        assert torch.backends.cudnn.benchmark is True
+        trainer.step()
+    assert torch.backends.cudnn.benchmark is before
+    trainer.close()  # a second close changes nothing
+    assert torch.backends.cudnn.benchmark is before
+
+
 def test_loss_goes_down(hr_dir, tmp_path):
     cfg = tiny(hr_dir, tmp_path, steps=30, batch_size=4, lr=2e-3, lr_min=2e-4)
     with Trainer(cfg) as trainer:
@@ -421,11 +432,13 @@ def test_mixed_precision_on_cuda(hr_dir, tmp_path, precision):
         pytest.skip("this GPU has no bf16")
     cfg = tiny(hr_dir, tmp_path, device="cuda", precision=precision, steps=20, batch_size=8,
                lr=5e-4, num_workers=2, val_data=hr_dir)
+    benchmark = torch.backends.cudnn.benchmark
     with Trainer(cfg) as trainer:
         losses = [float(trainer.step()) for _ in range(cfg.steps)]
         assert trainer.scaler.is_enabled() == (precision == "fp16")
         assert math.isfinite(trainer.validate())
         path = trainer.save()
+    assert torch.backends.cudnn.benchmark == benchmark
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     state = torch.load(path, weights_only=True)
