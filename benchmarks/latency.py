@@ -3,23 +3,32 @@
     python benchmarks/latency.py                      # everything that can run here
     python benchmarks/latency.py --quick              # one size, batch 1, no torch.compile (< 1 min)
     python benchmarks/latency.py --models msfin-x4 --sizes 180x320 --batch 1 --backends engine-fp16-graph
+    python benchmarks/latency.py ... --warm-only      # compile and capture everything once, time nothing
+    python benchmarks/latency.py ... --dry-run        # print the matrix and exit
 
-Backends: ref-fp32 (eager reference), ref-fp16-cl (eager fp16, channels_last), compile (torch.compile
-max-autotune, which CUDA-graphs the call; minutes to build), engine-fp16 / engine-fp32 (the Triton
-engine), engine-fp16-graph / engine-fp32-graph (the engine replaying a CUDA graph per shape),
-engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept in L2) and engine-fp16-cudnn-graph
-(the layers between blocks through cuDNN instead of kernels/conv.py); cuda-fp16[-graph] / cuda-fp32
-(the RRCAB passes by the CUDA C++ kernel of csrc/); auto-fp16-graph (what backend="auto" picks).
-On a GPU each number is the median of CUDA-event timings after warm-up; peak memory is the
-allocator's high-water mark during the timed calls. "floor" is the time to move each RRCAB pass's
-activation once in and once out at the card's copy bandwidth (``--bandwidth``), the bound the
-kernels are written against; "% floor" = floor / median.
+Backends: ref-fp32 (eager reference), ref-fp16-cl (eager fp16, channels_last), ref-fp16-cl-graph
+(the same replayed from a CUDA graph per shape), compile (torch.compile, default mode, fp16
+channels_last, static shapes), compile-max-autotune (which CUDA-graphs the call; minutes to build),
+engine-fp16 / engine-fp32 (the Triton engine), engine-fp16-graph / engine-fp32-graph (the engine
+replaying a CUDA graph per shape), engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept
+in L2) and engine-fp16-cudnn-graph (the layers between blocks through cuDNN instead of
+kernels/conv.py); cuda-fp16[-graph] / cuda-fp32 (the RRCAB passes by the CUDA C++ kernel of csrc/);
+auto-fp16-graph (what backend="auto" picks).
+On a GPU each number is the median of CUDA-event timings after warm-up, with cuDNN's benchmark
+mode on (the peers' best case for fixed shapes). Each (backend, shape) gets a fresh callable and its
+"peak MiB" is what it allocated beyond the model and input: arena, graphs, workspaces and outputs.
+"floor" is the time to move each RRCAB pass's activation once in and once out at the card's copy
+bandwidth (``--bandwidth``), the bound the kernels are written against; "% floor" = floor / median.
+``--check`` also records each backend's max |Δ| against the true-fp32 reference (TF32 off), in grey
+levels, so a fast but wrong variant shows next to its time.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -33,12 +42,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import msfin_fast  # noqa: E402
+from msfin_fast.backends import true_fp32  # noqa: E402
 from msfin_fast.engine import plan as P  # noqa: E402
 
-BACKENDS = ["ref-fp32", "ref-fp16-cl", "compile", "engine-fp16", "engine-fp32", "engine-fp16-graph",
-            "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph",
-            "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph"]
+BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-max-autotune", "engine-fp16",
+            "engine-fp32", "engine-fp16-graph", "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph",
+            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph"]
+SLOW = ("compile-max-autotune",)  # left out unless named
 SIZES = ["64x64", "180x320", "270x480"]
+
+
+def default_matrix() -> dict:
+    """What ``latency.py`` with no arguments runs."""
+    return dict(models=["msfin-x4", "msfin-s-x4"], backends=[b for b in BACKENDS if b not in SLOW],
+                sizes=[parse_size(s) for s in SIZES], batch=[1, 8])
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -62,12 +79,39 @@ def floor_bytes(model: msfin_fast.MSFIN, n: int, h: int, w: int, elem: int) -> i
     return total
 
 
-def load_model(preset: str, device: str) -> msfin_fast.MSFIN:
+def load_model(preset: str, device: str) -> tuple[msfin_fast.MSFIN, str]:
+    """The model and which weights it holds: latency does not depend on their values."""
     try:
-        return msfin_fast.load_pretrained(preset, device=device, allow_download=False)
+        return msfin_fast.load_pretrained(preset, device=device, allow_download=False), "released"
     except msfin_fast.MSFINError:
-        torch.manual_seed(0)  # latency does not depend on the weights' values
-        return msfin_fast.MSFIN(preset).to(device).eval()
+        torch.manual_seed(0)
+        return msfin_fast.MSFIN(preset).to(device).eval(), "random (seed 0)"
+
+
+class Graphed:
+    """``fn`` replayed from a CUDA graph captured on the first call of each input shape."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self.graphs:
+            static_x = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (cuDNN picks its algorithms)
+                for _ in range(2):
+                    self.fn(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = self.fn(static_x)
+            self.graphs[key] = (graph, static_x, static_y)
+        graph, static_x, static_y = self.graphs[key]
+        static_x.copy_(x)
+        graph.replay()
+        return static_y
 
 
 def build(backend: str, model: msfin_fast.MSFIN):
@@ -75,22 +119,19 @@ def build(backend: str, model: msfin_fast.MSFIN):
     cuda = model.head.weight.is_cuda
     if backend == "ref-fp32":
         return model.float(), torch.float32
-    if backend == "ref-fp16-cl":
+    if backend.startswith("ref-fp16-cl") or backend.startswith("compile"):
         if not cuda:
             return "fp16 convolutions on the CPU are not a serving configuration", None
-        import copy
-
         m = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        m.check_finite = False
-        return (lambda x: m(x.contiguous(memory_format=torch.channels_last))), torch.float16
-    if backend == "compile":
-        if not cuda:
-            return "torch.compile max-autotune targets the GPU", None
-        import copy
+        m.check_finite = False  # a host sync per call; and not capturable in a CUDA graph
+        if backend == "compile":
+            m = torch.compile(m, dynamic=False)
+        elif backend == "compile-max-autotune":
+            m = torch.compile(m, mode="max-autotune", dynamic=False)
 
-        m = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        m.check_finite = False
-        return torch.compile(m, mode="max-autotune"), torch.float16
+        def call(x):
+            return m(x.contiguous(memory_format=torch.channels_last))
+        return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
     dtype = torch.float16 if "fp16" in backend else torch.float32
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
@@ -108,13 +149,16 @@ def build(backend: str, model: msfin_fast.MSFIN):
 
 
 def time_it(fn, x: torch.Tensor, warmup: int, iters: int) -> tuple[list[float], int | None]:
+    """Times of ``iters`` calls after ``warmup`` calls, and (on CUDA) the bytes allocated at the
+    peak beyond what was allocated before the first call."""
     cuda = x.is_cuda
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(x)
         if cuda:
             torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            fn(x)
         times = []
         for _ in range(iters):
             if cuda:
@@ -128,8 +172,14 @@ def time_it(fn, x: torch.Tensor, warmup: int, iters: int) -> tuple[list[float], 
                 t0 = time.perf_counter()
                 fn(x)
                 times.append((time.perf_counter() - t0) * 1e3)
-        peak = torch.cuda.max_memory_allocated() if cuda else None
+        peak = torch.cuda.max_memory_allocated() - base if cuda else None
     return times, peak
+
+
+def max_error(fn, x: torch.Tensor, want: torch.Tensor) -> float:
+    """max |Δ| of ``fn(x)`` against ``want`` on the 0–255 scale."""
+    with torch.no_grad():
+        return (fn(x).float() - want).abs().max().item()
 
 
 def environment(device: str, argv: list[str]) -> dict:
@@ -140,6 +190,7 @@ def environment(device: str, argv: list[str]) -> dict:
         "torch": torch.__version__,
         "msfin_fast": msfin_fast.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     try:
         import triton
@@ -153,16 +204,17 @@ def environment(device: str, argv: list[str]) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | LR size | batch | backend | median ms | p10–p90 ms | peak MiB | floor ms | % floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | LR size | batch | backend | median ms | p10–p90 ms | peak MiB | floor ms | % floor | max abs err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {r['skipped']} | | | | |")
             continue
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "—"
+        err = f"{r['max_abs_err']:.3g}" if r.get("max_abs_err") is not None else "—"
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | {r['median_ms']:.3f} | "
-            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {peak} | {r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['median_ms']:.0f}% |"
+            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {peak} | {r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['median_ms']:.0f}% | {err} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -199,7 +251,8 @@ def plot(results: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["msfin-x4", "msfin-s-x4"], choices=list(msfin_fast.PRESETS))
+    defaults = default_matrix()
+    ap.add_argument("--models", nargs="+", default=defaults["models"], choices=list(msfin_fast.PRESETS))
     ap.add_argument("--sizes", nargs="+", type=parse_size, default=None, help=f"LR sizes (default {' '.join(SIZES)})")
     ap.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 8)")
     ap.add_argument("--backends", nargs="+", default=None, choices=BACKENDS)
@@ -209,49 +262,86 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s the floor assumes (H100 copy)")
     ap.add_argument("--quick", action="store_true",
                     help="defaults to 180x320, batch 1, no torch.compile, 10 iterations")
+    ap.add_argument("--check", action="store_true",
+                    help="also record each backend's max |Δ| against the true-fp32 reference")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="compile and capture every entry once (fills Triton's and Inductor's caches); time nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem for the results (default: latency-<device>-<date>)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.batch = args.sizes or [(180, 320)], args.batch or [1]
         args.iters, args.warmup = min(args.iters, 10), min(args.warmup, 3)
-    args.sizes = args.sizes or [parse_size(s) for s in SIZES]
-    args.batch = args.batch or [1, 8]
-    backends = args.backends or [b for b in BACKENDS if not (args.quick and b == "compile")]
+    args.sizes = args.sizes or defaults["sizes"]
+    args.batch = args.batch or defaults["batch"]
+    backends = args.backends or [b for b in defaults["backends"] if not (args.quick and b.startswith("compile"))]
     if any(b < 1 for b in args.batch):
         ap.error("--batch values must be >= 1")
+    if args.iters < 1 or args.warmup < 0:
+        ap.error("--iters must be >= 1 and --warmup >= 0")
+    matrix = [(preset, backend, (h, w), n) for preset in args.models for backend in backends
+              for h, w in args.sizes for n in args.batch]
+    if args.dry_run:
+        for preset, backend, (h, w), n in matrix:
+            print(f"would {'warm' if args.warm_only else 'time'} {preset} {h}x{w} b{n} {backend}")
+        print(f"{len(matrix)} entries on {args.device}")
+        return 0
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
 
-    env = environment(args.device, sys.argv[1:] if argv is None else argv)
+    env = environment("cuda" if cuda else args.device, sys.argv[1:] if argv is None else argv)
     results = []
+    env["weights"] = {}
     for preset in args.models:
-        model = load_model(preset, args.device)
+        model, env["weights"][preset] = load_model(preset, args.device)
         for backend in backends:
-            fn, dtype = build(backend, model)
             for h, w in args.sizes:
                 for n in args.batch:
                     row = {"model": preset, "size": f"{h}x{w}", "batch": n, "backend": backend}
+                    results.append(row)
+                    fn, dtype = build(backend, model)  # fresh per shape: its memory is its own
                     if dtype is None:
                         row["skipped"] = fn
-                        results.append(row)
                         print(f"{preset} {h}x{w} b{n} {backend}: skipped ({fn})", flush=True)
                         continue
-                    x = (torch.rand(n, 3, h, w, device=args.device) * 255).to(dtype)
+                    g = torch.Generator(device=args.device).manual_seed(h * w + n)
+                    x = (torch.rand(n, 3, h, w, device=args.device, generator=g) * 255).to(dtype)
                     try:
+                        if args.warm_only:
+                            t0 = time.perf_counter()
+                            with torch.no_grad():
+                                fn(x)
+                            if cuda:
+                                torch.cuda.synchronize()
+                            row["skipped"] = f"warm-up only ({time.perf_counter() - t0:.1f} s)"
+                            print(f"{preset} {h}x{w} b{n} {backend}: {row['skipped']}", flush=True)
+                            continue
                         times, peak = time_it(fn, x, args.warmup, args.iters)
+                        if args.check:
+                            with true_fp32(), torch.no_grad():
+                                want = model(x.float())
+                            row["max_abs_err"] = max_error(fn, x, want)
+                            del want
                     except torch.cuda.OutOfMemoryError:
                         row["skipped"] = "out of memory"
-                        results.append(row)
-                        torch.cuda.empty_cache()
+                        print(f"{preset} {h}x{w} b{n} {backend}: out of memory", flush=True)
                         continue
+                    finally:
+                        del fn, x
+                        gc.collect()
+                        if cuda:
+                            torch.cuda.empty_cache()
                     elem = 2 if dtype == torch.float16 else 4
                     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
                     row.update(
                         median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], peak_bytes=peak,
                         floor_ms=floor_bytes(model, n, h, w, elem) / args.bandwidth * 1e3,
                     )
-                    results.append(row)
-                    print(f"{preset} {h}x{w} b{n} {backend}: {row['median_ms']:.3f} ms", flush=True)
-            del fn
+                    err = f", max |Δ| {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""
+                    peak_text = f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""
+                    print(f"{preset} {h}x{w} b{n} {backend}: {row['median_ms']:.3f} ms{peak_text}{err}", flush=True)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"latency-{args.device}-{env['date'][:10]}"
@@ -261,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
         f"Command: `python benchmarks/{env['command']}`\n\n{table}"
     )
-    plotted = plot(results, args.out_dir / f"{stem}.png")
+    plotted = not args.warm_only and plot(results, args.out_dir / f"{stem}.png")
     print(table)
     print(f"wrote {args.out_dir / stem}.json, .md" + (", .png" if plotted else ""))
     return 0
