@@ -42,3 +42,51 @@ def test_readme_main_command(tmp_path, weights_dir):
     assert Image.open(tmp_path / "sr.png").size == (512, 512)
     readme = (ROOT / "README.md").read_text()
     assert "msfin-fast sample lr.png && msfin-fast upscale -i lr.png -o sr.png" in readme
+
+
+def _checkout_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    src = tmp_path / "checkout"
+    for name in ("msfin_fast", "kernels", "csrc"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__", "build"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    return src
+
+
+def test_an_uninstalled_checkout_imports_its_kernels(tmp_path):
+    """kernels/ installs as msfin_fast.kernels; straight from a checkout (no install, or one that
+    failed) the package must import all the same."""
+    src = _checkout_copy(tmp_path)
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', type(f).__name__)]\n"
+        f"sys.path.insert(0, {str(src)!r})\n"
+        "import msfin_fast, msfin_fast.kernels.rrcab as r\n"
+        "print(msfin_fast.__file__); print(r.__file__)\n"
+    )
+    package, kernel = _run(code, tmp_path).split()
+    assert package == str(src / "msfin_fast" / "__init__.py")
+    assert kernel == str(src / "kernels" / "rrcab.py")
+
+
+def test_a_failed_cuda_build_leaves_an_install_without_the_extension(tmp_path):
+    """MSFIN_CUDA_EXT=auto (the default): a build that fails is reported and skipped; =1: an error."""
+    src = _checkout_copy(tmp_path)
+    (src / "csrc" / "bindings.cpp").unlink()  # the host compiler's part would only add time
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: planted failure' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSFIN_")}
+    env.update(CUDA_HOME=str(nvcc.parent.parent), MSFIN_CUDA_ARCHS="90")
+    build = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    auto = subprocess.run(build, cwd=src, env=env, capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "installing without it" in auto.stderr
+    assert not list((src / "msfin_fast").glob("_C*.so"))
+    required = subprocess.run(build, cwd=src, env=dict(env, MSFIN_CUDA_EXT="1"), capture_output=True, text=True)
+    assert required.returncode != 0 and "msfin_fast._C" in required.stderr
+    bad = subprocess.run(build, cwd=src, env=dict(env, MSFIN_CUDA_EXT="maybe"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "MSFIN_CUDA_EXT must be auto, 0 or 1" in bad.stderr
