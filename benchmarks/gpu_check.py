@@ -149,14 +149,15 @@ def dry_command(stage: Stage) -> list[str]:
 
 class Scheduler:
     def __init__(self, plan: list[Stage], out: Path, work: Path, *, budget: float = BUDGET_S,
-                 max_parallel: int = 12, dry_run: bool = False, env: dict | None = None):
+                 max_parallel: int = 12, dry_run: bool = False, env: dict | None = None,
+                 min_stage: float = MIN_STAGE_S):
         names = [s.name for s in plan]
         for i, s in enumerate(plan):
             unknown = [d for d in s.after + s.needs if d not in names[:i]]
             if unknown:
                 raise ValueError(f"stage {s.name}: {unknown} must name earlier stages")
         self.plan, self.out, self.work = plan, out, work
-        self.budget, self.max_parallel, self.dry_run = budget, max_parallel, dry_run
+        self.budget, self.max_parallel, self.dry_run, self.min_stage = budget, max_parallel, dry_run, min_stage
         self.env = dict(os.environ if env is None else env)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, object] = {}
@@ -245,7 +246,7 @@ class Scheduler:
                 if why is not None and why.startswith("skip: "):
                     self.finish(stage, "skipped", None, why[6:])
                     continue
-                if self.budget - self.elapsed() < MIN_STAGE_S:
+                if self.budget - self.elapsed() < self.min_stage:
                     self.finish(stage, "skipped", None, f"the {self.budget:.0f} s budget was spent")
                     continue
                 if why is None and len(self.procs) < self.max_parallel:
