@@ -138,14 +138,16 @@ def engine_variant(name: str) -> list[dict]:
 
 
 def lr_shapes(folder: Path) -> list[tuple[int, int, int]]:
+    """The LR input shapes evaluate_folder() makes of an HR folder (cropped to a multiple of 4)."""
     from PIL import Image
 
+    from msfin_fast.images import list_image_files
+
     shapes = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in (".png", ".bmp", ".jpg"):
-            with Image.open(path) as im:
-                w, h = im.size
-            shapes.append((1, (h // 4 * 4) // 4, (w // 4 * 4) // 4))
+    for path in list_image_files(folder):
+        with Image.open(path) as im:
+            w, h = im.size
+        shapes.append((1, h // 4, w // 4))
     return shapes
 
 

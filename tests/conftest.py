@@ -56,6 +56,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 WEIGHT_FILES = ["MSFIN_X4.pt", "MSFIN-S_X4.pt"]
+# What every test sees as MSFIN_WEIGHTS_DIR: looked up once, not per test.
+WEIGHTS_DIR = Path(os.environ.get("MSFIN_WEIGHTS_DIR")
+                   or find_resource("MSFIN_WEIGHTS_DIR", "weights", WEIGHT_FILES)[0]
+                   or SHARED_DIRS[0] / "weights")
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +87,7 @@ def _isolated(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setenv("MSFIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("MSFIN_OFFLINE", "1")
-    found, _ = find_resource("MSFIN_WEIGHTS_DIR", "weights", WEIGHT_FILES)
-    weights = os.environ.get("MSFIN_WEIGHTS_DIR") or str(found or SHARED_DIRS[0] / "weights")
-    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", weights)
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(WEIGHTS_DIR))
 
 
 @pytest.fixture(scope="session")

@@ -269,14 +269,11 @@ class Engine(nn.Module):
         """Fill every arena (and the fused kernel's scratch) and every captured graph's output with
         NaN. For tests: a kernel that reads a value nobody wrote during the next call then fails
         loudly instead of reusing what the previous call left behind."""
-        arenas = list(self._arenas.values()) + [entry[3] for entry in self.graphs.values()]
-        for arena in arenas:
-            for t in arena.tensors:
+        captured = [(arena, [static_out]) for _, _, static_out, arena in self.graphs.values()]
+        for arena, extra in [(arena, []) for arena in self._arenas.values()] + captured:
+            scratch = [arena.scratch] if arena.scratch is not None else []
+            for t in arena.tensors + scratch + extra:
                 t.fill_(float("nan"))
-            if arena.scratch is not None:
-                arena.scratch.fill_(float("nan"))
-        for entry in self.graphs.values():
-            entry[2].fill_(float("nan"))
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)

@@ -2,8 +2,9 @@
 
 Arena: the plan's kernel-written buffers are assigned to physical slots once (a slot is reused as
 soon as every reader of its previous buffer has run; liveness does not depend on the shape), and
-each input shape gets one tensor per slot, allocated on first use and kept in an LRU of shapes. Layers run by PyTorch
-allocate their own outputs through its caching allocator and are dropped after their last reader.
+each input shape gets one tensor per slot, allocated on first use and kept in an LRU of shapes.
+Layers run by PyTorch allocate their own outputs through its caching allocator and are dropped
+after their last reader.
 """
 
 from __future__ import annotations
@@ -215,8 +216,6 @@ class ShapeCache:
     ``capacity``: a service that sees many sizes keeps a bounded number of them alive."""
 
     def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self.entries: OrderedDict = OrderedDict()
 
