@@ -163,6 +163,16 @@ class Scheduler:
         self.logs: dict[str, object] = {}
         self.t0 = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
+        self.stop_signal: int | None = None  # set by request_stop, acted on by run's loop
+
+    def request_stop(self, signum: int) -> None:
+        """Ask ``run`` to stop (safe from a signal handler: it only records the signal).
+
+        The handler must not do the work itself: it runs between two bytecodes of whatever the loop
+        was doing (writing the tarball, importing gzip, starting a stage's process) and would re-enter it.
+        """
+        if self.stop_signal is None:
+            self.stop_signal = signum
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -229,8 +239,12 @@ class Scheduler:
         self.finish(stage, status, proc.returncode, note)
 
     def run(self) -> int:
+        """Run the plan; 0 if every stage passed, 1 if not, 128 + signal after ``request_stop``."""
         self.pack()
         while any(not s.ended for s in self.plan):
+            if self.stop_signal is not None:
+                self.abort(f"gpu_check got signal {self.stop_signal}")
+                return 128 + self.stop_signal
             for stage in [s for s in self.plan if s.status == "running"]:
                 proc = self.procs[stage.name]
                 if proc.poll() is not None:
@@ -249,7 +263,7 @@ class Scheduler:
                 if self.budget - self.elapsed() < self.min_stage:
                     self.finish(stage, "skipped", None, f"the {self.budget:.0f} s budget was spent")
                     continue
-                if why is None and len(self.procs) < self.max_parallel:
+                if why is None and len(self.procs) < self.max_parallel and self.stop_signal is None:
                     self.start(stage)
             time.sleep(0.05 if self.dry_run else 0.2)
         self.pack(final=True)
@@ -423,12 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = Scheduler(plan, args.out, work, budget=args.budget, max_parallel=parallel, dry_run=args.dry_run,
                           env=env)
 
-    def on_signal(signum, frame):
-        scheduler.abort(f"gpu_check got signal {signum}")
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda signum, frame: scheduler.request_stop(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: scheduler.request_stop(signum))
     rc = scheduler.run()
     print(scheduler.summary(final=True))
     return rc

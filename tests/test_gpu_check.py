@@ -194,6 +194,44 @@ def test_sigterm_stops_the_stages_and_leaves_a_final_summary(tmp_path):
     assert "still running" not in summary and "env" in summary
 
 
+def test_a_signal_in_the_middle_of_packing_is_acted_on_after_it(tmp_path):
+    """A real SIGTERM delivered while ``pack`` runs (CI once caught one mid-``import gzip``).
+
+    The handler must only record it: doing the abort inside the handler re-entered ``pack`` and
+    crashed with exit 1. Here the signal lands inside every ``pack`` call until the loop notices.
+    """
+    sched, out = scheduler(tmp_path, [G.Stage("long", sleeper(60), 100, 1), G.Stage("later", sleeper(1), 100, 1,
+                                                                                      after=("long",))])
+    depth, deepest, original = [0], [0], sched.pack
+
+    def pack(final=False):
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        try:
+            if "long" in sched.procs:  # the stage is running: the signal lands here, mid-pack
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs at the next bytecode boundary, inside this call
+            original(final)
+        finally:
+            depth[0] -= 1
+
+    sched.pack = pack
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sched.request_stop(signum))
+    try:
+        t0 = time.monotonic()
+        rc = sched.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 128 + signal.SIGTERM
+    assert deepest[0] == 1, "pack was re-entered from the signal handler"
+    assert time.monotonic() - t0 < 20, "the stop was not acted on promptly"
+    summary = (out / "summary.txt").read_text()
+    assert "still running" not in summary
+    assert re.search(r"^long +killed .*got signal 15", summary, re.M), summary
+    assert re.search(r"^later +skipped", summary, re.M), summary
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a half-written file was left in OUT"
+
+
 def test_pytest_tallies_are_read_from_the_logs(tmp_path):
     cases = {
         "........\n12 passed, 3 skipped, 2 warnings in 41.20s\n": "12 passed, 3 skipped, 2 warnings",
