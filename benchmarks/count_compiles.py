@@ -17,7 +17,7 @@ What is replayed, from the files that define it (so the count follows the suite)
   psnr          the same file's PSNR test: every Set5 and Set14 image, fp16, fused and not
   kernel-tests  tests/test_kernels.py and test_engine.py's end-to-end test, run by pytest here with
                 the recorders in place (their assertions fail: nothing computes; the launches count)
-  latency       the GPU script's latency runs (benchmarks/gpu_check.py: LATENCY, LARGE)
+  latency       the GPU script's latency runs (benchmarks/gpu_check.py: LATENCY_RUNS)
   latency-full  latency.py's default matrix (both models, 3 sizes, batch 1 and 8, every backend)
 Must run without ``TRITON_INTERPRET=1`` (the recorders need the JIT's kernel objects).
 """
@@ -179,7 +179,8 @@ def count(groups: list[str]) -> dict:
                            fuse_rrcab=fused is True, conv_kernels=convs)
         if "psnr" in groups:
             group("psnr")
-            shapes = lr_shapes(data_dir() / "Set5") + lr_shapes(data_dir() / "Set14")
+            data = data_dir()
+            shapes = lr_shapes(data / "Set5") + lr_shapes(data / "Set14")
             for model in nets.values():
                 for fused in (False, True):
                     replay(model, shapes, dtype=torch.float16, fuse_rrcab=fused)

@@ -164,6 +164,7 @@ class Scheduler:
         self.t0 = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.stop_signal: int | None = None  # set by request_stop, acted on by run's loop
+        self.changed = False  # a stage started or ended since OUT was last packed
 
     def request_stop(self, signum: int) -> None:
         """Ask ``run`` to stop (safe from a signal handler: it only records the signal).
@@ -216,7 +217,7 @@ class Scheduler:
             return
         self.logs[stage.name] = log
         print(f"[{self.elapsed():6.1f}s] start {stage.name} (limit {stage.limit:.0f} s)", flush=True)
-        self.pack()  # a run killed from outside then says what was running
+        self.changed = True  # packed at the end of this tick: a run killed from outside says what was running
 
     def finish(self, stage: Stage, status: str, returncode: int | None, note: str = "") -> None:
         stage.status, stage.returncode, stage.note = status, returncode, note or stage.note
@@ -231,7 +232,7 @@ class Scheduler:
         tally = pytest_tally(self.work / f"{stage.name}.log")
         print(f"[{self.elapsed():6.1f}s] {stage.name}: {status}" + (f" ({tally})" if tally else "")
               + (f" — {note}" if note else ""), flush=True)
-        self.pack()
+        self.changed = True
 
     def stop(self, stage: Stage, status: str, note: str) -> None:
         proc = self.procs[stage.name]
@@ -265,6 +266,9 @@ class Scheduler:
                     continue
                 if why is None and len(self.procs) < self.max_parallel and self.stop_signal is None:
                     self.start(stage)
+            if self.changed:  # once per tick, however many stages started or ended in it
+                self.changed = False
+                self.pack()
             time.sleep(0.05 if self.dry_run else 0.2)
         self.pack(final=True)
         return 0 if all(s.status == "passed" for s in self.plan) else 1

@@ -269,11 +269,12 @@ class Engine(nn.Module):
         """Fill every arena (and the fused kernel's scratch) and every captured graph's output with
         NaN. For tests: a kernel that reads a value nobody wrote during the next call then fails
         loudly instead of reusing what the previous call left behind."""
-        captured = [(arena, [static_out]) for _, _, static_out, arena in self.graphs.values()]
-        for arena, extra in [(arena, []) for arena in self._arenas.values()] + captured:
-            scratch = [arena.scratch] if arena.scratch is not None else []
-            for t in arena.tensors + scratch + extra:
-                t.fill_(float("nan"))
+        captured = list(self.graphs.values())
+        tensors = [static_out for _, _, static_out, _ in captured]
+        for arena in [*self._arenas.values(), *(arena for *_, arena in captured)]:
+            tensors += arena.tensors + ([arena.scratch] if arena.scratch is not None else [])
+        for t in tensors:
+            t.fill_(float("nan"))
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
