@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import (INTERPRET, Source, ca_scale, load_source, mma, source_args, stages, tile_pixels,
+from .source import (Source, ca_scale, gpu_tiles, load_source, mma, source_args, stages, tile_pixels,
                      unused_fp32)
 
 
@@ -109,7 +109,7 @@ def conv(inputs: list[torch.Tensor] | Source, w: torch.Tensor, b: torch.Tensor, 
     want = (n, 2 * h_out, 2 * w_out) if shuffle else (n, h_out, w_out)
     if out.shape[:3] != want or out.dtype != x0.dtype or not out.is_contiguous() or c_gemm > np_:
         raise ValueError(f"conv out: expected a contiguous {want} × C tensor, got {tuple(out.shape)}")
-    if INTERPRET:
+    if not gpu_tiles():
         bh, bw, warps = 16, 16, 4
     elif x0.dtype == torch.float32:  # exact fp32 dots hold more per thread: 8×8 tiles spill 28 KB (ptxas)
         bh, bw, warps = 4, 8, 8

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, tile_pixels
+from .source import gpu_tiles, tile_pixels
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def head(x: torch.Tensor, scale: int, mean_w: torch.Tensor, mean_b: torch.Tensor
         raise ValueError(f"head: out must be a contiguous ({n}, {H}, {W}, C) tensor, got {tuple(out.shape)}")
     if w.shape != (9, 3, np_) or b.shape != (np_,):
         raise ValueError(f"head: weights packed for {w.shape[-1]} channels, output has {c}")
-    bh, bw = (16, 16) if INTERPRET else (8, 16)
+    bh, bw = (8, 16) if gpu_tiles() else (16, 16)
     _head_kernel[(triton.cdiv(H, bh) * triton.cdiv(W, bw), n)](
         x, mean_w, mean_b, w, b, out, h, wd, H, W, c, NP=np_, INV_S=1.0 / scale, BH=bh, BW=bw,
     )

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, check_nhwc, load_source, source_args
+from .source import Source, ca_scale, check_nhwc, gpu_tiles, load_source, source_args
 
 
 @triton.jit(do_not_specialize=["HW"])
@@ -35,7 +35,7 @@ def materialize(src: Source, out: torch.Tensor) -> None:
     args = source_args(src)
     n, h, w, c = src.t.shape
     check_nhwc("out", out, src.t)
-    block = 1024 if INTERPRET else max(16, 4096 // args["consts"]["CP"])
+    block = max(16, 4096 // args["consts"]["CP"]) if gpu_tiles() else 1024
     _materialize_kernel[(triton.cdiv(h * w, block), n)](
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"], out, h * w, c, BLOCK=block,
         **args["consts"],

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import (INTERPRET, Source, ca_scale, check_nhwc, load_source, mma, source_args, stages,
+from .source import (Source, ca_scale, check_nhwc, gpu_tiles, load_source, mma, source_args, stages,
                      tap_pixels, tile_pixels)
 
 
@@ -110,7 +110,7 @@ def _rrcab_conv2_kernel(
 def launch_config(cp: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(tile rows, tile columns, warps). The interpreter wants few big programs; exact fp32 dots
     hold more per thread (an 8×8 tile at 128 channels spills 31 KB, ptxas), so fp32 tiles are small."""
-    if INTERPRET:
+    if not gpu_tiles():
         return 16, 16, 4
     if dtype == torch.float32:
         return 4, 8, 8

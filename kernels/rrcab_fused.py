@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .rrcab import conv1_chunk
-from .source import INTERPRET, Source, check_nhwc, mma, source_args, stages
+from .source import Source, check_nhwc, gpu_tiles, mma, source_args, stages
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_h", "tiles_w", "nprog"])
@@ -82,7 +82,7 @@ def _rrcab_fused_kernel(
 
 def lattice(cp: int) -> tuple[int, int, int]:
     """(EH, EW, warps): 16×16 keeps 77% of conv1's work; wide channel counts need a smaller tile."""
-    if INTERPRET:
+    if not gpu_tiles():
         return 16, 16, 4
     return (16, 16, 8) if cp <= 32 else (8, 16, 8)
 

@@ -33,6 +33,14 @@ from .contract import CAWeights, Source  # noqa: F401  (re-exported for the laun
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def gpu_tiles() -> bool:
+    """Whether launches use the tile sizes chosen for a GPU (4×8, 8×16, 8×8, ...). Always on a GPU.
+    The interpreter prefers few big programs (16×16 tiles), unless ``MSFIN_INTERPRET_TILES=gpu``:
+    the test setting that runs the GPU's launch configurations (tile shapes, grids, tile-to-pixel
+    mappings) on the CPU. Read at every launch, so a test can switch it."""
+    return not INTERPRET or os.environ.get("MSFIN_INTERPRET_TILES", "") == "gpu"
+
+
 def stages(dtype: torch.dtype) -> int:
     """Software-pipeline depth of the tap loops. fp32 operands staged for ``tl.dot`` need up to
     200 KB of shared memory at Triton's default of 3 (ptxas, benchmarks/compile_kernels.py), more

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .source import INTERPRET, Source, ca_scale, load_source, mma, source_args, tap_pixels, tile_pixels
+from .source import Source, ca_scale, gpu_tiles, load_source, mma, source_args, tap_pixels, tile_pixels
 
 
 @triton.jit(do_not_specialize=["H", "W"])
@@ -50,7 +50,7 @@ def tail(src: Source, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> No
         raise ValueError(f"tail: out must be a contiguous ({n}, 3, {h}, {wd}) {src.t.dtype} tensor")
     if w.shape != (9, nchunk, 16, 16) or b.shape != (16,):
         raise ValueError(f"tail: weights packed for another width: {tuple(w.shape)}")
-    bh, bw = (16, 16) if INTERPRET else (8, 16)
+    bh, bw = (8, 16) if gpu_tiles() else (16, 16)
     _tail_kernel[(triton.cdiv(h, bh) * triton.cdiv(wd, bw), n)](
         *args["ptrs"], args["sums"], *args["ca"], args["inv_hw"], w, b, out, h, wd, c,
         FP16=src.t.dtype == torch.float16, NCHUNK=nchunk, BH=bh, BW=bw, **args["consts"],
