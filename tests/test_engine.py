@@ -3,8 +3,10 @@
 ``emulate`` runs the engine's exact plan with each kernel computed by PyTorch ops, so the plan's
 deferred values, folded sums, materialisations and arena reuse are checked at full speed; one
 slow test runs the real Triton kernels end to end in Triton's interpreter.
-Tolerances on the 0–255 scale: fp32 0.05 max |Δ| (the GPU suite's bound); fp16 2 grey levels
-after rounding, for the released weights.
+Tolerances on the 0–255 scale (tests/bounds.py): fp32 max |Δ| ≤ 1e-3 (measured ≤ 9.2e-5 here; an
+engine that stores its passes in fp16 is 0.07 off); fp16, for the released weights, max |Δ| ≤ 1.0,
+at most 1 grey level after rounding and ≤ 8% of the values changed. Random models have trained-
+looking MeanShifts (not identities), so a fold that drops their matrix fails.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import warnings
 
 import pytest
 import torch
+from bounds import ENGINE_FP32_CPU, check_engine_output
+from conftest import require_module
 
 import msfin_fast
 from msfin_fast import MSFIN, optimize
@@ -21,8 +25,15 @@ from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
 
 
 def random_model(preset: str, seed: int = 0) -> MSFIN:
+    """Seeded random weights, with MeanShifts that are not identities (as trained ones are not):
+    the head and tail kernels fold their 3×3 matrices, and an identity would hide a fold that drops one."""
     torch.manual_seed(seed)
-    return MSFIN(preset).eval()
+    model = MSFIN(preset).eval()
+    with torch.no_grad():
+        for shift in (model.sub_mean, model.add_mean):
+            shift.weight.add_(torch.randn_like(shift.weight) * 0.03)
+            shift.bias.add_(torch.randn_like(shift.bias) * 3)
+    return model
 
 
 def lr_batch(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
@@ -40,7 +51,7 @@ def test_emulated_plan_matches_reference_fp32(preset, n, h, w):
         want = model(x)
     got = engine(x)
     assert got.shape == want.shape == (n, 3, 4 * h, 4 * w)
-    assert (got - want).abs().max().item() <= 1e-3
+    check_engine_output(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
@@ -54,11 +65,8 @@ def test_released_weights_through_the_plan(pretrained, data_dir, preset):
     x = torch.cat([x, x.flip(-1)])  # batch 2, different content per sample
     with torch.no_grad():
         want = model(x)
-    got32 = optimize(model, dtype=torch.float32, backend="emulate")(x)
-    assert (got32 - want).abs().max().item() <= 0.05
-    got16 = optimize(model, dtype=torch.float16, backend="emulate")(x)
-    levels = (got16.float().round().clamp(0, 255) - want.round().clamp(0, 255)).abs().max().item()
-    assert levels <= 2
+    check_engine_output(optimize(model, dtype=torch.float32, backend="emulate")(x), want, torch.float32, "fp32")
+    check_engine_output(optimize(model, dtype=torch.float16, backend="emulate")(x), want, torch.float16, "fp16")
 
 
 def test_fused_plan_has_no_conv1_buffers_and_matches():
@@ -70,7 +78,7 @@ def test_fused_plan_has_no_conv1_buffers_and_matches():
     assert fused.arena_bytes(1, 16, 16) < two.arena_bytes(1, 16, 16)
     x = lr_batch(1, 4, 7)
     with torch.no_grad():
-        assert (fused(x) - model(x)).abs().max().item() <= 1e-3
+        assert (fused(x) - model(x)).abs().max().item() <= ENGINE_FP32_CPU
 
 
 def test_layers_through_pytorch_instead_of_conv_kernels():
@@ -82,7 +90,7 @@ def test_layers_through_pytorch_instead_of_conv_kernels():
     assert counts["Materialize"] == 8
     x = lr_batch(2, 5, 3)
     with torch.no_grad():
-        assert (engine(x) - model(x)).abs().max().item() <= 1e-3
+        assert (engine(x) - model(x)).abs().max().item() <= ENGINE_FP32_CPU
 
 
 def test_plan_folds_channel_attention_and_sums():
@@ -143,7 +151,7 @@ def test_arenas_are_kept_for_the_most_recent_shapes_only():
     for n, h, w in shapes:
         x = lr_batch(n, h, w)
         with torch.no_grad():
-            assert (engine(x) - model(x)).abs().max().item() <= 1e-3
+            assert (engine(x) - model(x)).abs().max().item() <= ENGINE_FP32_CPU
     assert list(engine._arenas.entries) == [(2, 3, 4, 5), (1, 3, 4, 5)]  # (1, 3, 5, 4) was evicted
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="max_arenas"):
@@ -172,14 +180,14 @@ def test_engine_repacks_when_the_source_model_changes():
     with torch.no_grad():
         want = model(x)
     assert not torch.allclose(before, after)
-    assert (after - want).abs().max().item() <= 1e-3
+    assert (after - want).abs().max().item() <= ENGINE_FP32_CPU
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fuse_rrcab", [False, True])
 def test_triton_kernels_end_to_end(fuse_rrcab):
     """The real kernels (Triton interpreter on the CPU), MSFIN-S, batch 2, odd size."""
-    pytest.importorskip("triton")
+    require_module("triton")
     model = random_model("msfin-s-x4")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -197,7 +205,7 @@ def test_triton_kernels_end_to_end(fuse_rrcab):
     assert (arena.scratch is not None) == fuse_rrcab
     if fuse_rrcab:
         assert torch.isnan(arena.scratch).all()
-    assert (engine(x) - want).abs().max().item() <= 1e-3
+    assert (engine(x) - want).abs().max().item() <= ENGINE_FP32_CPU
 
 
 def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
@@ -252,7 +260,7 @@ def test_load_pretrained_returns_the_engine(weights_dir, monkeypatch):
     reference = msfin_fast.load_pretrained("msfin-s-x4")
     x = lr_batch(1, 4, 4)
     with torch.no_grad():
-        assert (engine(x) - reference(x)).abs().max().item() <= 0.05
+        assert (engine(x) - reference(x)).abs().max().item() <= ENGINE_FP32_CPU
 
 
 def test_inputs_beyond_32_bit_indexing_are_refused_before_any_work():
@@ -313,5 +321,5 @@ def test_cuda_backend_wiring_against_the_reference(monkeypatch):
     x = lr_batch(2, 4, 5)
     with torch.no_grad():
         want = model(x)
-    assert (engine(x) - want).abs().max().item() <= 1e-3
+    assert (engine(x) - want).abs().max().item() <= ENGINE_FP32_CPU
     assert fake.calls == 48

@@ -1,8 +1,11 @@
 """The Triton engine on a GPU against the fp32 reference (``pytest -m gpu``; skipped without CUDA).
 
-Bounds on the 0–255 scale: fp32 max |Δ| ≤ 0.05; fp16 ≤ 2 grey levels after rounding, and
-Set5 / Set14 PSNR within 0.01 dB of the fp32 reference. The reference is true fp32 (conftest turns
-TF32 off: with it, cuDNN's fp32 is itself ~2 grey levels off). The engine-vs-reference tests use the
+Bounds on the 0–255 scale (tests/bounds.py, the CPU tests' own, except fp32's): fp32 max |Δ| ≤ 5e-3
+(tf32x3 dots; 1e-3 on the CPU); fp16 max |Δ| ≤ 1.0, at most 1 grey level after rounding, ≤ 8% of the
+values changed; and for every variant, Set5 PSNR within 0.01 dB of the fp32 reference (Set14 too
+for the fp16 Triton variants). The reference is true fp32 (conftest turns TF32 off: with it, cuDNN's
+fp32 is itself ~2 grey levels off). Inputs are crops of the Set14 pictures (uniform noise is no
+picture: fp16 is up to 1.2 off there). The engine-vs-reference tests use the
 released weights where they are found and seeded random weights otherwise (they compare two
 implementations of one network); the PSNR tests need the weights and the images. Every arena
 tensor, the fused kernel's scratch and the captured outputs are poisoned with NaN before each
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bounds import check_engine_output, natural_batch
 
 import msfin_fast
 from msfin_fast.evaluate import evaluate_folder
@@ -41,40 +45,43 @@ VARIANTS = {  # dtype, CUDA graphs, one-launch RRCAB passes ("cuda": the CUDA C+
 
 @pytest.mark.parametrize("n, h, w", SIZES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_engine_matches_reference(reference, n, h, w, variant):
+def test_engine_matches_reference(reference, data_dir, n, h, w, variant):
     dtype, graphs, fused, convs = VARIANTS[variant]
     backend = "cuda" if fused == "cuda" else "triton"
     engine = msfin_fast.optimize(reference, dtype=dtype, backend=backend, cuda_graphs=graphs,
                                  fuse_rrcab=fused is True, conv_kernels=convs)
     assert engine.backend == backend
-    g = torch.Generator(device="cuda").manual_seed(n * 1000 + h * w)
-    x = torch.rand(n, 3, h, w, device="cuda", generator=g) * 255
+    x = natural_batch(data_dir, n, h, w, seed=n * 1000 + h * w).cuda()
     with torch.no_grad():
         want = reference(x)
     engine(x)  # plan the arena (and capture the graph)
     engine.poison_buffers()
-    got = engine(x).float()
-    assert torch.isfinite(got).all()
-    if dtype == torch.float32:
-        assert (got - want).abs().max().item() <= 0.05
-    else:
-        levels = (got.round().clamp(0, 255) - want.round().clamp(0, 255)).abs().max().item()
-        assert levels <= 2
+    check_engine_output(engine(x), want, dtype, f"{variant} {n}x{h}x{w}")
 
 
-@pytest.mark.parametrize("folder", ["Set5", "Set14"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_fp16_engine_keeps_the_paper_psnr(reference, weights_dir, data_dir, folder, fused):
-    engine = msfin_fast.optimize(reference, dtype=torch.float16, backend="triton", fuse_rrcab=fused)
+_REFERENCE_PSNR: dict = {}
 
-    def upscale(model):
-        def run(lr):
-            x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().cuda()
-            with torch.no_grad():
-                y = model(x).float()
-            return y[0].round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-        return run
 
-    want = evaluate_folder(upscale(reference), data_dir / folder, 4)
-    got = evaluate_folder(upscale(engine), data_dir / folder, 4)
-    assert abs(got.psnr - want.psnr) <= 0.01, (got.psnr, want.psnr)
+def upscaler(model):
+    def run(lr):
+        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().cuda()
+        with torch.no_grad():
+            y = model(x).float()
+        return y[0].round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    return run
+
+
+PSNR_CASES = [(variant, "Set5") for variant in VARIANTS] + [("fp16", "Set14"), ("fp16-fused-graph", "Set14")]
+
+
+@pytest.mark.parametrize("variant, folder", PSNR_CASES)
+def test_engine_keeps_the_paper_psnr(reference, weights_dir, data_dir, variant, folder):
+    """Every variant on Set5, and the fp16 Triton ones on Set14: within 0.01 dB of the fp32 reference."""
+    dtype, graphs, fused, convs = VARIANTS[variant]
+    engine = msfin_fast.optimize(reference, dtype=dtype, backend="cuda" if fused == "cuda" else "triton",
+                                 cuda_graphs=graphs, fuse_rrcab=fused is True, conv_kernels=convs)
+    key = (id(reference), folder)
+    if key not in _REFERENCE_PSNR:
+        _REFERENCE_PSNR[key] = evaluate_folder(upscaler(reference), data_dir / folder, 4).psnr
+    got = evaluate_folder(upscaler(engine), data_dir / folder, 4)
+    assert abs(got.psnr - _REFERENCE_PSNR[key]) <= 0.01, (got.psnr, _REFERENCE_PSNR[key])
