@@ -1,8 +1,14 @@
-"""The released weights reproduce the paper's ×4 table (Y PSNR / SSIM, 4-pixel shave).
+"""The released weights on Set5 and Set14 (×4, Y PSNR / SSIM, 4-pixel shave), re-measured every run.
 
-Targets are an independent evaluator's numbers for the released weights; tolerance 0.01 dB and
-0.0005 SSIM. The paper rounds them to 32.28/0.8957, 28.57/0.7813 (MSFIN) and 32.08/0.8934,
-28.46/0.7782 (MSFIN-S).
+``TARGETS`` are the released weights' values as this package measured them: its evaluator
+(msfin_fast/evaluate.py, the paper's convention) with the fp32 reference on the CPU, torch 2.13.0,
+2026-11-28. The command, versions and output are in
+benchmarks/results/2026-11-28-cpu/paper-table.md. The test holds them to 0.01 dB and 0.0005 SSIM,
+so a change to the model, the weights' loading or the evaluator shows.
+
+The paper's values (``PAPER``) are kept beside them, not asserted: only MSFIN on Set5 rounds to the
+paper's number. The other three measure 0.013–0.027 dB and 0.0002–0.0004 SSIM under it (MSFIN
+Set14 28.5488 against the paper's 28.57).
 """
 
 import pytest
@@ -11,11 +17,17 @@ import torch
 from msfin_fast import Upscaler
 from msfin_fast.evaluate import evaluate_folder
 
-TARGETS = {
+TARGETS = {  # measured: benchmarks/results/2026-11-28-cpu/paper-table.md
     ("msfin-x4", "Set5"): (32.2849, 0.8956),
-    ("msfin-x4", "Set14"): (28.5489, 0.7811),
-    ("msfin-s-x4", "Set5"): (32.0673, 0.8932),
-    ("msfin-s-x4", "Set14"): (28.4326, 0.7778),
+    ("msfin-x4", "Set14"): (28.5488, 0.7811),
+    ("msfin-s-x4", "Set5"): (32.0672, 0.8932),
+    ("msfin-s-x4", "Set14"): (28.4329, 0.7778),
+}
+PAPER = {  # the paper's ×4 table, for reference only (named in failure messages)
+    ("msfin-x4", "Set5"): (32.28, 0.8957),
+    ("msfin-x4", "Set14"): (28.57, 0.7813),
+    ("msfin-s-x4", "Set5"): (32.08, 0.8934),
+    ("msfin-s-x4", "Set14"): (28.46, 0.7782),
 }
 
 
@@ -30,6 +42,7 @@ def test_released_weights_reproduce_the_table(pretrained, data_dir, model, data_
     upscaler = Upscaler(pretrained(model), device="cpu")
     result = evaluate_folder(upscaler.upscale_rgb, data_dir / data_set, 4)
     psnr, ssim = TARGETS[(model, data_set)]
+    paper = "paper {:.2f} / {:.4f}".format(*PAPER[(model, data_set)])
     assert len(result.images) == (5 if data_set == "Set5" else 14)
-    assert result.psnr == pytest.approx(psnr, abs=0.01), f"{model} {data_set} PSNR {result.psnr:.4f}"
-    assert result.ssim == pytest.approx(ssim, abs=0.0005), f"{model} {data_set} SSIM {result.ssim:.4f}"
+    assert result.psnr == pytest.approx(psnr, abs=0.01), f"{model} {data_set} PSNR {result.psnr:.4f} ({paper})"
+    assert result.ssim == pytest.approx(ssim, abs=0.0005), f"{model} {data_set} SSIM {result.ssim:.4f} ({paper})"
