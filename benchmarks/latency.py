@@ -1,7 +1,8 @@
 """Latency of MSFIN / MSFIN-S per backend, input size and batch: JSON, a markdown table, a PNG plot.
 
     python benchmarks/latency.py                      # everything that can run here
-    python benchmarks/latency.py --quick              # one size, batch 1, no torch.compile (< 1 min)
+    python benchmarks/latency.py --quick              # one size, batch 1, no torch.compile (< 1 min;
+                                                      # on a CPU LR 64x64 and 3 timed calls, said in the output)
     python benchmarks/latency.py --models msfin-x4 --sizes 180x320 --batch 1 --backends engine-fp16-graph
     python benchmarks/latency.py ... --warm-only      # compile and capture everything once, time nothing
     python benchmarks/latency.py ... --dry-run        # print the matrix and exit
@@ -30,6 +31,7 @@ import copy
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -50,6 +52,7 @@ BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-
             "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph"]
 SLOW = ("compile-max-autotune",)  # left out unless named
 SIZES = ["64x64", "180x320", "270x480"]
+QUICK_CPU_SIZE = (64, 64)  # --quick without a GPU: the smallest of SIZES (HR 256x256)
 
 
 def default_matrix() -> dict:
@@ -136,6 +139,8 @@ def build(backend: str, model: msfin_fast.MSFIN):
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
         return "CUDA graphs need a GPU", None
+    if not cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        return "Triton's interpreter checks the kernels, it does not time them", None
     kind = "cuda" if backend.startswith("cuda") else "triton" if backend.startswith("engine") else "auto"
     try:
         engine = msfin_fast.optimize(model, dtype=dtype, backend=kind, cuda_graphs=graphs,
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s the floor assumes (H100 copy)")
     ap.add_argument("--quick", action="store_true",
-                    help="defaults to 180x320, batch 1, no torch.compile, 10 iterations")
+                    help="defaults to 180x320, batch 1, no torch.compile, 10 iterations; on a CPU 64x64, 3 iterations")
     ap.add_argument("--check", action="store_true",
                     help="also record each backend's max |Δ| against the true-fp32 reference")
     ap.add_argument("--warm-only", action="store_true",
@@ -270,9 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem for the results (default: latency-<device>-<date>)")
     args = ap.parse_args(argv)
-    if args.quick:
+    quick_note = None
+    if args.quick and args.device.startswith("cuda"):
         args.sizes, args.batch = args.sizes or [(180, 320)], args.batch or [1]
         args.iters, args.warmup = min(args.iters, 10), min(args.warmup, 3)
+    elif args.quick:  # MSFIN at 180x320 takes seconds per call on a CPU: 10 of them would be minutes
+        args.sizes, args.batch = args.sizes or [QUICK_CPU_SIZE], args.batch or [1]
+        args.iters, args.warmup = min(args.iters, 3), min(args.warmup, 1)
+        quick_note = (f"--quick on the CPU: LR {'/'.join(f'{h}x{w}' for h, w in args.sizes)}, batch "
+                      f"{'/'.join(map(str, args.batch))}, {args.warmup} warm-up + {args.iters} timed calls "
+                      f"(on a GPU: 180x320, 3 + 10)")
+        print(quick_note, flush=True)
     args.sizes = args.sizes or defaults["sizes"]
     args.batch = args.batch or defaults["batch"]
     backends = args.backends or [b for b in defaults["backends"] if not (args.quick and b.startswith("compile"))]
@@ -294,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment("cuda" if cuda else args.device, sys.argv[1:] if argv is None else argv)
     results = []
     env["weights"] = {}
+    if quick_note:
+        env["note"] = quick_note
     for preset in args.models:
         model, env["weights"][preset] = load_model(preset, args.device)
         for backend in backends:
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     (args.out_dir / f"{stem}.md").write_text(
         f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
-        f"Command: `python benchmarks/{env['command']}`\n\n{table}"
+        f"Command: `python benchmarks/{env['command']}`\n\n" + (f"{quick_note}\n\n" if quick_note else "") + table
     )
     plotted = not args.warm_only and plot(results, args.out_dir / f"{stem}.png")
     print(table)

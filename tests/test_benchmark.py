@@ -94,3 +94,27 @@ print(json.dumps({g: {m: sorted(map(repr, v)) for m, v in k.items()} for g, k in
     assert len(keys["a"]["declared"]) > 20
     assert keys["a"]["declared"] == keys["b"]["declared"] == keys["c"]["declared"]
     assert keys["a"]["specialize-all"] != keys["b"]["specialize-all"] != keys["c"]["specialize-all"]
+
+
+def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
+    """--quick on a CPU times LR 64x64 with 1 + 3 calls (MSFIN at 180x320 with 3 + 10 took over
+    15 minutes on two cores), and says so in its output and its files."""
+    import time
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CPU tests run: interpreted kernels are not timed
+    latency = load_latency()
+    common = ["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert latency.main(common + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick on the CPU: LR 64x64, batch 1, 1 warm-up + 3 timed calls" in out
+    matrix = [line for line in out.splitlines() if line.startswith("would time")]
+    assert "would time msfin-x4 64x64 b1 ref-fp32" in matrix and all(" 64x64 b1 " in line for line in matrix)
+    t0 = time.perf_counter()
+    assert latency.main(common + ["--models", "msfin-s-x4", "--name", "q"]) == 0
+    assert time.perf_counter() - t0 < 60
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["environment"]["note"].startswith("--quick on the CPU")
+    (ref, *others) = data["results"]
+    assert ref["backend"] == "ref-fp32" and ref["size"] == "64x64" and ref["median_ms"] > 0
+    assert all("skipped" in row for row in others)  # nothing else runs on a CPU
+    assert "--quick on the CPU" in (tmp_path / "q.md").read_text()
