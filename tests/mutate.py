@@ -1,0 +1,212 @@
+"""Mutation audit: plant each known fault, run the tests that must catch it, report who survives.
+
+    python tests/mutate.py                 # every mutation (about 10 minutes on two cores)
+    python tests/mutate.py tile-row conv-grid-width   # some of them, by name
+    python tests/mutate.py --list          # names, files and the tests that must fail
+
+Each mutation is a one-line change of the source (``old`` must occur exactly once in ``path``). The
+file is edited in place, the named tests run in a fresh interpreter (no bytecode written, so no stale
+cache outlives the mutation), and the original bytes and timestamps are put back in a ``finally``,
+also on Ctrl-C. A mutation is *killed* when the tests fail, *survives* when they pass. The script
+exits non-zero when any mutation survives, or when the tests fail without any mutation (``--baseline``
+checks that first). The list and the last run's outcome are in tests/MUTATIONS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    fault: str
+    select: str = ""  # a pytest -k expression: which of the tests must already fail
+
+
+K = "tests/test_kernels.py"
+CUDA_CPU = "tests/test_cuda_ext.py::test_kernel_source_matches_the_reference_on_the_cpu"
+
+MUTATIONS = [
+    # 1. tile-to-pixel mappings and grids
+    Mutation("tile-row", "kernels/source.py", "tiles_w = tl.cdiv(W, BW)", "tiles_w = tl.cdiv(W, BW) + 1",
+             (f"{K}::test_rrcab_pass_over_a_grid_of_tiles",),
+             "tile_pixels maps tiles to rows with one tile too many per row"),
+    Mutation("fused-tile-row", "kernels/rrcab_fused.py", "r = (tile // tiles_w) * (EH - 2) - 1 + li",
+             "r = (tile // (tiles_w + 1)) * (EH - 2) - 1 + li",
+             (f"{K}::test_rrcab_fused_pass_over_a_grid_of_tiles",),
+             "the fused kernel's lattice maps tiles to rows with one tile too many per row"),
+    Mutation("conv-grid-width", "kernels/conv.py", "n, r, c = tile_pixels(W_out, BH, BW)",
+             "n, r, c = tile_pixels(W_in, BH, BW)",
+             (f"{K}::test_conv_over_a_grid_of_tiles",),
+             "the conv kernel lays its tiles over the input's width, not the output's (stride 2)"),
+    Mutation("grid-rows-by-width", "kernels/rrcab.py", "return triton.cdiv(h, bh) * triton.cdiv(w, bw), n",
+             "return triton.cdiv(h, bw) * triton.cdiv(w, bw), n",
+             (f"{K}::test_rrcab_pass_over_a_grid_of_tiles",),
+             "the RRCAB grid counts tile rows with the tile width: too few programs, except on square tiles"),
+    # 2. the trained MeanShift folds
+    Mutation("tail-fold-identity", "msfin_fast/engine/packing.py",
+             "m = add_mean.weight.detach().double()[:, :, 0, 0]",
+             "m = torch.eye(3, dtype=torch.float64, device=add_mean.weight.device)",
+             (f"{K}::test_tail", "tests/test_engine.py::test_emulated_plan_matches_reference_fp32"),
+             "the tail's add_mean fold ignores the trained 3×3 matrix"),
+    # 3. misplaced biases, sums, tolerances
+    Mutation("conv1-bias-after-relu", "kernels/rrcab.py",
+             "return tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)",
+             "return tl.maximum(acc, 0.0) + tl.load(b_ptr + ch)[None, :]",
+             (f"{K}::test_rrcab_pass",), "conv1's bias added after the ReLU"),
+    Mutation("conv2-bias-after-relu", "kernels/rrcab.py",
+             "h = tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0).to(a_ptr.dtype.element_ty)",
+             "h = (tl.maximum(acc, 0.0) + tl.load(b_ptr + ch)[None, :]).to(a_ptr.dtype.element_ty)",
+             (f"{K}::test_rrcab_pass",), "conv2's bias added after the ReLU"),
+    Mutation("conv1-bias-after-relu-fp16", "kernels/rrcab.py",
+             "return tl.maximum(acc + tl.load(b_ptr + ch)[None, :], 0.0)",
+             "return tl.maximum(acc, 0.0) + tl.load(b_ptr + ch)[None, :]",
+             (f"{K}::test_rrcab_pass",), "conv1's bias added after the ReLU, seen by the fp16 cases alone",
+             select="fp16"),
+    Mutation("sums-stored-fp16", "kernels/rrcab.py",
+             "tl.atomic_add(sums_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             "tl.store(sums_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             (f"{K}::test_rrcab_pass",), "the channel sums stored instead of accumulated, seen by the fp16 cases alone",
+             select="fp16"),
+    Mutation("sums-stored", "kernels/rrcab.py",
+             "tl.atomic_add(sums_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             "tl.store(sums_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             (f"{K}::test_rrcab_pass",), "the channel sums stored instead of accumulated"),
+    Mutation("fused-sums-stored", "kernels/rrcab_fused.py",
+             "tl.atomic_add(sums_out_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             "tl.store(sums_out_ptr + n * C + cp, tl.sum(tl.where(keep, u, 0.0), axis=0), mask=cp < C)",
+             (f"{K}::test_rrcab_fused_pass",), "the fused kernel's channel sums stored instead of accumulated"),
+    Mutation("ca-product-in-fp16", "kernels/source.py",
+             "x += scale[None, :] * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)",
+             "x += (scale[None, :] * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.float16)",
+             (f"{K}::test_materialize",), "the deferred CA product s·u rounded to fp16 before it is added"),
+    # 4. the CUDA C++ kernel, through its host emulation
+    Mutation("cuda-fp32-stores-fp16", "csrc/rrcab_kernel.cuh",
+             "for (int k = 0; k < K3; k += VEC) store16(dst + k, &acc[j][k]);",
+             "for (int k = 0; k < K3; ++k) acc[j][k] = round_to<__half>(acc[j][k]);\n"
+             "          for (int k = 0; k < K3; k += VEC) store16(dst + k, &acc[j][k]);",
+             (f"{CUDA_CPU}[C24G6-fp32]", f"{CUDA_CPU}[C96G6-fp32]"),
+             "the fp32 CUDA pass stores its output u rounded to fp16"),
+    Mutation("cuda-fp32-intermediates-fp16", "csrc/rrcab_kernel.cuh",
+             "template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }",
+             "template <> __device__ __forceinline__ float from_float<float>(float v) "
+             "{ return __half2float(__float2half_rn(v)); }",
+             (f"{CUDA_CPU}[C24G6-fp32]", f"{CUDA_CPU}[C96G6-fp32]"),
+             "the fp32 CUDA pass keeps its on-chip intermediates (x, a, h) in fp16"),
+    Mutation("cuda-sums-skip-column", "csrc/rrcab_kernel.cuh",
+             "for (int k = 0; k < K3; ++k) sums[k] += acc[j][k];",
+             "for (int k = 0; k < K3; ++k) sums[k] += (q % TW == 0) ? 0.0f : acc[j][k];",
+             (f"{CUDA_CPU}[C24G6-fp16]", f"{CUDA_CPU}[C64G4-fp16]"),
+             "the CUDA pass's channel sums skip the first column of every tile"),
+    # 5. the engine end to end
+    Mutation("engine-fp32-passes-in-fp16", "msfin_fast/engine/backends.py",
+             "        dt = p.dtype\n        body = p.module.body",
+             "        dt = torch.float16\n        body = p.module.body",
+             ("tests/test_engine.py::test_emulated_plan_matches_reference_fp32",
+              "tests/test_engine.py::test_released_weights_through_the_plan"),
+             "an fp32 engine whose RRCAB passes store fp16"),
+    # 6. out-of-bounds stores
+    Mutation("materialize-store-unmasked-rows", "kernels/materialize.py",
+             "tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)",
+             "tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=(cp < C)[None, :])",
+             (f"{K}::test_materialize",), "materialize stores the padding pixels of its last block"),
+    Mutation("conv1-store-unmasked-rows", "kernels/rrcab.py",
+             "tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside[:, None] & (ch < C)[None, :])",
+             "tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=(c < W)[:, None] & (ch < C)[None, :])",
+             (f"{K}::test_rrcab_pass",), "conv1 stores the rows of its tiles below the image"),
+    Mutation("tail-store-unmasked-rows", "kernels/tail.py",
+             "mask=((r < H) & (c < W))[:, None] & (ci < 3)[None, :])",
+             "mask=(c < W)[:, None] & (ci < 3)[None, :])",
+             (f"{K}::test_tail",), "the tail stores the rows of its tiles below the image"),
+]
+
+
+def run_tests(tests: tuple[str, ...], timeout: float, select: str = "") -> tuple[bool, str]:
+    """(passed, last lines of output) of the tests in a fresh interpreter."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "--tb=line"] + (["-k", select] if select else [])
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    return proc.returncode == 0, "\n".join(lines[-4:])
+
+
+def apply(m: Mutation) -> tuple[Path, Path]:
+    """Plant ``m``; returns (file, backup). The backup keeps the original bytes and timestamps."""
+    path = ROOT / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"{m.name}: the line to mutate occurs {text.count(m.old)} times in {m.path}, not once")
+    backup = Path(tempfile.mkdtemp(prefix="mutate-")) / path.name
+    shutil.copy2(path, backup)
+    path.write_text(text.replace(m.old, m.new))
+    return path, backup
+
+
+def restore(path: Path, backup: Path) -> None:
+    shutil.copy2(backup, path)
+    shutil.rmtree(backup.parent, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--baseline", action="store_true", help="first check that the tests pass unmutated")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        ap.error(f"unknown mutations {sorted(unknown)}; see --list")
+    if args.list:
+        for m in chosen:
+            select = f" -k '{m.select}'" if m.select else ""
+            print(f"{m.name}: {m.path}: {m.fault}\n    must fail: {' '.join(m.tests)}{select}")
+        return 0
+    if args.baseline:  # the -k selections only narrow these down
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        ok, tail = run_tests(tests, args.timeout * 2)
+        if not ok:
+            print(f"the tests fail without any mutation:\n{tail}")
+            return 2
+        print("baseline: the tests pass unmutated")
+    survivors = []
+    for m in chosen:
+        t0 = time.time()
+        path, backup = apply(m)
+        try:
+            ok, tail = run_tests(m.tests, args.timeout, m.select)
+        finally:
+            restore(path, backup)
+        verdict = "SURVIVED" if ok else "killed"
+        print(f"{verdict:8s} {m.name} ({time.time() - t0:.0f} s): {m.fault}", flush=True)
+        if ok:
+            survivors.append(m.name)
+        elif os.environ.get("MUTATE_VERBOSE"):
+            print("    " + tail.replace("\n", "\n    "))
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} killed" + (f"; survived: {', '.join(survivors)}"
+                                                                        if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
