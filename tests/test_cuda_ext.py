@@ -52,6 +52,10 @@ def check_pass_outputs(dtype, c, g, h, w, deferred, got: dict, want: dict, case:
         if got.get(name) is None:
             continue
         bound = tolerance(torch.float32 if name == "sums" else dtype, lengths[name])
+        if name == "x_out" and dtype == torch.float32:
+            # The CA's 2·C products make the derived bound up to 1.2e-5; this test has always held
+            # x_out to 1e-6 (measured at most 6.9e-8), and no bound gets looser.
+            bound = min(bound, 1e-6)
         err = max_rel_error(got[name], want[name])
         assert err <= bound, f"{case}: {name} max |Δ| / max |ref| = {err:.3g} > {bound:.3g}"
 
