@@ -22,6 +22,9 @@ value (fp16's own rounding), a misplaced bias or a lost partial sum a per cent o
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
@@ -59,6 +62,13 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -
     assert torch.isfinite(got.float()).all(), f"{what}: non-finite values (a masked store missed?)"
     err = max_rel_error(got, want)
     assert err <= tol, f"{what}: max |Δ| / max |want| = {err:.3g} > {tol:.3g}"
+
+
+def initial_sums(n: int, c: int, magnitude: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """What ``sums_out`` holds before a pass (the kernels add to it): random, ``magnitude`` times a
+    standard normal, as large as the sums themselves, so a kernel that stores its sums instead of
+    adding them is off by a whole sum."""
+    return torch.randn(n, c, generator=generator, device=device) * magnitude
 
 
 class Guarded:
@@ -122,19 +132,23 @@ def check_engine_output(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtyp
     assert share <= ENGINE_FP16_SHARE, f"{what}: fp16 changed {share:.1%} of the values (> {ENGINE_FP16_SHARE:.0%})"
 
 
+@functools.lru_cache(maxsize=2)
+def _pictures(folder: str) -> tuple:
+    """The pictures of ``folder`` (H×W×3 uint8, grey replicated), decoded once per test session."""
+    from msfin_fast.images import read_image
+
+    return tuple(read_image(f).rgb for f in sorted(Path(folder).glob("*.png")))
+
+
 def natural_batch(data_dir, n: int, h: int, w: int, seed: int) -> torch.Tensor:
     """[n, 3, h, w] float 0–255: crops of the Set14 pictures, chosen by ``seed``.
     What the network is made for; uniform noise drives its activations far outside what any picture
     does (fp16 off by up to 1.2 there, 11% of the values changed)."""
-    from pathlib import Path
-
-    from msfin_fast.images import read_image
-
-    files = sorted((Path(data_dir) / "Set14").glob("*.png"))
+    pictures = _pictures(str(Path(data_dir) / "Set14"))
     g = torch.Generator().manual_seed(seed)
     crops = []
     for _ in range(n):
-        rgb = read_image(files[int(torch.randint(len(files), (1,), generator=g))]).rgb  # H×W×3, grey replicated
+        rgb = pictures[int(torch.randint(len(pictures), (1,), generator=g))]
         top = int(torch.randint(rgb.shape[0] - h + 1, (1,), generator=g))
         left = int(torch.randint(rgb.shape[1] - w + 1, (1,), generator=g))
         crops.append(torch.from_numpy(rgb[top:top + h, left:left + w].copy()).permute(2, 0, 1).float())

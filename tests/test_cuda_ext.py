@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from bounds import ca_length, max_rel_error, tolerance
+from bounds import Guarded, assert_close, ca_length, initial_sums, tolerance
 from conftest import HAS_CUDA, missing
 
 import msfin_fast
@@ -56,8 +56,7 @@ def check_pass_outputs(dtype, c, g, h, w, deferred, got: dict, want: dict, case:
             # The CA's 2·C products make the derived bound up to 1.2e-5; this test has always held
             # x_out to 1e-6 (measured at most 6.9e-8), and no bound gets looser.
             bound = min(bound, 1e-6)
-        err = max_rel_error(got[name], want[name])
-        assert err <= bound, f"{case}: {name} max |Δ| / max |ref| = {err:.3g} > {bound:.3g}"
+        assert_close(got[name], want[name], bound, f"{case}: {name}")
 
 
 def nvcc_present() -> bool:
@@ -132,20 +131,6 @@ def reference_pass(block: RRCAB, t, *, u=None, sums_in=None, ca=None, e1=None, e
     h = F.relu(F.conv2d(a, conv2.weight.double(), conv2.bias.double(), padding=1, groups=g)).to(dtype).double()
     u_out = F.conv2d(h, conv3.weight.double(), conv3.bias.double())
     return x, u_out.permute(0, 2, 3, 1).to(dtype), u_out.sum(dim=(2, 3)).float()
-
-
-def poisoned(shape, dtype, device="cuda", guard=64):
-    """A NaN-filled tensor inside a NaN-filled buffer: writes outside it show in the guards.
-    (guard is a multiple of 8 elements, so the view stays 16-byte aligned.)"""
-    numel = 1
-    for s in shape:
-        numel *= s
-    buf = torch.full((guard + numel + guard,), float("nan"), dtype=dtype, device=device)
-    return buf, buf[guard:guard + numel].view(shape)
-
-
-def assert_guards_intact(buf, guard=64):
-    assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[-guard:]).all(), "wrote outside the tensor"
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -409,13 +394,6 @@ def host_build_missing(what: str, include: str | None, cxx: str | None) -> str:
     return f"{what} cannot be built: {' and '.join(lacking)} not found"
 
 
-def initial_sums(n: int, c: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    """What sums_out holds before a pass (the kernel adds to it), as large as the sums themselves:
-    a kernel that stored its sums instead of adding them would be off by a whole sum."""
-    device = gen.device if gen.device.type == "cuda" else "cpu"
-    return torch.randn(n, c, generator=gen, device=device) * (h * w)
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     include, cxx = cuda_include_dir(), shutil.which("g++") or shutil.which("c++")
@@ -475,18 +453,16 @@ def test_kernel_source_matches_the_reference_on_the_cpu(emulator, dtype, c, g, r
             e1, e2 = act(0.5), act(0.5)
             kwargs.update(e1=e1, e2=e2)
             ref_kwargs.update(e1=e1, e2=e2)
-        x_buf, x_out = poisoned((n, h, w, c), dtype, "cpu")
-        u_buf, u_out = poisoned((n, h, w, c), dtype, "cpu")
-        sums0 = initial_sums(n, c, h, w, gen)
-        sums_buf, sums_out = poisoned((n, c), torch.float32, "cpu")
-        sums_out.copy_(sums0)
+        out = Guarded("cpu")
+        x_out, u_out = out.new("x_out", (n, h, w, c), dtype), out.new("u_out", (n, h, w, c), dtype)
+        sums0 = initial_sums(n, c, h * w, "cpu", gen)
+        sums_out = out.new("sums_out", (n, c), torch.float32, fill=sums0)
         emulate_pass(emulator, packed, t, x_out=x_out if "x_out" in inputs else None, u_out=u_out,
                      sums_out=sums_out, **kwargs)
         with torch.no_grad():
             x_ref, u_ref, sums_ref = reference_pass(block, t, **ref_kwargs)
         case = f"{dtype} C={c} {n}x{h}x{w} with {inputs}"
-        for buf in (x_buf, u_buf, sums_buf):
-            assert_guards_intact(buf)
+        out.check()
         assert not torch.isnan(u_out).any(), case
         if "x_out" not in inputs:
             assert torch.isnan(x_out).all(), "x_out was not asked for, yet written"
@@ -542,16 +518,15 @@ def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
         e1, e2 = act(0.5), act(0.5)
         kwargs = dict(u=u, sums_in=sums_in, ca=cuda_backend.pack_rrcab(producer, dtype, "cuda"), e1=e1, e2=e2)
         ref_kwargs = dict(u=u, sums_in=sums_in, ca=producer, e1=e1, e2=e2)
-    u_buf, u_out = poisoned((n, h, w, c), dtype)
-    x_buf, x_out = poisoned((n, h, w, c), dtype)
-    sums0 = initial_sums(n, c, h, w, gen)
-    sums_buf, sums_out = poisoned((n, c), torch.float32)
-    sums_out.copy_(sums0)
+    out = Guarded("cuda")
+    u_out, x_out = out.new("u_out", (n, h, w, c), dtype), out.new("x_out", (n, h, w, c), dtype)
+    sums0 = initial_sums(n, c, h * w, "cuda", gen)
+    sums_out = out.new("sums_out", (n, c), torch.float32, fill=sums0)
     cuda_backend.rrcab_pass(packed, t, x_out=x_out, u_out=u_out, sums_out=sums_out, **kwargs)
     torch.cuda.synchronize()
     with torch.no_grad():
         x_ref, u_ref, sums_ref = reference_pass(block, t, **ref_kwargs)
-    return dict(bufs=(u_buf, x_buf, sums_buf), got=dict(x_out=x_out, u_out=u_out, sums=sums_out),
+    return dict(outputs=out, got=dict(x_out=x_out, u_out=u_out, sums=sums_out),
                 want=dict(x_out=x_ref, u_out=u_ref, sums=sums_ref + sums0))
 
 
@@ -563,8 +538,7 @@ def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["t", "t+s*u+e1+e2"])
 def test_kernel_matches_the_reference(dtype, c, g, r, n, h, w, with_inputs):
     res = run_case(c, g, r, dtype, n, h, w, with_inputs)
-    for buf in res["bufs"]:
-        assert_guards_intact(buf)
+    res["outputs"].check()
     assert not torch.isnan(res["got"]["u_out"]).any() and not torch.isnan(res["got"]["x_out"]).any()
     check_pass_outputs(dtype, c, g, h, w, with_inputs, res["got"], res["want"], f"{dtype} C={c} {n}x{h}x{w}")
 
@@ -588,8 +562,7 @@ def check_two_passes_of_the_pretrained_block(pretrained, device, run_pass):
     out = x2.cpu().double() + ca_scale(block, s2.cpu(), 31 * 45)[:, None, None, :] * u2.cpu().double()
     one = pass_lengths(24, 6, True, 31, 45)
     bound = tolerance(torch.float32, one["u_out"] + one["sums"] + ca_length(24, True))
-    err = max_rel_error(out, expected)
-    assert err <= bound, f"two passes: max |Δ| / max |ref| = {err:.3g} > {bound:.3g}"
+    assert_close(out, expected, bound, "two passes")
 
 
 def test_two_passes_are_the_pretrained_block_on_the_cpu(emulator, pretrained):

@@ -23,7 +23,7 @@ import os
 
 import pytest
 import torch
-from bounds import UNIT_ROUNDOFF, Guarded, assert_close, ca_length, tolerance, triton_tf32x3
+from bounds import UNIT_ROUNDOFF, Guarded, assert_close, ca_length, initial_sums, tolerance, triton_tf32x3
 from conftest import require_module
 
 require_module("triton")
@@ -81,10 +81,16 @@ def producer_ca(c, g, r, dtype, seed):
     return pack_rrcab(random_block(c, g, r, dtype, seed + 100), dtype).ca
 
 
-def initial_sums(n: int, c: int, h: int, w: int) -> torch.Tensor:
-    """What ``sums_out`` holds before a pass: the kernels add to it. As large as the sums themselves,
-    so a kernel that stores its sums instead of adding them is off by a whole sum."""
-    return torch.randn(n, c, device=DEVICE) * (h * w * 10)
+def emulated_and_kernel(what: str, shape, dtype: torch.dtype, launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(want, got): ``launch(ops, out)`` by the emulation and by the Triton kernels, each into a
+    fresh guarded NaN output whose guard bands are checked after the launch."""
+    results = []
+    for ops in (EmulatedOps(), TritonOps()):
+        out = Guarded(DEVICE)
+        results.append(out.new(what, shape, dtype))
+        launch(ops, results[-1])
+        out.check()
+    return results[0], results[1]
 
 
 def run_rrcab_pass(width, dtype, n, h, w, deferred, n_add, write_x, fused, seed):
@@ -99,7 +105,7 @@ def run_rrcab_pass(width, dtype, n, h, w, deferred, n_add, write_x, fused, seed)
     if deferred:
         src = src._replace(u=nhwc(n, h, w, c, dtype, 5), sums=torch.randn(n, c, device=DEVICE) * h * w,
                            ca=producer_ca(c, g, r, dtype, c))
-    sums0 = initial_sums(n, c, h, w)
+    sums0 = initial_sums(n, c, h * w * 10, DEVICE)
     results = {}
     for ops in (EmulatedOps(), TritonOps(fused_rrcab=fused)):
         out = Guarded(DEVICE)
@@ -206,13 +212,8 @@ def deferred_source(c, dtype, n, h, w, n_add, seed):
 def check_materialize(c, dtype, n, hw, n_add):
     h, w = hw
     src = deferred_source(c, dtype, n, h, w, n_add, 1)
-    results = []
-    for ops in (EmulatedOps(), TritonOps()):
-        out = Guarded(DEVICE)
-        results.append(out.new("out", src.t.shape, dtype))
-        ops.materialize(src, results[-1])
-        out.check()
-    assert_close(results[1], results[0], tol(dtype, ca_length(c, True)), "materialize")
+    want, got = emulated_and_kernel("out", src.t.shape, dtype, lambda ops, out: ops.materialize(src, out))
+    assert_close(got, want, tol(dtype, ca_length(c, True)), "materialize")
 
 
 @pytest.mark.parametrize("c, dtype, n, hw, n_add", [(48, torch.float32, 2, (5, 7), 2), (16, torch.float16, 3, (9, 4), 1),
@@ -252,15 +253,10 @@ def check_head(c, dtype, n, hw):
     packed = pack_head(trained_mean_shift(-1, c), conv.to(DEVICE), 4)
     x = (torch.rand(n, 3, *hw, device=DEVICE) * 255).to(dtype)
     out_shape = (n, 4 * hw[0], 4 * hw[1], c)
-    results = []
-    for ops in (EmulatedOps(), TritonOps()):
-        out = Guarded(DEVICE)
-        results.append(out.new("head out", out_shape, dtype))
-        ops.head(x, packed, results[-1])
-        out.check()
+    want, got = emulated_and_kernel("head out", out_shape, dtype, lambda ops, out: ops.head(x, packed, out))
     # bilinear (4 terms) → sub_mean (3) → 3×3 conv over 3 channels (27); head products are FMAs,
     # not dots, so fp32 is exact on the GPU too.
-    assert_close(results[1], results[0], tolerance(dtype, 4 + 3 + 27), "head")
+    assert_close(got, want, tolerance(dtype, 4 + 3 + 27), "head")
 
 
 def check_tail(c, dtype, n, hw, seed):
@@ -269,17 +265,12 @@ def check_tail(c, dtype, n, hw, seed):
     packed = pack_tail(tail, trained_mean_shift(1, seed), dtype)
     h, w = hw
     src = deferred_source(c, dtype, n, h, w, 0, 2)
-    results = []
-    for ops in (EmulatedOps(), TritonOps()):
-        out = Guarded(DEVICE)
-        results.append(out.new("tail out", (n, 3, h, w), dtype))
-        ops.tail(src, packed, results[-1])
-        out.check()
+    want, got = emulated_and_kernel("tail out", (n, 3, h, w), dtype, lambda ops, out: ops.tail(src, packed, out))
     # Source, 3×3 conv over every 16-channel chunk, add_mean's 3. The kernel rounds the folded
     # weights M·w to the storage dtype, the emulation rounds w and applies M in fp32: one more
     # rounding, of u_storage, between the two (measured in fp16: at most 5.1e-4 over 36 cases).
     k = ca_length(c, True) + 9 * 16 * -(-c // 16) + 3
-    assert_close(results[1], results[0], tol(dtype, k) + UNIT_ROUNDOFF[dtype], "tail")
+    assert_close(got, want, tol(dtype, k) + UNIT_ROUNDOFF[dtype], "tail")
 
 
 @pytest.mark.parametrize("c, dtype, n, hw", [(24, torch.float32, 2, (5, 6)), (16, torch.float16, 1, (7, 5))])
@@ -338,13 +329,9 @@ def check_conv(kind, c, dtype, n, hw):
     if step.shuffle and isinstance(module, torch.nn.Conv2d):
         y = torch.nn.functional.pixel_shuffle(y, 2)
     shape = (y.shape[0], y.shape[2], y.shape[3], y.shape[1])
-    results = []
-    for ops in (EmulatedOps(), TritonOps()):
-        out = Guarded(DEVICE)
-        results.append(out.new(f"conv {kind} out", shape, dtype))
-        ops.conv(inputs, packed, results[-1], step)
-        out.check()
-    assert_close(results[1], results[0], tol(dtype, conv_length(step.ksize, n_src, c_in)), f"conv {kind}")
+    want, got = emulated_and_kernel(f"conv {kind} out", shape, dtype,
+                                    lambda ops, out: ops.conv(inputs, packed, out, step))
+    assert_close(got, want, tol(dtype, conv_length(step.ksize, n_src, c_in)), f"conv {kind}")
 
 
 @pytest.mark.parametrize("kind, c, dtype, n, hw", [
@@ -379,11 +366,7 @@ def test_conv_with_a_deferred_input(c, dtype, n_add):
     step = Conv("", [], None, 3, 1, shuffle=True)
     n, h, w = 2, 5, 7
     src = deferred_source(c, dtype, n, h, w, n_add, 3)
-    results = []
-    for ops in (EmulatedOps(), TritonOps()):
-        out = Guarded(DEVICE)
-        results.append(out.new("conv out", (n, 2 * h, 2 * w, c // 2), dtype))
-        ops.conv(src, packed, results[-1], step)
-        out.check()
+    want, got = emulated_and_kernel("conv out", (n, 2 * h, 2 * w, c // 2), dtype,
+                                    lambda ops, out: ops.conv(src, packed, out, step))
     k = ca_length(c, True) + conv_length(3, 1, c)
-    assert_close(results[1], results[0], tol(dtype, k), "conv of a deferred input")
+    assert_close(got, want, tol(dtype, k), "conv of a deferred input")
