@@ -39,3 +39,8 @@ class TrainingError(MSFINError, RuntimeError):
 
 class QueueFullError(MSFINError, RuntimeError):
     """A serving queue that is full: the request was not taken; retry later or add capacity."""
+
+
+class NonFiniteOutputError(MSFINError, ArithmeticError):
+    """The model produced NaN or Inf for an input that was finite (an overflow): no image is made
+    from it, since NaN would be written as black."""

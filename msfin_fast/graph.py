@@ -22,34 +22,51 @@ from torch import fx, nn
 from .model import MSFIN
 
 
-class _FeaturesOnly(nn.Module):
-    """Wraps a model so that tracing sees ``features`` (forward also validates and pads)."""
+class _Recorder:
+    """Stands in for ``module`` while one of its methods is recorded.
 
-    def __init__(self, model: MSFIN):
-        super().__init__()
-        self.model = model
+    Reading an attribute gives the module's own value, except that a child module becomes a callable
+    that appends a ``call_module`` node. ``torch.fx``'s ``Tracer`` instead patches
+    ``nn.Module.__call__`` for the whole process while it traces, so a model running in another
+    thread at that moment is recorded into the wrong graph (or fails); recording through this stand-in
+    changes nothing outside it, and any number of threads may record at once.
+    """
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.model.features(y)
+    def __init__(self, module: nn.Module, tracer: fx.proxy.TracerBase):
+        self._module, self._tracer = module, tracer
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if isinstance(value, nn.Module):
+            tracer = self._tracer
+            return lambda *args, **kwargs: tracer.create_proxy("call_module", name, args, kwargs)
+        return value
 
 
-class _LeafTracer(fx.Tracer):
-    """Stops at the model's direct children: each is one layer or block of the network."""
+def record(module: nn.Module, method, inputs: tuple[str, ...] = ("x",)) -> fx.Graph:
+    """The graph of ``method(module, *inputs)`` with ``module``'s direct children as leaves.
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname.startswith("model.") and qualname.count(".") == 1
+    ``method`` is the unbound function (``type(m).forward``, ``MSFIN.features``). Tensor operations
+    between the leaves are recorded through :class:`torch.fx.Proxy` (``+``, ``torch.cat``, …); data-
+    dependent control flow raises ``torch.fx.proxy.TraceError`` as it does under ``fx``.
+    """
+    graph = fx.Graph()
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    args = [tracer.create_proxy("placeholder", name, (), {}) for name in inputs]
+    result = method(_Recorder(module, tracer), *args)
+    graph.output(tracer.create_arg(result))
+    return graph
 
 
 def trace_features(model: MSFIN) -> fx.Graph:
     """The graph of ``model.features`` with the model's direct children as leaves.
 
-    Module targets are returned relative to ``model`` (``"head"``, not ``"model.head"``).
+    Module targets are the attribute names (``"head"``). Recorded without patching torch, so it is
+    safe while other threads run models; every call returns a new graph.
     """
-    graph = _LeafTracer().trace(_FeaturesOnly(model))
+    graph = record(model, type(model).features, ("y",))
     for node in graph.nodes:
-        if node.op == "call_module":
-            node.target = node.target.removeprefix("model.")
-        elif node.op == "call_function" and node.target not in (operator.add, torch.cat):
+        if node.op == "call_function" and node.target not in (operator.add, torch.cat):
             raise NotImplementedError(f"unexpected op {node.target} in MSFIN.features")
         elif node.op in ("call_method", "get_attr"):
             raise NotImplementedError(f"unexpected {node.op} {node.target} in MSFIN.features")

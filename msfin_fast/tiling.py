@@ -17,6 +17,10 @@ memory as uint8 may not fit on a GPU at HR size. Two ways through:
 
 ``bytes_per_output_pixel`` derives the memory a whole-image reference run needs from the same graph,
 so callers can fall back to tiles before running out of memory rather than after.
+
+Thread safety: graphs are recorded without patching torch (``graph.record``), and the graph, the
+footprints and the memory estimate are cached per model (``prepare_exact`` fills them up front), so
+any number of threads may run tiles and estimates at once, beside any other model.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import functools
 import math
 import operator
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterator
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import InvalidInputError
-from .graph import trace_features
+from .graph import record, trace_features
 from .model import _PYRAMID_MULTIPLE, MSFIN, RRCAB, check_input
 
 DEFAULT_TILE_PAD = 10
@@ -144,14 +150,14 @@ def footprint(module: nn.Module) -> Footprint:
     return _traced_footprint(module)
 
 
-class _ChildTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname != "" and "." not in qualname
-
-
 def _traced_footprint(module: nn.Module) -> Footprint:
+    if isinstance(module, nn.Sequential):
+        result = _IDENTITY
+        for child in module:
+            result = result.then(footprint(child))
+        return result
     try:
-        graph = _ChildTracer().trace(module)
+        graph = record(module, type(module).forward)
     except Exception as exc:
         raise NotImplementedError(f"cannot trace {type(module).__name__} for exact tiling: {exc}") from None
     prints: dict[fx.Node, Footprint] = {}
@@ -173,6 +179,61 @@ def _traced_footprint(module: nn.Module) -> Footprint:
                 f"exact tiling cannot map {node.op} {node.target} inside {type(module).__name__}"
             )
     return result
+
+
+# Per-model results of walking the graph, so that no call during inference records anything. Keyed
+# by the module object (weakly: a model that is dropped drops its entries); a module whose layers are
+# replaced after its first tiled run should be given to clear_graph_caches().
+_CACHE_LOCK = threading.Lock()
+_FOOTPRINTS: "weakref.WeakKeyDictionary[nn.Module, Footprint]" = weakref.WeakKeyDictionary()
+_PRE_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, Footprint]" = weakref.WeakKeyDictionary()
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, fx.Graph]" = weakref.WeakKeyDictionary()
+
+
+def _cached(table: weakref.WeakKeyDictionary, key: nn.Module, compute: Callable[[], object]):
+    with _CACHE_LOCK:
+        found = table.get(key)
+    if found is None:
+        found = compute()  # outside the lock: it may look up other entries
+        with _CACHE_LOCK:
+            found = table.setdefault(key, found)
+    return found
+
+
+def cached_footprint(module: nn.Module) -> Footprint:
+    """:func:`footprint`, computed once per module."""
+    return _cached(_FOOTPRINTS, module, lambda: footprint(module))
+
+
+def _rrcab_footprint(block: RRCAB) -> Footprint:
+    """The footprint of one step's layers before the channel attention (``body[:-1]``)."""
+    return _cached(_PRE_ATTENTION, block, lambda: footprint(block.body[:-1]))
+
+
+def features_graph(model: MSFIN) -> fx.Graph:
+    """``graph.trace_features(model)``, recorded once per model (callers only read it)."""
+    return _cached(_GRAPHS, model, lambda: trace_features(model))
+
+
+def prepare_exact(model: MSFIN) -> None:
+    """Walk ``model``'s graph and every layer's footprint now, so exact tiles only read caches."""
+    for node in features_graph(model).nodes:
+        if node.op == "call_module":
+            layer = model.get_submodule(node.target)
+            if isinstance(layer, RRCAB):
+                _rrcab_footprint(layer)
+            else:
+                cached_footprint(layer)
+    for layer in (model.tail2, model.add_mean):
+        cached_footprint(layer)
+
+
+def clear_graph_caches() -> None:
+    """Forget every cached graph, footprint and memory estimate."""
+    with _CACHE_LOCK:
+        for table in (_FOOTPRINTS, _PRE_ATTENTION, _GRAPHS):
+            table.clear()
+    bytes_per_output_pixel.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +285,7 @@ class _Tiler:
     def rrcab(self, block: RRCAB, t: torch.Tensor) -> torch.Tensor:
         """``block(t)`` with the channel attention's mean taken over the whole map."""
         pre, attention = block.body[:-1], block.body[-1]
-        fp = footprint(pre)
+        fp = _rrcab_footprint(block)
         pixels = t.shape[-2] * t.shape[-1]
         for _ in range(1 + block.num_steps):
             u, sums = self.apply(pre, fp, t, channel_sums=True)
@@ -282,7 +343,7 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
         # sub_mean is pointwise, so padding after it equals the reference's padding before it.
         y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
 
-    graph = trace_features(model)
+    graph = features_graph(model)
     freed = _graph_last_uses(graph)
     env: dict[fx.Node, torch.Tensor] = {}
     features = None
@@ -297,7 +358,7 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
             if isinstance(layer, RRCAB):
                 env[node] = tiler.rrcab(layer, *args)
             else:
-                env[node] = tiler.apply(layer, footprint(layer), *args)
+                env[node] = tiler.apply(layer, cached_footprint(layer), *args)
         elif node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         elif node.op == "output":
@@ -306,7 +367,7 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
             env.pop(value, None)
 
     tail = nn.Sequential(model.tail2, model.add_mean)
-    out = tiler.apply(tail, footprint(tail), features)
+    out = tiler.apply(tail, cached_footprint(model.tail2).then(cached_footprint(model.add_mean)), features)
     return out[..., :H, :W]
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .ensemble import self_ensemble as run_self_ensemble
-from .errors import DeviceError, InvalidInputError, QueueFullError
+from .errors import DeviceError, InvalidInputError, NonFiniteOutputError, QueueFullError
 from .images import (
     Picture,
     from_pil,
@@ -29,14 +29,16 @@ from .images import (
     write_image,
 )
 from .config import MSFINConfig
-from .model import MSFIN
+from .model import MSFIN, check_input
 from .tiling import (
     DEFAULT_TILE_PAD,
     MIN_TILE,
     available_memory,
+    bytes_per_output_pixel,
     choose_tile,
     exact_tiled_forward,
     fits,
+    prepare_exact,
     tiled_forward,
 )
 from .weights import load_pretrained
@@ -203,6 +205,34 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
             tile //= 2
 
 
+def check_output(y: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise NonFiniteOutputError when ``y`` (the model's output for ``x``) holds NaN or Inf."""
+    bad = int((~torch.isfinite(y)).sum())
+    if not bad:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 or hi > 256:
+        why = f"the input's values run from {lo:g} to {hi:g}; the model takes pixels in 0–255"
+    elif y.dtype in (torch.float16, torch.bfloat16) or x.dtype in (torch.float16, torch.bfloat16):
+        why = "an activation overflowed in reduced precision; run this image in fp32"
+    else:
+        why = "the weights or the model are broken (a finite 0–255 input gave NaN/Inf in fp32)"
+    raise NonFiniteOutputError(
+        f"the model produced {bad} NaN/Inf value(s) in a {tuple(y.shape)} output; {why}. "
+        "No image was made from it"
+    )
+
+
+def prepare(model: torch.nn.Module, dtype: torch.dtype, options: RunOptions) -> None:
+    """Compute up front what a run of ``model`` looks up (the memory estimate, the exact-tile graph),
+    so that concurrent first calls find it ready."""
+    config = model_config(model)
+    if config is not None and _engine_arena(model) is None:
+        bytes_per_output_pixel(config, dtype)
+    if isinstance(model, MSFIN) and options.tile_mode == "exact":
+        prepare_exact(model)
+
+
 def run_forward(model: torch.nn.Module, x: torch.Tensor, options: RunOptions) -> torch.Tensor:
     """``model(x)`` with the tiling and self-ensemble that ``options`` ask for ([N,3,h,w] 0–255)."""
     def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -274,19 +304,25 @@ class Upscaler:
                 f"exact tiles walk the reference MSFIN's graph; {type(self.model).__name__} is not one. "
                 "Use tile_mode='plain'"
             )
+        prepare(self.model, self.dtype, self.options)
 
     @property
     def scale(self) -> int:
         return getattr(self.model, "scale", 4)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_forward(self.model, x, self.options)
+        y = run_forward(self.model, x, self.options)
+        check_output(y, x)
+        return y
 
     @torch.inference_mode()
     def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 3, h, w] float in 0–255 → [N, 3, s·h, s·w] float, unclamped, on the input's device."""
-        if not isinstance(x, torch.Tensor):
-            raise InvalidInputError(f"expected a torch.Tensor [N, 3, h, w], got {type(x).__name__}")
+        """[N, 3, h, w] float in 0–255 → [N, 3, s·h, s·w] float, unclamped, on the input's device.
+
+        Raises InvalidInputError for anything else (checked before any work) and
+        NonFiniteOutputError when the output would hold NaN or Inf.
+        """
+        check_input(x)
         source_device = x.device
         if x.is_floating_point():
             x = x.to(self.dtype)
