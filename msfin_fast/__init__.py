@@ -14,6 +14,7 @@ from .errors import (
     ImageReadError,
     ImageWriteError,
     InvalidInputError,
+    NonFiniteOutputError,
     MSFINError,
     QueueFullError,
     WeightsError,
@@ -27,7 +28,7 @@ __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
     "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "ServingUpscaler", "optimize", "Engine",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
-    "InvalidInputError", "QueueFullError", "WeightsError",
+    "InvalidInputError", "NonFiniteOutputError", "QueueFullError", "WeightsError",
 ]
 
 # Training (the paper's recipe). The function msfin_fast.train.train is not re-exported: the name

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageReadError, ImageWriteError, InvalidInputError
+from .errors import ImageReadError, ImageWriteError, InvalidInputError, MSFINError
 from .fileio import atomic_write
 
 # suffix → (Pillow format, save options)
@@ -28,6 +28,10 @@ WRITE_FORMATS: dict[str, tuple[str, dict]] = {
     ".tiff": ("TIFF", {}),
 }
 READ_SUFFIXES = tuple(WRITE_FORMATS)
+# The decoders that are ever run, whatever a file's name or an upload's content says. Pillow would
+# otherwise also try GIF, PPM, ICO, TGA, PCX and a dozen more on anything it is handed.
+READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")
+_FORMAT_NAMES = "PNG, JPEG, BMP, WebP or TIFF"
 _NO_ALPHA_FORMATS = {"JPEG"}
 
 
@@ -68,9 +72,16 @@ def from_pil(img: Image.Image) -> Picture:
         img = img.convert("RGBA")
     elif mode in ("I", "F") or mode.startswith("I;16"):
         # 16-bit (or 32-bit) greyscale: the model works in 8 bits, so scale 0..65535 to 0..255.
+        if mode == "F":
+            raise ImageReadError("unsupported image mode 'F' (floating-point samples); save it as 8- or 16-bit")
         values = np.asarray(img, dtype=np.float64)
-        if mode == "F" or values.max(initial=0) > 65535:
-            raise ImageReadError(f"unsupported image mode {mode!r} (float or >16-bit samples)")
+        lo, hi = values.min(initial=0), values.max(initial=0)
+        if lo < 0 or hi > 65535:
+            # Refused rather than clipped: a clipped picture would be a different picture, silently.
+            raise ImageReadError(
+                f"unsupported 32-bit grey samples from {lo:.0f} to {hi:.0f}; only 0–65535 (16-bit) "
+                "grey is read, and out-of-range values are refused rather than clipped"
+            )
         img = Image.fromarray(np.round(values * (255.0 / 65535.0)).astype(np.uint8), mode="L")
     elif mode == "1":
         img = img.convert("L")
@@ -116,24 +127,38 @@ def picture_to_array(picture: Picture, channels: int) -> np.ndarray:
     return out[..., 0] if channels == 0 else out
 
 
+def decode_image(source, label: str, check_size=None) -> Picture:
+    """Decode an image from a path or a binary file object with one of :data:`READ_FORMATS`.
+
+    ``label`` names the source in errors. ``check_size(width, height)`` runs before the pixels are
+    decoded (after the header only) and may raise to refuse the image. The EXIF orientation is
+    applied so the pixels are upright.
+    """
+    try:
+        with Image.open(source, formats=READ_FORMATS) as img:
+            if check_size is not None:
+                check_size(*img.size)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return from_pil(img)
+    except MSFINError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{label}: not an image file, or not one of {_FORMAT_NAMES}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{label}: refused, too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{label}: cannot read image ({exc})") from None
+
+
 def read_image(path: str | Path) -> Picture:
-    """Read an image file; the EXIF orientation is applied so the pixels are upright."""
+    """Read an image file (:data:`READ_FORMATS`); the EXIF orientation is applied."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, not an image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: refused, too many pixels ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from None
-    return from_pil(img)
+    return decode_image(path, str(path))
 
 
 def to_pil(picture: Picture) -> Image.Image:

@@ -41,7 +41,7 @@ from .tiling import (
     prepare_exact,
     tiled_forward,
 )
-from .weights import load_pretrained
+from .weights import check_values, load_pretrained
 
 TILE_MODES = ("plain", "exact")
 
@@ -283,6 +283,7 @@ class Upscaler:
         load_dtype = self.dtype if backend == "reference" else torch.float32
         if isinstance(model, torch.nn.Module):
             self.name = "custom"
+            check_values(model.named_parameters(), f"the given {type(model).__name__}")
             self.model = model.to(device=self.device, dtype=load_dtype).eval()
         else:
             self.name = model

@@ -226,6 +226,28 @@ def check_state_dict(model: MSFIN, state: Mapping[str, torch.Tensor], preset: st
     raise WeightsError(f"{source} does not fit preset {preset!r}: " + "; ".join(parts) + hint)
 
 
+def check_values(named_tensors, source: str) -> None:
+    """Raise WeightsError naming the first tensor that is not floating point or holds NaN/Inf.
+
+    Such a checkpoint loads without complaint and then makes every output NaN, which an image
+    writer turns into black: the file is refused here instead.
+    """
+    for name, tensor in named_tensors:
+        if not tensor.is_floating_point():
+            raise WeightsError(
+                f"{source}: tensor {name!r} has dtype {tensor.dtype}; weights must be floating point "
+                "(the file is not a trained MSFIN checkpoint, or was converted wrongly)"
+            )
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            kinds = [k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(tensor.detach()).any())]
+            raise WeightsError(
+                f"{source}: tensor {name!r} holds {bad} {'/'.join(kinds)} value(s) of {tensor.numel()}; "
+                "the checkpoint is corrupt or came from a diverged training run"
+            )
+
+
 def load_pretrained(
     name: str = "msfin-x4",
     device: str | torch.device = "cpu",
@@ -249,6 +271,7 @@ def load_pretrained(
     state = read_state_dict(path)
     model = MSFIN(config)
     check_state_dict(model, state, name, str(path))
+    check_values(((k, state[k]) for k in model.state_dict()), str(path))
     model.load_state_dict(state, strict=True)
     if backend is not None:
         from .engine import optimize

@@ -135,3 +135,17 @@ def test_console_entry_point_runs_without_traceback(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"msfin-fast: error: {tmp_path / 'x.png'}: no such file or folder"]
+
+
+def test_weights_with_nan_fail_before_any_image_is_written(tmp_path, weights_dir, capsys, one_line_error):
+    import torch
+
+    state = torch.load(weights_dir / "MSFIN-S_X4.pt", map_location="cpu", weights_only=True)
+    state["block_re2.body.0.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    _png(tmp_path / "x.png")
+    code = main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--model", "msfin-s-x4", "--weights", str(tmp_path / "nan.pt")])
+    assert code == 1
+    one_line_error("block_re2.body.0.bias", "NaN")
+    assert not (tmp_path / "o.png").exists()

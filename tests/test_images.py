@@ -164,3 +164,33 @@ def test_list_image_files_filters_and_sorts(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.png").mkdir()
     assert [p.name for p in images.list_image_files(tmp_path)] == ["a.jpg", "b.PNG", "c.webp"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PPM", "ICO", "TGA", "PCX"])
+def test_only_the_documented_formats_are_decoded(tmp_path, fmt):
+    """Pillow would decode these too; no decoder beyond PNG, JPEG, BMP, WebP and TIFF is ever run,
+    whatever the file's suffix says."""
+    path = tmp_path / "x.png"
+    Image.fromarray(RGB).save(path, format=fmt)
+    with pytest.raises(ImageReadError, match="not one of PNG, JPEG, BMP, WebP or TIFF"):
+        read_image(path)
+
+
+def test_thirty_two_bit_grey_out_of_range_is_refused_not_wrapped(tmp_path):
+    """Negative 32-bit samples used to wrap to white through uint8."""
+    path = tmp_path / "i32.tif"
+    Image.fromarray(np.array([[-5, 0, 300]], dtype=np.int32)).save(path)
+    with pytest.raises(ImageReadError, match=r"32-bit grey samples from -5 to 300; .*refused rather than clipped"):
+        read_image(path)
+    Image.fromarray(np.array([[70000, 0]], dtype=np.int32)).save(path)
+    with pytest.raises(ImageReadError, match="from 0 to 70000"):
+        read_image(path)
+    Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(path)
+    assert read_image(path).rgb[0, :, 0].tolist() == [0, 255]
+
+
+def test_float_images_are_refused(tmp_path):
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.array([[0.5, 1.0]], dtype=np.float32)).save(path)
+    with pytest.raises(ImageReadError, match="floating-point samples"):
+        read_image(path)

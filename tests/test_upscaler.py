@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msfin_fast import DeviceError, InvalidInputError, Upscaler
+from msfin_fast import DeviceError, InvalidInputError, NonFiniteOutputError, Upscaler
 from msfin_fast.upscaler import resolve_device, resolve_dtype
 
 RNG = np.random.default_rng(0)
@@ -137,3 +137,42 @@ def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
     monkeypatch.setattr(up_mod, "available_memory", lambda device: int(whole * up_mod.ENGINE_HEADROOM * 2))
     with torch.no_grad():
         assert torch.equal(up_mod.run_forward(engine, x, up_mod.RunOptions()), engine(x))
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "floating-point tensor"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.int32), "floating-point tensor"),
+    (torch.zeros(3, 8, 8), r"4-D tensor \[N, 3, h, w\], got shape \(3, 8, 8\); add a batch dimension"),
+    (torch.zeros(8, 8), "4-D tensor"),
+    (torch.zeros(1, 3, 0, 8), "empty input"),
+])
+def test_bad_tensors_are_named_before_any_work(upscaler, monkeypatch, x, message):
+    """The memory estimate used to run first, so an integer tensor gave a raw TypeError and a 3-D
+    one an unpacking error."""
+    import msfin_fast.upscaler as module
+
+    monkeypatch.setattr(module, "available_memory", lambda device: pytest.fail("estimated memory first"))
+    with pytest.raises(InvalidInputError, match=message):
+        upscaler.upscale(x)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38])
+def test_inputs_that_overflow_raise_instead_of_returning_nan(upscaler, value):
+    x = torch.full((1, 3, 6, 6), 100.0)
+    x[0, 1, 2, 3] = value
+    with pytest.raises(NonFiniteOutputError, match=r"NaN/Inf .*values run from .* the model takes pixels in 0–255"):
+        upscaler.upscale(x)
+
+
+def test_fp16_overflow_is_an_error_not_a_black_image(pretrained):
+    """A model whose activations overflow fp16 (here: one weight scaled up) gives an error naming
+    the cause; the float32 run of the same model is finite."""
+    import copy
+
+    model = copy.deepcopy(pretrained("msfin-s-x4"))
+    with torch.no_grad():
+        model.tail2.weight.mul_(3e3)
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Upscaler(model, device="cpu").upscale(image)
+    with pytest.raises(NonFiniteOutputError, match="overflowed in reduced precision; run this image in fp32"):
+        Upscaler(model, device="cpu", dtype="fp16").upscale(image)

@@ -166,3 +166,29 @@ def test_download_with_wrong_checksum_saves_nothing(weights_dir, mirror):
 def test_download_failure_is_a_clear_error(mirror):
     with pytest.raises(WeightsError, match="download from .* failed .*MSFIN_WEIGHTS_DIR"):
         load_pretrained("msfin-x4")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.index_fill_(0, torch.tensor([0]), float("nan")), r"'ds0_body3.body.2.weight' holds \d+ NaN value"),
+    (lambda t: t.index_fill_(0, torch.tensor([1]), float("-inf")), r"'ds0_body3.body.2.weight' holds \d+ Inf value"),
+    (lambda t: t.round().to(torch.int64), r"'ds0_body3.body.2.weight' has dtype torch.int64; weights must be floating"),
+])
+def test_non_finite_or_integer_tensors_are_refused_by_name(weights_dir, tmp_path, damage, message):
+    """Such files load without a complaint from torch and make every image black (NaN → 0)."""
+    state = torch.load(weights_dir / "MSFIN-S_X4.pt", map_location="cpu", weights_only=True)
+    state["ds0_body3.body.2.weight"] = damage(state["ds0_body3.body.2.weight"].clone())
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=message):
+        load_pretrained("msfin-s-x4", weights=path)
+
+
+def test_upscaler_refuses_a_module_with_non_finite_parameters():
+    from msfin_fast import Upscaler
+    from msfin_fast.model import MSFIN
+
+    model = MSFIN("msfin-s-x4")
+    with torch.no_grad():
+        model.tail2.bias[1] = float("nan")
+    with pytest.raises(WeightsError, match=r"the given MSFIN: tensor 'tail2.bias' holds 1 NaN"):
+        Upscaler(model, device="cpu")
