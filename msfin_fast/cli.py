@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +43,27 @@ class Progress:
         else:
             self.stream.write(f"[{self.done}/{self.total}] {label}\n")
         self.stream.flush()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: temporary files are
+    removed, training saves its checkpoint, and the exit status is 143 (128 + SIGTERM)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(message: str) -> None:
@@ -165,6 +189,12 @@ def cmd_upscale(args) -> int:
         jobs = [(src, dst)]
     for _, out in jobs:
         check_writable(out)
+    from .fileio import remove_stale_parts
+
+    stale = [p for folder in sorted({out.parent for _, out in jobs}) for p in remove_stale_parts(folder)]
+    if stale:
+        warnings.warn(f"removed {len(stale)} temporary file(s) left by an interrupted earlier run "
+                      f"(e.g. {stale[0]})")
 
     upscaler = _make_upscaler(args.model, args)
     progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
@@ -315,7 +345,7 @@ def cmd_train(args) -> int:
     if summary.interrupted:
         print(f"{PROG}: interrupted; checkpoint saved, continue with: {PROG} train --out {args.out} --resume",
               file=sys.stderr)
-        return 130
+        return 128 + int(getattr(trainer, "stop_signal", None) or signal.SIGINT)
     return 0
 
 
@@ -349,7 +379,7 @@ COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_as_interrupt():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
         try:
@@ -360,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             _error("out of memory; try a smaller image or another device")
             return 1
+        except Terminated:
+            print(f"{PROG}: terminated", file=sys.stderr)
+            return 143
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130

@@ -521,6 +521,7 @@ class Trainer:
         self._window_count = 0
         self._batches: Iterator | None = None
         self._stop = threading.Event()
+        self.stop_signal: int | None = None  # the signal that asked the last run to stop
 
         if _state is not None:
             self._load_state(_state)
@@ -729,8 +730,8 @@ class Trainer:
     def run(self) -> TrainSummary:
         """Train to ``config.steps``, validating, logging and checkpointing on the way.
 
-        The first Ctrl-C finishes the current step, saves a checkpoint and returns (``interrupted``
-        is set); a second one stops at once.
+        The first Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and returns
+        (``interrupted`` is set, ``stop_signal`` says which); a second one stops at once.
         """
         cfg = self.config
         log = _CsvLog(cfg.out / LOG_FILE, self.step_count)
@@ -778,13 +779,15 @@ class Trainer:
         def handler(signum, frame):
             if self._stop.is_set():
                 raise KeyboardInterrupt
+            self.stop_signal = signum
             self.request_stop()
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
             self._stop.clear()
 
 

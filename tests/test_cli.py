@@ -1,5 +1,6 @@
 """The msfin-fast CLI: the main job, folders, and one-line errors with a non-zero exit."""
 
+import os
 import subprocess
 import sys
 
@@ -149,3 +150,61 @@ def test_weights_with_nan_fail_before_any_image_is_written(tmp_path, weights_dir
     assert code == 1
     one_line_error("block_re2.body.0.bias", "NaN")
     assert not (tmp_path / "o.png").exists()
+
+
+def _folder_job(tmp_path, count=40, size=48):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(count):
+        _png(src / f"{i:03d}.png", (size, size, 3))
+    return src, dst
+
+
+def _parts(folder):
+    return sorted(p.name for p in folder.glob(".*.part")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("sig, status, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signalled_folder_run_stops_cleanly(tmp_path, weights_dir, sig, status, word):
+    """SIGTERM is handled like Ctrl-C: the run stops, no temporary file is left, the exit status
+    says which signal, and every output that exists is a complete image."""
+    import os
+    import signal
+    import time
+
+    src, dst = _folder_job(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "msfin_fast", "upscale", "-i", str(src), "-o", str(dst),
+                             "--model", "msfin-s-x4", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MSFIN_WEIGHTS_DIR": str(weights_dir)})
+    deadline = time.monotonic() + 120
+    while not (dst.exists() and any(dst.glob("*.png"))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err
+    assert f"msfin-fast: {word}" in err and "Traceback" not in err
+    written = sorted(dst.glob("*.png"))
+    assert 0 < len(written) < 40, "the signal did not stop the run"
+    assert _parts(dst) == []
+    for path in written:
+        assert Image.open(path).size == (192, 192)
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, weights_dir, capsys):
+    """A SIGKILLed run cannot clean up; the next run into the same folder removes what it left,
+    but never the temporary file of a writer that is still running."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    src, dst = _folder_job(tmp_path, count=2, size=8)
+    dst.mkdir()
+    stale = dst / f".000.png.{dead.pid}.abcd_123.part"
+    live = dst / f".001.png.{os.getpid()}.zz99aa11.part"
+    unrelated = dst / ".notes.part"
+    for p in (stale, live, unrelated):
+        p.write_bytes(b"partial")
+    assert main(["upscale", "-i", str(src), "-o", str(dst), "--model", "msfin-s-x4"]) == 0
+    assert _parts(dst) == sorted([live.name, unrelated.name])
+    assert "removed 1 temporary file(s) left by an interrupted earlier run" in capsys.readouterr().err
