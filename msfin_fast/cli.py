@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload in MiB, else 413 (default 20)")
     sv.add_argument("--max-pixels", type=_positive_int, default=2_000_000,
                     help="largest image in LR pixels (w·h), else 400 (default 2,000,000)")
+    sv.add_argument("--max-work", type=float, default=16.0, metavar="MPX",
+                    help="largest work per request in millions of LR pixel-runs, counting self-ensemble (×8) "
+                         "and tile overhead, else 400 (default 16)")
+    sv.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                    help="seconds for a connection to deliver a request head, else 408 (default 10)")
+    sv.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                    help="seconds to receive a whole body, else 408 (default 60)")
+    sv.add_argument("--max-bodies", type=_positive_int, default=16,
+                    help="uploads received at once; more wait up to 1 s, then 503 (default 16)")
+    sv.add_argument("--max-connections", type=_positive_int, default=512,
+                    help="open connections; beyond it requests get 503 (default 512)")
     sv.add_argument("--graph-cache", type=int, default=8,
                     help="captured CUDA graphs kept, one per batch size and shape (default 8; 0: none)")
 
@@ -357,7 +368,14 @@ def cmd_serve(args) -> int:
         raise InvalidInputError(f"--port {args.port} is out of range (0 to 65535)")
     if args.batch_window_ms < 0 or args.max_body_mb <= 0 or args.graph_cache < 0:
         raise InvalidInputError("--batch-window-ms and --graph-cache must be >= 0 and --max-body-mb > 0")
-    limits = Limits(max_body=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels)
+    for flag, value in (("--max-work", args.max_work), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise InvalidInputError(f"{flag} must be > 0, got {value}")
+    limits = Limits(max_body=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                    max_work=args.max_work * 1e6, header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout, max_bodies=args.max_bodies,
+                    max_connections=args.max_connections)
     upscaler = ServingUpscaler(
         args.model, device=args.device, dtype=args.precision, weights=args.weights,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,

@@ -1,17 +1,27 @@
 """``msfin-fast serve``: an HTTP endpoint in front of a :class:`~msfin_fast.upscaler.ServingUpscaler`.
 
-Starlette (routing, streaming request bodies) on uvicorn (the ASGI server, with a connection
-limit answered by 503). The event loop only reads bodies and awaits futures; decoding and PNG
-encoding run in a thread pool, and the model runs in the ServingUpscaler's own worker thread,
-which batches requests of the same shape.
+Starlette (routing, streaming request bodies) on uvicorn's h11 protocol, extended with a deadline
+for request heads and a connection cap (:func:`make_server`). The event loop only reads bodies and
+awaits futures; decoding and PNG encoding run in a thread pool, and the model runs in the
+ServingUpscaler's own worker thread, which batches requests of the same shape.
 
 Endpoints:
-  POST /upscale   raw image bytes as the body (any Content-Type; PNG, JPEG, BMP, WebP, TIFF) →
-                  the ×4 image as PNG. Query: ``self_ensemble=1``, ``tile=N``, ``tile_mode=exact``.
+  POST /upscale   raw image bytes as the body (any Content-Type; PNG, JPEG, BMP, WebP or TIFF, no
+                  other decoder is run) → the ×4 image as PNG. Query: ``self_ensemble=1``,
+                  ``tile=N`` (N ≥ 8), ``tile_mode=exact``.
   GET  /healthz   JSON: status, model, device.
-  GET  /metrics   Prometheus text: requests by status, latency quantiles, batch sizes, queue depth.
-Refusals: a body over the size limit → 413; not an image, too many pixels, bad query → 400;
-queue full or too many connections → 503 (with Retry-After).
+  GET  /metrics   Prometheus text: requests by status, refusals by reason, latency quantiles,
+                  batch sizes, queue depth.
+
+Every refusal is answered by this module and counted in /metrics (see :class:`Limits`):
+  400  not an image, a format not listed, too many pixels, too much work, a bad query
+  408  the request head or body did not arrive within its deadline
+  413  a body over the size limit
+  499  (metrics only) the client went away; its queued work is cancelled
+  500  the model failed, or produced NaN/Inf
+  503  the queue is full, every body slot is taken, or too many connections (with Retry-After)
+A response to a request whose body was not read to its end carries ``Connection: close``, and the
+connection is closed after it.
 """
 
 from __future__ import annotations
@@ -24,38 +34,68 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidInputError, MSFINError, QueueFullError
-from .images import Picture, from_pil, to_pil
-from .upscaler import TILE_MODES, RunOptions, ServingUpscaler
+from .errors import ImageReadError, InvalidInputError, MSFINError, NonFiniteOutputError, QueueFullError
+from .images import Picture, decode_image, to_pil
+from .upscaler import MIN_TILE, TILE_MODES, RunOptions, ServingUpscaler, estimated_work, upscale_alpha
 
 LATENCY_WINDOW = 1024
 _NEEDS_EXTRA = "serving needs starlette and uvicorn: pip install 'msfin_fast[serve]'"
+REFUSAL_REASONS = ("header_timeout", "body_timeout", "too_many_connections", "no_body_slot", "queue_full",
+                   "body_too_large", "too_many_pixels", "too_much_work", "bad_request", "client_gone")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """max_body: bytes of one upload; max_pixels: LR pixels (w·h) of one image."""
+    """What one request may cost the service, and how long the service waits for it.
+
+    max_body:        bytes of one upload (413 beyond it).
+    max_pixels:      LR pixels (w·h) of one image (400 beyond it; checked from the header, before
+                     the pixels are decoded).
+    max_work:        LR pixels of whole-image work one request may cost, counting self-ensemble
+                     (×8) and tiles (their padding and a fixed cost per tile; see
+                     ``upscaler.estimated_work``). The default admits the largest image with
+                     self-ensemble, or with plain tiles of 64 and more without it (400 beyond it).
+    header_timeout:  seconds from a connection's start (or its previous response) to a complete
+                     request head (408 and close beyond it).
+    body_timeout:    seconds to receive a whole body once its head is in (408 and close).
+    max_bodies:      bodies being received or decoded at once: memory held for uploads stays under
+                     max_bodies × max_body. A request that finds no slot within ``slot_wait``
+                     seconds gets 503.
+    max_connections: open connections; beyond it a request is answered 503 and its connection closed.
+    """
 
     max_body: int = 20 * 2**20
     max_pixels: int = 2_000_000
+    max_work: float = 16_000_000
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_bodies: int = 16
+    slot_wait: float = 1.0
+    max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_pixels", "max_work", "header_timeout", "body_timeout", "max_bodies",
+                     "max_connections"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.slot_wait >= 0:
+            raise InvalidInputError(f"Limits.slot_wait must be >= 0, got {self.slot_wait!r}")
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str, close: bool = False):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.reason, self.close = status, message, reason, close
 
 
 class Metrics:
-    """Request counts by status and latencies of the last ``LATENCY_WINDOW`` upscale requests."""
+    """Request counts by status, refusals by reason, latencies of the last ``LATENCY_WINDOW``."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.by_status: collections.Counter = collections.Counter()
+        self.refused: collections.Counter = collections.Counter()
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self.latency_sum = 0.0
 
@@ -64,6 +104,14 @@ class Metrics:
             self.by_status[status] += 1
             self.latencies.append(seconds)
             self.latency_sum += seconds
+
+    def refuse(self, reason: str) -> None:
+        with self._lock:
+            self.refused[reason] += 1
+
+    def counts(self) -> tuple[dict[int, int], dict[str, int]]:
+        with self._lock:
+            return dict(self.by_status), dict(self.refused)
 
     def quantiles(self, qs=(0.5, 0.9, 0.99)) -> dict[float, float]:
         with self._lock:
@@ -76,10 +124,15 @@ class Metrics:
         stats = upscaler.snapshot()
         with self._lock:
             by_status, total, latency_sum = dict(self.by_status), sum(self.by_status.values()), self.latency_sum
+            refused = dict(self.refused)
         lines = [
-            "# HELP msfin_requests_total Upscale requests answered, by HTTP status.",
+            "# HELP msfin_requests_total Upscale requests answered, by HTTP status (499: the client left).",
             "# TYPE msfin_requests_total counter",
             *(f'msfin_requests_total{{status="{code}"}} {n}' for code, n in sorted(by_status.items())),
+            "# HELP msfin_refused_total Requests and connections refused, by reason (header_timeout and",
+            "# too_many_connections are answered before /upscale is reached, so they are not in requests_total).",
+            "# TYPE msfin_refused_total counter",
+            *(f'msfin_refused_total{{reason="{r}"}} {refused.get(r, 0)}' for r in REFUSAL_REASONS),
             f"# HELP msfin_request_latency_seconds Upscale latency; quantiles over the last {LATENCY_WINDOW}.",
             "# TYPE msfin_request_latency_seconds summary",
             *(f'msfin_request_latency_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self.quantiles().items()),
@@ -103,6 +156,9 @@ class Metrics:
             "# HELP msfin_images_total Images upscaled.",
             "# TYPE msfin_images_total counter",
             f"msfin_images_total {stats.images}",
+            "# HELP msfin_cancelled_total Queued requests dropped before they ran (their client left).",
+            "# TYPE msfin_cancelled_total counter",
+            f"msfin_cancelled_total {stats.cancelled}",
             "# HELP msfin_cuda_graph_hits_total Batches replayed from a cached CUDA graph.",
             "# TYPE msfin_cuda_graph_hits_total counter",
             f"msfin_cuda_graph_hits_total {stats.graph_hits}",
@@ -110,34 +166,45 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def decode_upload(body: bytes, max_pixels: int) -> Picture:
-    """Bytes of an uploaded image → Picture, refusing non-images and images over ``max_pixels``."""
+def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None) -> Picture:
+    """Bytes of an uploaded image → Picture, refusing non-images, formats other than PNG, JPEG, BMP,
+    WebP and TIFF, and images over ``limits.max_pixels`` or (with ``options``) ``limits.max_work``,
+    both checked from the header before any pixel is decoded."""
     if not body:
-        raise _Refused(400, "empty body; POST the image file's bytes as the request body")
+        raise _Refused(400, "empty body; POST the image file's bytes as the request body", "bad_request")
+
+    def check_size(w: int, h: int) -> None:
+        if w * h > limits.max_pixels:
+            raise _Refused(400, f"image is {w}×{h} = {w * h} pixels; this server takes at most "
+                                f"{limits.max_pixels} pixels per image (tile it client-side or raise --max-pixels)",
+                           "too_many_pixels")
+        if options is not None:
+            work = estimated_work(h, w, options)
+            if work > limits.max_work:
+                parts = [f"{w}×{h} px"]
+                if options.self_ensemble:
+                    parts.append("self_ensemble (×8)")
+                if options.tile is not None:
+                    parts.append(f"{options.tile_mode} tiles of {options.tile}")
+                raise _Refused(400, f"too much work: {' with '.join(parts)} costs {work / 1e6:.1f} M pixel-runs; "
+                                    f"this server takes at most {limits.max_work / 1e6:.1f} M per request "
+                                    "(send a smaller image, larger tiles, or no self_ensemble)", "too_much_work")
+
     try:
-        with Image.open(io.BytesIO(body)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise _Refused(400, f"image is {w}×{h} = {w * h} pixels; this server takes at most "
-                                    f"{max_pixels} pixels per image (tile it client-side or raise --max-pixels)")
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except UnidentifiedImageError:
-        raise _Refused(400, "the body is not an image (or a format Pillow cannot read); "
-                            "send PNG, JPEG, BMP, WebP or TIFF bytes") from None
-    except Image.DecompressionBombError:
-        raise _Refused(400, f"image has too many pixels; this server takes at most {max_pixels}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise _Refused(400, f"cannot decode the image ({exc})") from None
-    return from_pil(img)
+        return decode_image(io.BytesIO(body), "the body", check_size)
+    except ImageReadError as exc:
+        message = str(exc).removeprefix("the body: ")
+        if "too many pixels" in message:
+            raise _Refused(400, f"image has too many pixels; this server takes at most {limits.max_pixels}",
+                           "too_many_pixels") from None
+        if "not an image file" in message:
+            message = ("the body is not an image, or not one of PNG, JPEG, BMP, WebP or TIFF; "
+                       "send the file's bytes")
+        raise _Refused(400, message, "bad_request") from None
 
 
 def encode_png(picture: Picture, rgb: np.ndarray, scale: int) -> bytes:
-    alpha = None
-    if picture.alpha is not None:
-        a = torch.from_numpy(picture.alpha).float()[None, None]
-        a = F.interpolate(a, scale_factor=scale, mode="bicubic", align_corners=False)
-        alpha = a[0, 0].clamp_(0, 255).round_().to(torch.uint8).numpy()
+    alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, scale)
     buffer = io.BytesIO()
     to_pil(Picture(rgb, alpha, picture.grey)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
@@ -148,77 +215,140 @@ def _flag(value: str, name: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise _Refused(400, f"query parameter {name}={value!r} must be 0/1 or true/false")
+    raise _Refused(400, f"query parameter {name}={value!r} must be 0/1 or true/false", "bad_request")
 
 
-def create_app(upscaler: ServingUpscaler, limits: Limits = Limits()):
+def _text(status: int, message: str, close: bool = False, retry: bool = False):
+    from starlette.responses import PlainTextResponse
+
+    headers = {}
+    if retry:
+        headers["Retry-After"] = "1"
+    if close:
+        headers["Connection"] = "close"
+    return PlainTextResponse(f"error: {message}\n", status_code=status, headers=headers or None)
+
+
+def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Metrics | None = None):
     """The Starlette application serving ``upscaler``."""
     try:
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, PlainTextResponse, Response
         from starlette.routing import Route
     except ImportError:
         raise MSFINError(_NEEDS_EXTRA) from None
 
-    metrics = Metrics()
+    metrics = metrics or Metrics()
+    body_slots = asyncio.Semaphore(limits.max_bodies)
 
     def options_from(query) -> RunOptions:
         unknown = set(query) - {"self_ensemble", "tile", "tile_mode"}
         if unknown:
             raise _Refused(400, f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
-                                "use self_ensemble, tile, tile_mode")
+                                "use self_ensemble, tile, tile_mode", "bad_request")
         tile = query.get("tile")
         if tile is not None:
-            if not tile.isdigit() or int(tile) < 1:
-                raise _Refused(400, f"tile={tile!r} must be a positive integer (LR pixels)")
+            # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+            if not (tile.isascii() and tile.isdigit()) or len(tile) > 9 or int(tile) < MIN_TILE:
+                raise _Refused(400, f"tile={tile!r} must be an integer of at least {MIN_TILE} (LR pixels)",
+                               "bad_request")
             tile = int(tile)
         mode = query.get("tile_mode", "plain")
         if mode not in TILE_MODES:
-            raise _Refused(400, f"tile_mode={mode!r} must be one of {', '.join(TILE_MODES)}")
+            raise _Refused(400, f"tile_mode={mode!r} must be one of {', '.join(TILE_MODES)}", "bad_request")
         if mode == "exact" and tile is None:
-            raise _Refused(400, "tile_mode=exact needs tile=N")
-        return upscaler.options(tile=tile, tile_mode=mode,
-                                self_ensemble=_flag(query.get("self_ensemble", "0"), "self_ensemble"))
+            raise _Refused(400, "tile_mode=exact needs tile=N", "bad_request")
+        try:
+            return upscaler.options(tile=tile, tile_mode=mode,
+                                    self_ensemble=_flag(query.get("self_ensemble", "0"), "self_ensemble"))
+        except InvalidInputError as exc:
+            raise _Refused(400, str(exc), "bad_request") from None
 
     async def read_body(request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
-            raise _Refused(413, f"body is {declared} bytes; the limit is {limits.max_body} bytes")
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limits.max_body:
+            raise _Refused(413, f"body is {declared} bytes; the limit is {limits.max_body} bytes",
+                           "body_too_large", close=True)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body:
-                raise _Refused(413, f"body exceeds the limit of {limits.max_body} bytes")
+
+        async def receive_all():
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limits.max_body:
+                    raise _Refused(413, f"body exceeds the limit of {limits.max_body} bytes",
+                                   "body_too_large", close=True)
+
+        try:
+            await asyncio.wait_for(receive_all(), limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise _Refused(408, f"the body did not arrive within {limits.body_timeout:g} s "
+                                f"({len(body)} bytes received)", "body_timeout", close=True) from None
         return bytes(body)
+
+    async def until_disconnected(request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def upscale(request):
         start = time.perf_counter()
-        status = 500
+        status, body_read = 500, False
         try:
-            options = options_from(request.query_params)
-            body = await read_body(request)
-            picture = await run_in_threadpool(decode_upload, body, limits.max_pixels)
+            if body_slots.locked():
+                try:
+                    await asyncio.wait_for(body_slots.acquire(), limits.slot_wait)
+                except asyncio.TimeoutError:
+                    raise _Refused(503, f"{limits.max_bodies} uploads are already being received; retry later",
+                                   "no_body_slot", close=True) from None
+            else:
+                await body_slots.acquire()
+            try:
+                body = await read_body(request)
+                body_read = True
+                options = options_from(request.query_params)
+                picture = await run_in_threadpool(decode_upload, body, limits, options)
+                del body
+            finally:
+                body_slots.release()
             try:
                 future = upscaler.submit(picture.rgb, options)
             except QueueFullError as exc:
-                raise _Refused(503, str(exc)) from None
-            rgb = await asyncio.wrap_future(future)
+                raise _Refused(503, str(exc), "queue_full") from None
+            result = asyncio.ensure_future(asyncio.wrap_future(future))
+            gone = asyncio.ensure_future(until_disconnected(request))
+            try:
+                await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not result.done():
+                future.cancel()  # dropped if it has not started; its result is discarded if it has
+                result.cancel()
+                status = 499
+                metrics.refuse("client_gone")
+                return Response(status_code=499)
+            rgb = result.result()
             png = await run_in_threadpool(encode_png, picture, rgb, upscaler.scale)
             status = 200
             return Response(png, media_type="image/png")
         except _Refused as exc:
             status = exc.status
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return PlainTextResponse(f"error: {exc.message}\n", status_code=exc.status, headers=headers)
+            metrics.refuse(exc.reason)
+            return _text(exc.status, exc.message, close=exc.close or not body_read, retry=exc.status == 503)
+        except ClientDisconnect:
+            status = 499
+            metrics.refuse("client_gone")
+            return Response(status_code=499)
         except InvalidInputError as exc:
             status = 400
-            return PlainTextResponse(f"error: {exc}\n", status_code=400)
+            metrics.refuse("bad_request")
+            return _text(400, str(exc), close=not body_read)
+        except NonFiniteOutputError as exc:
+            return _text(500, str(exc))
         except MSFINError as exc:
-            return PlainTextResponse(f"error: {exc}\n", status_code=500)
+            return _text(500, str(exc))
         except Exception as exc:  # a failure inside the model: answer it, keep serving
-            return PlainTextResponse(f"error: upscaling failed ({type(exc).__name__}: {exc})\n",
-                                     status_code=500)
+            return _text(500, f"upscaling failed ({type(exc).__name__}: {exc})")
         finally:
             metrics.record(status, time.perf_counter() - start)
 
@@ -239,15 +369,93 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits()):
     return app
 
 
+def _over_capacity_app(metrics: Metrics, limit: int):
+    """The ASGI app a connection beyond ``max_connections`` gets: 503, Retry-After, close."""
+    body = f"error: {limit} connections are open; retry later\n".encode()
+
+    async def app(scope, receive, send):
+        metrics.refuse("too_many_connections")
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1"),
+                                (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _protocol(limits: Limits, metrics: Metrics):
+    """uvicorn's h11 protocol with a deadline for every request head and a connection cap.
+
+    uvicorn times out idle keep-alive connections, but not a head that arrives slowly (one header
+    line a second kept 90 connections open for as long as the client liked) nor a connection that
+    sends nothing at all. Here each connection gets ``header_timeout`` seconds, from its start and
+    again from the end of each response, to deliver a complete head; else it is answered 408 and
+    closed. A connection opened while ``max_connections`` are open gets the 503 app instead of ours.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    text = f"error: the request head did not arrive within {limits.header_timeout:g} s\n".encode()
+    timeout_reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                     b"connection: close\r\ncontent-length: " + str(len(text)).encode() + b"\r\n\r\n" + text)
+    over_capacity = _over_capacity_app(metrics, limits.max_connections)
+
+    class DeadlineH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                self.app = over_capacity
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a head is in (or the connection is done)
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before super(), which may parse a pipelined head and disarm
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return
+            metrics.refuse("header_timeout")
+            self.transport.write(timeout_reply)
+            self.transport.close()
+
+    return DeadlineH11Protocol
+
+
 def make_server(upscaler: ServingUpscaler, host: str = "127.0.0.1", port: int = 8000,
                 limits: Limits = Limits(), log_level: str = "warning"):
-    """A uvicorn server for ``upscaler``; connections beyond the queue plus a batch get 503."""
+    """A uvicorn server for ``upscaler`` with every limit of :class:`Limits` in force."""
     try:
         import uvicorn
     except ImportError:
         raise MSFINError(_NEEDS_EXTRA) from None
+    metrics = Metrics()
     config = uvicorn.Config(
-        create_app(upscaler, limits), host=host, port=port, log_level=log_level,
-        limit_concurrency=upscaler.max_queue + 2 * upscaler.max_batch + 4, access_log=False,
+        create_app(upscaler, limits, metrics), host=host, port=port, log_level=log_level,
+        http=_protocol(limits, metrics), access_log=False,
+        # The app answers every refusal itself (uvicorn's own 503 has no Retry-After and is not counted).
+        limit_concurrency=None,
     )
     return uvicorn.Server(config)

@@ -83,6 +83,24 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype:
         raise DeviceError(f"unknown precision {spec!r}; use fp32, fp16 or bf16") from None
 
 
+def to_model_input(u8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → float [N, 3, H, W] with the same strides on every path (channels-last,
+    the faster layout for the reference on a CPU). Convolution libraries pick their algorithm by
+    layout, and a different algorithm may round a pixel the other way, so the API, the CLI and the
+    service all go through here to give byte-identical images."""
+    n, h, w, c = u8.shape
+    x = torch.empty((n, c, h, w), dtype=dtype, device=u8.device, memory_format=torch.channels_last)
+    return x.copy_(u8.permute(0, 3, 1, 2))
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """H×W uint8 alpha → (s·H)×(s·W) uint8, bicubic, computed on the CPU wherever the model runs
+    (so every path gives the same bytes)."""
+    a = torch.from_numpy(np.ascontiguousarray(alpha)).float()[None, None]
+    a = F.interpolate(a, scale_factor=scale, mode="bicubic", align_corners=False)
+    return _to_uint8(a[0, 0])
+
+
 def _to_uint8(t: torch.Tensor) -> np.ndarray:
     """Float pixels in 0–255 (any shape) → uint8 numpy, clamped and rounded."""
     return _quantize(t).cpu().numpy()
@@ -97,8 +115,8 @@ def _quantize(t: torch.Tensor) -> torch.Tensor:
 class RunOptions:
     """How one forward runs: whole image, plain or exact tiles, with or without self-ensemble.
 
-    tile:          LR tile side; None runs the whole image (falling back to tiles when it would not
-                   fit and ``auto_tile`` is on).
+    tile:          LR tile side, at least ``MIN_TILE`` (8); None runs the whole image (falling back
+                   to tiles when it would not fit and ``auto_tile`` is on).
     tile_pad:      LR pixels of context around each plain tile.
     tile_mode:     "plain" (fast; CA pools per tile) or "exact" (the whole-image result, slower);
                    an automatic fall-back to tiles uses the same mode.
@@ -116,10 +134,47 @@ class RunOptions:
         if self.tile is not None and (not isinstance(self.tile, int) or isinstance(self.tile, bool)
                                       or self.tile < 1):
             raise InvalidInputError(f"tile must be a positive number of LR pixels or None, got {self.tile!r}")
+        if self.tile is not None and self.tile < MIN_TILE:
+            # Every tile costs a whole forward's worth of calls: tile=1 on a 16×16 image took 11 s
+            # (99 s with self-ensemble) for what a whole-image run does in 0.05 s.
+            raise InvalidInputError(f"tile={self.tile} is too small; tiles are at least {MIN_TILE} LR pixels")
         if not isinstance(self.tile_pad, int) or isinstance(self.tile_pad, bool) or self.tile_pad < 0:
             raise InvalidInputError(f"tile_pad must be a non-negative number of LR pixels, got {self.tile_pad!r}")
         if self.tile_mode not in TILE_MODES:
             raise InvalidInputError(f"tile_mode must be one of {', '.join(TILE_MODES)}, got {self.tile_mode!r}")
+
+
+# What one model call costs beyond its pixels, in LR pixels of work: fitted on a CPU (MSFIN and
+# MSFIN-S, 8² to 64² LR, plain and exact tiles of 8 to 32), where a call's fixed cost was 145–153.
+CALL_COST = 150
+# The context an exact tile recomputes around itself, in LR pixels (its layers' halos, about 1 LR
+# pixel each); plain tiles recompute ``tile_pad``.
+EXACT_HALO = 1
+
+
+def _axis_work(length: int, tile: int, pad: int) -> tuple[int, int]:
+    """(Σ padded tile lengths, number of tiles) along one axis."""
+    total = count = 0
+    for start in range(0, length, tile):
+        end = min(start + tile, length)
+        total += min(end + pad, length) - max(start - pad, 0)
+        count += 1
+    return total, count
+
+
+def estimated_work(h: int, w: int, options: RunOptions, batch: int = 1) -> float:
+    """The work of one run of an h×w LR image under ``options``, in LR pixels of whole-image work.
+
+    A whole image costs h·w (plus one call). Tiles cost their padded area plus ``CALL_COST`` each;
+    self-ensemble costs 8 runs. Services cap requests with it (``Limits.max_work``).
+    """
+    if options.tile is None:
+        work = h * w + CALL_COST
+    else:
+        pad = options.tile_pad if options.tile_mode == "plain" else EXACT_HALO
+        (sum_y, n_y), (sum_x, n_x) = _axis_work(h, options.tile, pad), _axis_work(w, options.tile, pad)
+        work = sum_y * sum_x + n_y * n_x * CALL_COST
+    return batch * work * (8 if options.self_ensemble else 1)
 
 
 def model_config(model: torch.nn.Module) -> MSFINConfig | None:
@@ -205,22 +260,26 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
             tile //= 2
 
 
-def check_output(y: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise NonFiniteOutputError when ``y`` (the model's output for ``x``) holds NaN or Inf."""
-    bad = int((~torch.isfinite(y)).sum())
-    if not bad:
-        return
-    lo, hi = float(x.min()), float(x.max())
+def non_finite_error(bad: int | None, shape: tuple, dtype: torch.dtype, lo: float = 0.0, hi: float = 255.0):
+    """The NonFiniteOutputError for ``bad`` (None: uncounted) NaN/Inf values in an output of ``shape``."""
     if lo < -1 or hi > 256:
         why = f"the input's values run from {lo:g} to {hi:g}; the model takes pixels in 0–255"
-    elif y.dtype in (torch.float16, torch.bfloat16) or x.dtype in (torch.float16, torch.bfloat16):
+    elif dtype in (torch.float16, torch.bfloat16):
         why = "an activation overflowed in reduced precision; run this image in fp32"
     else:
         why = "the weights or the model are broken (a finite 0–255 input gave NaN/Inf in fp32)"
-    raise NonFiniteOutputError(
-        f"the model produced {bad} NaN/Inf value(s) in a {tuple(y.shape)} output; {why}. "
+    return NonFiniteOutputError(
+        f"the model produced {bad or 'some'} NaN/Inf value(s) in a {tuple(shape)} output; {why}. "
         "No image was made from it"
     )
+
+
+def check_output(y: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise NonFiniteOutputError when ``y`` (the model's output for ``x``) holds NaN or Inf."""
+    bad = int((~torch.isfinite(y)).sum())
+    if bad:
+        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else y.dtype
+        raise non_finite_error(bad, tuple(y.shape), dtype, float(x.min()), float(x.max()))
 
 
 def prepare(model: torch.nn.Module, dtype: torch.dtype, options: RunOptions) -> None:
@@ -333,18 +392,13 @@ class Upscaler:
     def upscale_rgb(self, rgb: np.ndarray) -> np.ndarray:
         """H×W×3 uint8 RGB → (s·H)×(s·W)×3 uint8."""
         _check_uint8_image(rgb)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
-        x = x.permute(2, 0, 1)[None].to(self.dtype)
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device), self.dtype)
         return _to_uint8(self._forward(x)[0].permute(1, 2, 0))
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
         rgb = self.upscale_rgb(picture.rgb)
-        alpha = None
-        if picture.alpha is not None:
-            a = torch.from_numpy(picture.alpha).to(self.device, torch.float32)[None, None]
-            a = F.interpolate(a, scale_factor=self.scale, mode="bicubic", align_corners=False)
-            alpha = _to_uint8(a[0, 0])
+        alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.scale)
         return Picture(rgb, alpha, picture.grey)
 
     def upscale(self, image):
@@ -394,18 +448,21 @@ class _Request:
 
 
 class _GraphEntry:
-    """One captured CUDA graph: uint8 NHWC in → uint8 NHWC out, with its static buffers."""
+    """One captured CUDA graph: uint8 NHWC in → uint8 NHWC out and a finite flag per image."""
 
-    def __init__(self, graph, static_in: torch.Tensor, static_out: torch.Tensor):
+    def __init__(self, graph, static_in: torch.Tensor, static_out: torch.Tensor, static_finite: torch.Tensor):
         self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        self.static_finite = static_finite
 
 
 @dataclass
 class ServingStats:
-    """Counters a service reports: images done, batches by size, failures, CUDA-graph cache use."""
+    """Counters a service reports: images done, batches by size, failures, requests cancelled
+    before they ran, CUDA-graph cache use."""
 
     images: int = 0
     failed: int = 0
+    cancelled: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
     graph_hits: int = 0
     graph_captures: int = 0
@@ -491,7 +548,17 @@ class ServingUpscaler:
                 )
             self._pending.append(request)
             self._cond.notify_all()
+        request.future.add_done_callback(lambda f: f.cancelled() and self._forget(request))
         return request.future
+
+    def _forget(self, request: _Request) -> None:
+        """A request cancelled while it waits leaves the queue at once (counted once: here, or by the
+        worker when it had already taken it)."""
+        with self._cond:
+            kept = collections.deque(r for r in self._pending if r is not request)
+            if len(kept) < len(self._pending):
+                self._pending = kept
+                self.stats.cancelled += 1
 
     def upscale(self, rgb: np.ndarray, options: RunOptions | None = None,
                 timeout: float | None = None) -> np.ndarray:
@@ -543,36 +610,53 @@ class ServingUpscaler:
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
-            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            if not batch:
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if len(live) < len(batch):
+                with self._cond:
+                    self.stats.cancelled += len(batch) - len(live)
+            if not live:
                 continue
             try:
-                outputs = self._run_batch(np.stack([r.rgb for r in batch]), batch[0].options)
+                outputs, finite = self._run_batch(np.stack([r.rgb for r in live]), live[0].options)
             except BaseException as exc:  # every caller hears about the failure; the worker lives on
                 with self._cond:
-                    self.stats.failed += len(batch)
-                for r in batch:
+                    self.stats.failed += len(live)
+                for r in live:
                     r.future.set_exception(exc)
                 continue
             with self._cond:
-                self.stats.images += len(batch)
-                self.stats.batch_sizes[len(batch)] += 1
-            for r, out in zip(batch, outputs):
-                r.future.set_result(out)
+                self.stats.images += int(finite.sum())
+                self.stats.failed += int((~finite).sum())
+                self.stats.batch_sizes[len(live)] += 1
+            for r, out, ok in zip(live, outputs, finite):
+                if ok:
+                    r.future.set_result(out)
+                else:
+                    r.future.set_exception(non_finite_error(None, out.shape, self.dtype))
 
     @torch.inference_mode()
-    def _infer(self, x_u8: torch.Tensor, options: RunOptions, whole: bool = False) -> torch.Tensor:
-        """uint8 NHWC on the device → uint8 NHWC on the device (float only on the device)."""
-        x = x_u8.permute(0, 3, 1, 2).to(self.dtype)
+    def _infer(self, x_u8: torch.Tensor, options: RunOptions,
+               whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NHWC on the device → (uint8 NHWC, a bool per image: finite) on the device."""
+        x = to_model_input(x_u8, self.dtype)
         if whole:
             y = run_self_ensemble(self.model, x) if options.self_ensemble else self.model(x)
         else:
             y = run_forward(self.model, x, options)
-        return _quantize(y).permute(0, 2, 3, 1).contiguous()
+        finite = torch.isfinite(y).flatten(1).all(1)
+        return _quantize(y).permute(0, 2, 3, 1).contiguous(), finite
 
-    def _run_batch(self, images: np.ndarray, options: RunOptions) -> np.ndarray:
+    def _run_batch(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
         if not self._cuda:
-            return self._infer(torch.from_numpy(images), options).numpy()
+            # Image by image: oneDNN's grouped convolutions round differently at different batch
+            # sizes, so a batch would not give the bytes the API gives; on a CPU one image at a time
+            # is also faster (4 × 64² MSFIN-S: 0.68 s against 1.03 s as one batch).
+            outs, flags = [], []
+            for i in range(len(images)):
+                out, finite = self._infer(torch.from_numpy(images[i:i + 1]), options)
+                outs.append(out.numpy()[0])
+                flags.append(bool(finite[0]))
+            return np.stack(outs), np.array(flags)
         host_in = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
         host_in.numpy()[...] = images
         n, h, w, c = images.shape
@@ -583,11 +667,12 @@ class ServingUpscaler:
                 entry.static_in.copy_(host_in, non_blocking=True)
                 entry.graph.replay()
                 host_out.copy_(entry.static_out, non_blocking=True)
+                finite = entry.static_finite.clone()
             else:
-                y = self._infer(host_in.to(self.device, non_blocking=True), options)
+                y, finite = self._infer(host_in.to(self.device, non_blocking=True), options)
                 host_out.copy_(y, non_blocking=True)
             self._stream.synchronize()
-        return host_out.numpy()
+        return host_out.numpy(), finite.cpu().numpy()
 
     def _graph_for(self, shape: tuple[int, ...], options: RunOptions) -> _GraphEntry | None:
         """The cached graph for this batch, capturing it on a miss; None when it cannot be graphed."""
@@ -629,8 +714,8 @@ class ServingUpscaler:
             self.model.check_finite = False
         try:
             with torch.cuda.graph(graph, stream=self._stream):
-                static_out = self._infer(static_in, options, whole=True)
+                static_out, static_finite = self._infer(static_in, options, whole=True)
         finally:
             if check is not None:
                 self.model.check_finite = check
-        return _GraphEntry(graph, static_in, static_out)
+        return _GraphEntry(graph, static_in, static_out, static_finite)

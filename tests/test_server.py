@@ -113,13 +113,13 @@ def test_bad_uploads_are_refused_with_clear_messages(model):
             "unknown param": request(srv.port, "/upscale?scale=2", png(np.zeros((8, 8, 3), np.uint8))),
             "truncated": request(srv.port, "/upscale", png(RNG.integers(0, 256, (20, 20, 3), dtype=np.uint8))[:200]),
         }
-        ok = request(srv.port, "/upscale?self_ensemble=1&tile=4&tile_mode=exact",
+        ok = request(srv.port, "/upscale?self_ensemble=1&tile=8&tile_mode=exact",
                      png(RNG.integers(0, 256, (10, 9, 3), dtype=np.uint8)))
         metrics = request(srv.port, "/metrics")[2].decode()
     expected = {"not an image": (400, "not an image"), "empty": (400, "empty body"),
                 "too large": (413, "limit is 4000 bytes"), "too many pixels": (400, "at most 600 pixels"),
                 "bad tile": (400, "tile='-3'"), "unknown param": (400, "unknown query parameter"),
-                "truncated": (400, "cannot decode")}
+                "truncated": (400, "cannot read image")}
     for name, (status, message) in expected.items():
         got_status, _, body = cases[name]
         assert got_status == status and message in body.decode(), (name, got_status, body)

@@ -117,7 +117,7 @@ def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, 
     want = Upscaler(reference, device="cpu").upscale(rgb)
     assert np.array_equal(up.upscale(rgb), want)
     with pytest.raises(InvalidInputError, match="backend='reference'"):
-        Upscaler(reference, device="cpu", backend="auto", tile=4, tile_mode="exact")
+        Upscaler(reference, device="cpu", backend="auto", tile=8, tile_mode="exact")
 
 
 def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
