@@ -33,7 +33,8 @@ def connect(port) -> socket.socket:
 
 
 def read_reply(s: socket.socket, timeout: float = 10) -> tuple[int, dict, bytes, bool]:
-    """(status, headers, body, closed): reads one response, then whether the server closed."""
+    """(status, headers, body, closed): reads one response, then whether the server closed the
+    connection within 2 s (less than uvicorn's 5 s keep-alive timeout, which would close it too)."""
     s.settimeout(timeout)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -49,6 +50,7 @@ def read_reply(s: socket.socket, timeout: float = 10) -> tuple[int, dict, bytes,
         chunk = s.recv(65536)
         assert chunk
         rest += chunk
+    s.settimeout(2)
     try:
         closed = s.recv(1) == b""
     except ConnectionResetError:
