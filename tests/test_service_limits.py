@@ -272,3 +272,13 @@ def test_the_service_the_api_and_the_cli_give_the_same_bytes(model, tmp_path, we
         for name, other in (("CLI", via_cli), ("upscale_file", via_file), ("upscale(PIL)", via_pil)):
             assert other.shape == via_service.shape and np.array_equal(other, via_service), \
                 f"{path.name}: {name} and the service differ in {(other != via_service).sum()} values"
+
+
+def test_nan_output_is_a_500_with_its_reason_not_a_black_png():
+    from test_serving import HalfBroken
+
+    up = ServingUpscaler(HalfBroken(), device="cpu")
+    with Running(up) as srv:
+        status, _, body = request(srv.port, "/upscale", png(np.full((4, 4, 3), 7, np.uint8)))
+        assert status == 500 and b"NaN/Inf" in body and b"No image was made" in body
+        assert request(srv.port, "/upscale", png(np.full((4, 4, 3), 9, np.uint8)))[0] == 200

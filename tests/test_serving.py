@@ -139,3 +139,27 @@ def test_cuda_graphs_match_eager_and_the_cache_is_bounded():
         assert stats.graph_captures == 4 and stats.graph_hits == 4  # 8 evicted by 16, captured again
         ensemble = up.upscale(image, up.options(self_ensemble=True), timeout=60)
         assert close_enough(ensemble, Upscaler(model, device="cuda", self_ensemble=True).upscale(image))
+
+
+class HalfBroken(nn.Module):
+    """×4 nearest that makes NaN of images whose first pixel is 7 (as an fp16 overflow would)."""
+
+    scale = 4
+
+    def forward(self, x):
+        y = F.interpolate(x, scale_factor=4, mode="nearest")
+        return torch.where(x[:, :1, :1, :1] == 7, torch.full_like(y, float("nan")), y)
+
+
+def test_nan_output_fails_only_its_own_image_and_is_never_an_image():
+    """A NaN would be written as black by the uint8 conversion; it is an error for that image only,
+    even inside a shared batch."""
+    from msfin_fast import NonFiniteOutputError
+
+    with ServingUpscaler(HalfBroken(), device="cpu", max_batch=4, batch_window=0.2) as up:
+        futures = [up.submit(np.full((4, 4, 3), v, np.uint8)) for v in (1, 7, 2)]
+        assert futures[0].result(10)[0, 0, 0] == 1 and futures[2].result(10)[0, 0, 0] == 2
+        with pytest.raises(NonFiniteOutputError, match="NaN/Inf .*No image was made"):
+            futures[1].result(10)
+        stats = up.snapshot()
+    assert stats.images == 2 and stats.failed == 1 and stats.batch_sizes == {3: 1}

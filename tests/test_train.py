@@ -443,3 +443,24 @@ def test_mixed_precision_on_cuda(hr_dir, tmp_path, precision):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     state = torch.load(path, weights_only=True)
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+
+
+def test_sigterm_checkpoints_like_ctrl_c(hr_dir, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM stops after the step in progress with a checkpoint, and says which
+    signal it was (the CLI exits 143)."""
+    real_step = Trainer.step
+
+    def step_then_sigterm(self):
+        loss = real_step(self)
+        if self.step_count == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", step_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(tiny(hr_dir, tmp_path / "run", steps=5, log_every=1, save_every=10))
+    summary = trainer.run()
+    assert trainer.stop_signal == signal.SIGTERM
+    assert (summary.step, summary.interrupted) == (2, True)
+    assert (tmp_path / "run" / MODEL_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
