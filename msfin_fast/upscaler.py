@@ -510,6 +510,8 @@ class ServingUpscaler:
                                   allow_download=allow_download, backend=backend)
         self.model, self.device, self.dtype = self._upscaler.model, self._upscaler.device, self._upscaler.dtype
         self.name, self.scale = self._upscaler.name, self._upscaler.scale
+        if isinstance(self.model, MSFIN):
+            prepare_exact(self.model)  # requests may ask for exact tiles: nothing is walked while serving
         self.max_batch, self.batch_window, self.max_queue = max_batch, float(batch_window), max_queue
         self.default_options = RunOptions(tile_pad=tile_pad, auto_tile=auto_tile)
         self.stats = ServingStats()

@@ -208,3 +208,19 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, weights_dir
     assert main(["upscale", "-i", str(src), "-o", str(dst), "--model", "msfin-s-x4"]) == 0
     assert _parts(dst) == sorted([live.name, unrelated.name])
     assert "removed 1 temporary file(s) left by an interrupted earlier run" in capsys.readouterr().err
+
+
+def test_an_output_that_overflows_is_an_error_not_a_black_image(tmp_path, weights_dir, capsys, one_line_error):
+    """Finite weights that overflow fp32 (the tail scaled by 1e38) used to write a black or white image
+    and exit 0."""
+    import torch
+
+    state = torch.load(weights_dir / "MSFIN-S_X4.pt", map_location="cpu", weights_only=True)
+    state["tail2.weight"] = state["tail2.weight"] * 1e38
+    torch.save(state, tmp_path / "huge.pt")
+    _png(tmp_path / "x.png")
+    code = main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--model", "msfin-s-x4", "--weights", str(tmp_path / "huge.pt")])
+    assert code == 1
+    one_line_error("NaN/Inf", "No image was made")
+    assert not (tmp_path / "o.png").exists() and _parts(tmp_path) == []
