@@ -368,10 +368,6 @@ def cmd_serve(args) -> int:
         raise InvalidInputError(f"--port {args.port} is out of range (0 to 65535)")
     if args.batch_window_ms < 0 or args.max_body_mb <= 0 or args.graph_cache < 0:
         raise InvalidInputError("--batch-window-ms and --graph-cache must be >= 0 and --max-body-mb > 0")
-    for flag, value in (("--max-work", args.max_work), ("--header-timeout", args.header_timeout),
-                        ("--body-timeout", args.body_timeout)):
-        if not value > 0:
-            raise InvalidInputError(f"{flag} must be > 0, got {value}")
     limits = Limits(max_body=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_work=args.max_work * 1e6, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, max_bodies=args.max_bodies,

@@ -70,7 +70,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # PermissionError among them
         return True  # exists but belongs to someone else, or cannot be asked: leave its files
     return True
 

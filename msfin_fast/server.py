@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ImageReadError, InvalidInputError, MSFINError, NonFiniteOutputError, QueueFullError
+from .errors import ImageReadError, InvalidInputError, MSFINError, QueueFullError
 from .images import Picture, decode_image, to_pil
 from .upscaler import MIN_TILE, TILE_MODES, RunOptions, ServingUpscaler, estimated_work, upscale_alpha
 
@@ -78,7 +78,8 @@ class Limits:
         for name in ("max_body", "max_pixels", "max_work", "header_timeout", "body_timeout", "max_bodies",
                      "max_connections"):
             if not getattr(self, name) > 0:
-                raise InvalidInputError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+                raise InvalidInputError(f"Limits.{name} (serve --{name.replace('_', '-')}) must be > 0, "
+                                        f"got {getattr(self, name)!r}")
         if not self.slot_wait >= 0:
             raise InvalidInputError(f"Limits.slot_wait must be >= 0, got {self.slot_wait!r}")
 
@@ -87,6 +88,11 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, reason: str, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.reason, self.close = status, message, reason, close
+
+
+def _client_gone() -> _Refused:
+    """Recorded as status 499 (nginx's "client closed request"); the response goes nowhere."""
+    return _Refused(499, "the client went away", "client_gone")
 
 
 class Metrics:
@@ -108,10 +114,6 @@ class Metrics:
     def refuse(self, reason: str) -> None:
         with self._lock:
             self.refused[reason] += 1
-
-    def counts(self) -> tuple[dict[int, int], dict[str, int]]:
-        with self._lock:
-            return dict(self.by_status), dict(self.refused)
 
     def quantiles(self, qs=(0.5, 0.9, 0.99)) -> dict[float, float]:
         with self._lock:
@@ -193,14 +195,10 @@ def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None
     try:
         return decode_image(io.BytesIO(body), "the body", check_size)
     except ImageReadError as exc:
-        message = str(exc).removeprefix("the body: ")
-        if "too many pixels" in message:
-            raise _Refused(400, f"image has too many pixels; this server takes at most {limits.max_pixels}",
-                           "too_many_pixels") from None
-        if "not an image file" in message:
-            message = ("the body is not an image, or not one of PNG, JPEG, BMP, WebP or TIFF; "
-                       "send the file's bytes")
-        raise _Refused(400, message, "bad_request") from None
+        # Pillow's own decompression-bomb limit (far above max_pixels) is the one read error that is
+        # about size.
+        reason = "too_many_pixels" if "too many pixels" in str(exc) else "bad_request"
+        raise _Refused(400, str(exc), reason) from None
 
 
 def encode_png(picture: Picture, rgb: np.ndarray, scale: int) -> bytes:
@@ -282,6 +280,8 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
 
         try:
             await asyncio.wait_for(receive_all(), limits.body_timeout)
+        except ClientDisconnect:
+            raise _client_gone() from None
         except asyncio.TimeoutError:
             raise _Refused(408, f"the body did not arrive within {limits.body_timeout:g} s "
                                 f"({len(body)} bytes received)", "body_timeout", close=True) from None
@@ -324,9 +324,7 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
             if not result.done():
                 future.cancel()  # dropped if it has not started; its result is discarded if it has
                 result.cancel()
-                status = 499
-                metrics.refuse("client_gone")
-                return Response(status_code=499)
+                raise _client_gone()
             rgb = result.result()
             png = await run_in_threadpool(encode_png, picture, rgb, upscaler.scale)
             status = 200
@@ -335,16 +333,10 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
             status = exc.status
             metrics.refuse(exc.reason)
             return _text(exc.status, exc.message, close=exc.close or not body_read, retry=exc.status == 503)
-        except ClientDisconnect:
-            status = 499
-            metrics.refuse("client_gone")
-            return Response(status_code=499)
         except InvalidInputError as exc:
             status = 400
             metrics.refuse("bad_request")
             return _text(400, str(exc), close=not body_read)
-        except NonFiniteOutputError as exc:
-            return _text(500, str(exc))
         except MSFINError as exc:
             return _text(500, str(exc))
         except Exception as exc:  # a failure inside the model: answer it, keep serving

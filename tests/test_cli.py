@@ -138,16 +138,23 @@ def test_console_entry_point_runs_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"msfin-fast: error: {tmp_path / 'x.png'}: no such file or folder"]
 
 
-def test_weights_with_nan_fail_before_any_image_is_written(tmp_path, weights_dir, capsys, one_line_error):
+def _upscale_with_altered_weights(tmp_path, weights_dir, alter) -> int:
+    """``upscale`` of a small picture to o.png with MSFIN-S weights changed in place by ``alter``."""
     import torch
 
     state = torch.load(weights_dir / "MSFIN-S_X4.pt", map_location="cpu", weights_only=True)
-    state["block_re2.body.0.bias"][3] = float("nan")
-    torch.save(state, tmp_path / "nan.pt")
+    alter(state)
+    torch.save(state, tmp_path / "altered.pt")
     _png(tmp_path / "x.png")
-    code = main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
-                 "--model", "msfin-s-x4", "--weights", str(tmp_path / "nan.pt")])
-    assert code == 1
+    return main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "--model", "msfin-s-x4", "--weights", str(tmp_path / "altered.pt")])
+
+
+def test_weights_with_nan_fail_before_any_image_is_written(tmp_path, weights_dir, capsys, one_line_error):
+    def damage(state):
+        state["block_re2.body.0.bias"][3] = float("nan")
+
+    assert _upscale_with_altered_weights(tmp_path, weights_dir, damage) == 1
     one_line_error("block_re2.body.0.bias", "NaN")
     assert not (tmp_path / "o.png").exists()
 
@@ -213,14 +220,9 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path, weights_dir
 def test_an_output_that_overflows_is_an_error_not_a_black_image(tmp_path, weights_dir, capsys, one_line_error):
     """Finite weights that overflow fp32 (the tail scaled by 1e38) used to write a black or white image
     and exit 0."""
-    import torch
+    def scale_tail(state):
+        state["tail2.weight"] *= 1e38
 
-    state = torch.load(weights_dir / "MSFIN-S_X4.pt", map_location="cpu", weights_only=True)
-    state["tail2.weight"] = state["tail2.weight"] * 1e38
-    torch.save(state, tmp_path / "huge.pt")
-    _png(tmp_path / "x.png")
-    code = main(["upscale", "-i", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
-                 "--model", "msfin-s-x4", "--weights", str(tmp_path / "huge.pt")])
-    assert code == 1
+    assert _upscale_with_altered_weights(tmp_path, weights_dir, scale_tail) == 1
     one_line_error("NaN/Inf", "No image was made")
     assert not (tmp_path / "o.png").exists() and _parts(tmp_path) == []

@@ -50,6 +50,20 @@ def request(port, path, data=None, timeout=60):
         return e.code, e.headers, e.read()
 
 
+def wait_until_serving(proc, port, seconds=60):
+    """Wait for a ``msfin-fast serve`` process to answer /healthz; fail with its output if it exits."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if request(port, "/healthz", timeout=2)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, f"msfin-fast serve did not come up in {seconds} s"
+        time.sleep(0.1)
+
+
 class Running:
     """A server on a free port in a thread, stopped on exit."""
 
@@ -155,16 +169,7 @@ def test_msfin_fast_serve_command(weights_dir, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if request(port, "/healthz", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, "msfin-fast serve did not come up in 60 s"
-            time.sleep(0.1)
+        wait_until_serving(proc, port)
         image = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         status, _, body = request(port, "/upscale", png(image))
         assert status == 200 and Image.open(io.BytesIO(body)).size == (64, 64)

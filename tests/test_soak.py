@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,7 +25,7 @@ if os.environ.get("CI", "").lower() in ("", "0", "false"):
 
 from msfin_fast import Upscaler  # noqa: E402
 
-from test_server import free_port, png, request  # noqa: E402
+from test_server import free_port, png, request, wait_until_serving  # noqa: E402
 
 CLIENTS = 16
 ROUNDS = 16         # each round: the whole mix below (16 requests); all rounds shuffled together
@@ -85,18 +84,8 @@ def test_soak(weights_dir, pretrained):
         # rare rounding, depend on it.
         env={**os.environ, "MSFIN_WEIGHTS_DIR": str(weights_dir), "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
-    started = time.monotonic()
     try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if request(port, "/healthz", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() - started < 60, "the server did not come up in 60 s"
-            time.sleep(0.1)
-
+        wait_until_serving(proc, port)
         direct = Upscaler(pretrained("msfin-s-x4"), device="cpu")
         warm = [request(port, "/upscale", png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
                 for _ in range(8)]
