@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import msfin_fast  # noqa: E402
-from msfin_fast.engine.backends import TritonOps  # noqa: E402
+from msfin_fast.engine.backends.triton import TritonBackend  # noqa: E402
 from msfin_fast.kernels import conv, head, materialize, rrcab, rrcab_fused, tail  # noqa: E402
 
 KERNELS = {
@@ -90,8 +90,10 @@ def record_launches(preset: str, dtype: torch.dtype, fuse_rrcab: bool = False) -
         torch.manual_seed(0)
         engine = msfin_fast.optimize(msfin_fast.MSFIN(preset).eval(), dtype=dtype, backend="emulate",
                                      fuse_rrcab=fuse_rrcab)
-        engine.ops = engine.runner.ops = TritonOps(fused_rrcab=fuse_rrcab)  # launches recorded, not run
-        engine._arenas.clear()
+        # The Triton backend over the same plan (emulate builds Triton's), its weights re-packed in
+        # its own layouts; the launches are recorded, not run.
+        engine.impl = TritonBackend(fuse_rrcab=fuse_rrcab)
+        engine._version = None
         engine(torch.rand(2, 3, 8, 12) * 255)
     finally:
         for (module, name), fn in saved.items():

@@ -14,7 +14,8 @@ engine-fp16 / engine-fp32 (the Triton engine), engine-fp16-graph / engine-fp32-g
 replaying a CUDA graph per shape), engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept
 in L2) and engine-fp16-cudnn-graph (the layers between blocks through cuDNN instead of
 kernels/conv.py); cuda-fp16[-graph] / cuda-fp32 (the RRCAB passes by the CUDA C++ kernel of csrc/);
-auto-fp16-graph (what backend="auto" picks).
+auto-fp16-graph (what backend="auto" picks); cpu-fp32 (the cpu backend: the whole network in fp32
+channels_last, what auto runs on a CPU).
 On a GPU each number is the median of CUDA-event timings after warm-up, with cuDNN's benchmark
 mode on (the peers' best case for fixed shapes). Each (backend, shape) gets a fresh callable and its
 "peak MiB" is what it allocated beyond the model and input: arena, graphs, workspaces and outputs.
@@ -44,12 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import msfin_fast  # noqa: E402
-from msfin_fast.backends import true_fp32  # noqa: E402
+from msfin_fast.devices import true_fp32  # noqa: E402
 from msfin_fast.engine import plan as P  # noqa: E402
 
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-max-autotune", "engine-fp16",
             "engine-fp32", "engine-fp16-graph", "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph",
-            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph"]
+            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "cpu-fp32"]
 SLOW = ("compile-max-autotune",)  # left out unless named
 SIZES = ["64x64", "180x320", "270x480"]
 QUICK_CPU_SIZE = (64, 64)  # --quick without a GPU: the smallest of SIZES (HR 256x256)
@@ -76,7 +77,7 @@ def floor_bytes(model: msfin_fast.MSFIN, n: int, h: int, w: int, elem: int) -> i
     H, W = 4 * h, 4 * w
     total = 0
     for launch in P.build_plan(model).launches:
-        if isinstance(launch, P.RRCABPass):
+        if isinstance(launch, P.RRCABPass):  # the floor counts the passes' activations
             t = launch.src.t
             total += 2 * n * (H // t.div) * (W // t.div) * t.channels * elem
     return total
@@ -126,15 +127,19 @@ def build(backend: str, model: msfin_fast.MSFIN):
         if not cuda:
             return "fp16 convolutions on the CPU are not a serving configuration", None
         m = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        m.check_finite = False  # a host sync per call; and not capturable in a CUDA graph
         if backend == "compile":
             m = torch.compile(m, dynamic=False)
         elif backend == "compile-max-autotune":
             m = torch.compile(m, mode="max-autotune", dynamic=False)
 
-        def call(x):
-            return m(x.contiguous(memory_format=torch.channels_last))
+        def call(x):  # no input NaN test: a host sync per call, and not capturable in a CUDA graph
+            return m(x.contiguous(memory_format=torch.channels_last), check_finite=False)
         return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
+    if backend == "cpu-fp32":
+        if cuda:
+            return "the cpu backend runs on the CPU", None
+        engine = msfin_fast.optimize(model, dtype=torch.float32, backend="cpu")
+        return (lambda x: engine(x, check_finite=False)), torch.float32
     dtype = torch.float16 if "fp16" in backend else torch.float32
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
@@ -149,8 +154,7 @@ def build(backend: str, model: msfin_fast.MSFIN):
         return f"cannot run here ({exc})", None
     if engine.backend == "reference":
         return f"engine falls back to the reference here ({engine.fallback_reason})", None
-    engine.check_finite = False
-    return engine, dtype
+    return (lambda x: engine(x, check_finite=False)), dtype
 
 
 def time_it(fn, x: torch.Tensor, warmup: int, iters: int) -> tuple[list[float], int | None]:

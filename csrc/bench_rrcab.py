@@ -15,10 +15,33 @@ import sys
 
 import torch
 
-from msfin_fast.engine import cuda_backend
+from msfin_fast.config import PRESETS, MSFINConfig
+from msfin_fast.engine.backends import cuda as cuda_backend
 from msfin_fast.model import RRCAB
 
-CONFIGS = [(24, 6, 5, 1), (48, 6, 5, 2), (96, 6, 5, 4), (16, 4, 4, 1), (32, 4, 4, 2), (64, 4, 4, 4)]
+
+def preset_for(groups: int) -> MSFINConfig:
+    """The preset whose RRCABs have ``groups`` groups (6: MSFIN, 4: MSFIN-S)."""
+    found = [cfg for cfg in PRESETS.values() if cfg.groups == groups]
+    if len(found) != 1:
+        raise SystemExit(f"{len(found)} presets with groups={groups} in msfin_fast.config.PRESETS, expected 1")
+    return found[0]
+
+
+def configs() -> list[tuple[int, int, int, int]]:
+    """(channels, groups, CA reduction, resolution divisor) of every variant the built extension has
+    a kernel for (its list is csrc/rrcab.h's MSFIN_FOR_EACH_CONFIG): the reduction is the preset's,
+    the divisor channels / the preset's n_feats (1, 2 or 4: the level the block runs at)."""
+    from msfin_fast import _C
+
+    out = []
+    for c, g in _C.supported_configs():
+        preset = preset_for(g)
+        div = c // preset.n_feats
+        if c % preset.n_feats or div not in (1, 2, 4):
+            raise SystemExit(f"C={c} is not a level of the groups={g} preset (n_feats {preset.n_feats})")
+        out.append((c, g, preset.reduction, div))
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -38,8 +61,8 @@ def copy_bandwidth() -> float:
 
 def time_pass(c, g, r, h, w, dtype, repeats=50) -> float:
     block, producer = RRCAB(c, g, r, 1), RRCAB(c, g, r, 1)
-    packed = cuda_backend.pack_rrcab(block, dtype, "cuda")
-    ca = cuda_backend.pack_rrcab(producer, dtype, "cuda")
+    packed = cuda_backend.pack_block(block, dtype, "cuda")
+    ca = cuda_backend.pack_block(producer, dtype, "cuda")
     t = torch.randn(1, h, w, c, device="cuda").to(dtype)
     u = torch.randn(1, h, w, c, device="cuda").to(dtype)
     sums_in = torch.randn(1, c, device="cuda")
@@ -84,7 +107,7 @@ def main() -> int:
     dtypes = {"fp16": [torch.float16], "fp32": [torch.float32], "both": [torch.float16, torch.float32]}[args.dtype]
     print(f"{'dtype':5} {'C':>3} {'G':>2} {'H×W':>10} {'µs':>8} {'floor µs':>9} {'×floor':>7} {'exact GFLOP/s':>14}")
     for dtype in dtypes:
-        for c, g, r, div in CONFIGS:
+        for c, g, r, div in configs():
             h, w = args.height // div, args.width // div
             us = time_pass(c, g, r, h, w, dtype)
             size = torch.finfo(dtype).bits // 8

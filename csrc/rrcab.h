@@ -7,6 +7,14 @@
 #include <utility>
 #include <vector>
 
+// THE list of (C, G) pairs with a kernel — the only place it is written. Everything else derives from
+// it: the CUDA dispatch (rrcab_launch.cuh), supported_configs() (rrcab_api.cu, hence
+// msfin_fast._C.supported_configs()), the host emulation's dispatch and msfin_supported_configs()
+// (host_emulation/), and, through those, csrc/*.py and tests/test_cuda_ext.py (which also reads this
+// line with a regex: keep it one line of X(C, G) entries). MSFIN (G = 6) and MSFIN-S (G = 4) at their
+// three levels: 4, 8 or 16 channels per group.
+#define MSFIN_FOR_EACH_CONFIG(X) X(16, 4) X(24, 6) X(32, 4) X(48, 6) X(64, 4) X(96, 6)
+
 namespace msfin {
 
 // Device pointers of one pass. Activations are NHWC of the storage dtype; everything else is fp32.

@@ -34,7 +34,11 @@ std::size_t rrcab_smem_bytes(Storage storage, int C, int G) {
 }
 
 std::vector<std::pair<int, int>> supported_configs() {
-  return {{16, 4}, {24, 6}, {32, 4}, {48, 6}, {64, 4}, {96, 6}};
+  std::vector<std::pair<int, int>> configs;
+#define MSFIN_CASE(c, g) configs.emplace_back((c), (g));
+  MSFIN_FOR_EACH_CONFIG(MSFIN_CASE)
+#undef MSFIN_CASE
+  return configs;
 }
 
 std::pair<int, std::string> device_status() {

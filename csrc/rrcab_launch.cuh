@@ -44,8 +44,7 @@ cudaError_t launch_variant(const PassParams& p, cudaStream_t stream, int device,
   return cudaGetLastError();
 }
 
-// The (C, G) pairs of MSFIN (G = 6) and MSFIN-S (G = 4): 4, 8 or 16 channels per group.
-#define MSFIN_FOR_EACH_CONFIG(X) X(16, 4) X(24, 6) X(32, 4) X(48, 6) X(64, 4) X(96, 6)
+// MSFIN_FOR_EACH_CONFIG, the (C, G) pairs with a kernel, is defined once in rrcab.h.
 
 template <typename T>
 int launch_storage(int C, int G, const PassParams& p, void* stream, int device, std::string* error) {

@@ -12,10 +12,25 @@ import sys
 
 import torch
 
-from msfin_fast.engine import cuda_backend
+from msfin_fast.config import PRESETS
+from msfin_fast.engine.backends import cuda as cuda_backend
 from msfin_fast.model import RRCAB
 
-CONFIGS = [(16, 4, 4), (24, 6, 5), (32, 4, 4), (48, 6, 5), (64, 4, 4), (96, 6, 5)]
+
+def reduction_for(groups: int) -> int:
+    """The CA reduction of the preset whose RRCABs have ``groups`` groups (6: MSFIN, 4: MSFIN-S)."""
+    found = {cfg.reduction for cfg in PRESETS.values() if cfg.groups == groups}
+    if len(found) != 1:
+        raise SystemExit(f"no single preset with groups={groups} in msfin_fast.config.PRESETS: {sorted(found)}")
+    return found.pop()
+
+
+def configs() -> list[tuple[int, int, int]]:
+    """(channels, groups, CA reduction) of every variant the built extension has a kernel for (its
+    list is csrc/rrcab.h's MSFIN_FOR_EACH_CONFIG)."""
+    from msfin_fast import _C
+
+    return [(c, g, reduction_for(g)) for c, g in _C.supported_configs()]
 
 
 def main() -> int:
@@ -23,11 +38,11 @@ def main() -> int:
         print(f"cannot run: {cuda_backend.unavailable_reason()}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    for c, g, r in CONFIGS:
+    for c, g, r in configs():
         block, producer = RRCAB(c, g, r, 1), RRCAB(c, g, r, 1)
         for dtype in (torch.float32, torch.float16):
-            packed = cuda_backend.pack_rrcab(block, dtype, "cuda")
-            ca = cuda_backend.pack_rrcab(producer, dtype, "cuda")
+            packed = cuda_backend.pack_block(block, dtype, "cuda")
+            ca = cuda_backend.pack_block(producer, dtype, "cuda")
             for n, h, w in ((1, 3, 5), (2, 19, 37)):
                 def act():
                     return torch.randn(n, h, w, c, device="cuda").to(dtype)

@@ -16,7 +16,6 @@ class CAWeights(NamedTuple):
     b1: torch.Tensor
     w2t: torch.Tensor
     b2: torch.Tensor
-    cuda: object = None  # the same weights in the CUDA C++ kernel's layout, when that backend runs
 
     @property
     def padded(self) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """msfin_fast: an inference engine for MSFIN / MSFIN-S image super-resolution.
 
 Read top-down, the package follows the data: ``config`` → ``model`` (the reference) →
-``weights`` → ``engine`` (fused kernels) → ``upscaler`` (the user API); ``evaluate`` holds the paper's metrics.
+``weights`` (loading) → ``engine`` (``optimize``: backends and their kernels) → ``policy`` (how one
+forward runs: tiles, memory, checks) → ``upscaler`` (the user API) and ``serving`` (batching for
+services); ``devices`` resolves devices and dtypes for all of them; ``evaluate`` holds the paper's metrics.
 """
 
 __version__ = "0.1.0"
@@ -21,7 +23,8 @@ from .errors import (
 )
 from .engine import Engine, optimize
 from .model import MSFIN, msfin_s_x4, msfin_x4
-from .upscaler import ServingUpscaler, Upscaler
+from .serving import ServingUpscaler
+from .upscaler import Upscaler
 from .weights import load_pretrained
 
 __all__ = [

@@ -80,9 +80,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(precision="fp32")
     p.add_argument("--weights", type=Path, default=None,
                    help="your own checkpoint for the preset's architecture instead of the released file")
-    p.add_argument("--backend", default="reference", choices=["reference", "auto", "triton", "cuda"],
-                   help="reference (default): the PyTorch model; auto/triton/cuda: the fused engine "
-                        "(msfin_fast.optimize; GPU only, not yet verified on a GPU)")
+    p.add_argument("--backend", default=None, choices=["cpu", "reference", "auto", "triton", "cuda"],
+                   help="default: cpu on a CPU (fp32 channels-last, the fastest CPU path; the reference "
+                        "for exact tiles), reference on a GPU; auto/triton/cuda: the fused GPU engine "
+                        "(msfin_fast.optimize; not yet verified on a GPU)")
+
+
+def _backend(args) -> str:
+    """The backend the command runs: as given, else the device's default (see --backend)."""
+    if args.backend is not None:
+        return args.backend
+    from .devices import resolve_device
+
+    on_cpu = resolve_device(args.device).type == "cpu"
+    return "cpu" if on_cpu and getattr(args, "tile_mode", "plain") != "exact" else "reference"
 
 
 def _positive_int(text: str) -> int:
@@ -174,7 +185,7 @@ def _make_upscaler(model: str, args):
 
     return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights,
                     tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode,
-                    self_ensemble=args.self_ensemble, backend=args.backend)
+                    self_ensemble=args.self_ensemble, backend=_backend(args))
 
 
 def cmd_upscale(args) -> int:
@@ -267,7 +278,7 @@ def cmd_info(args) -> int:
 
     import torch
 
-    from .backends import available_backends
+    from .report import available_backends
     from .config import PRESETS
     from .model import MSFIN
     from .weights import REGISTRY, candidate_paths, locate, sha256_of
@@ -362,7 +373,7 @@ def cmd_train(args) -> int:
 
 def cmd_serve(args) -> int:
     from .server import Limits, make_server
-    from .upscaler import ServingUpscaler
+    from .serving import ServingUpscaler
 
     if not 0 <= args.port <= 65535:
         raise InvalidInputError(f"--port {args.port} is out of range (0 to 65535)")
@@ -375,7 +386,7 @@ def cmd_serve(args) -> int:
     upscaler = ServingUpscaler(
         args.model, device=args.device, dtype=args.precision, weights=args.weights,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
-        graph_cache=args.graph_cache, backend=args.backend,
+        graph_cache=args.graph_cache, backend=_backend(args),
     )
     server = make_server(upscaler, args.host, args.port, limits)
     print(f"serving {args.model} on {upscaler.device} ({args.precision}) at http://{args.host}:{args.port} "

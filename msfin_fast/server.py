@@ -37,7 +37,8 @@ import numpy as np
 
 from .errors import ImageReadError, InvalidInputError, MSFINError, QueueFullError
 from .images import Picture, decode_image, to_pil
-from .upscaler import MIN_TILE, TILE_MODES, RunOptions, ServingUpscaler, estimated_work, upscale_alpha
+from .policy import MIN_TILE, TILE_MODES, RunOptions, estimated_work, upscale_alpha
+from .serving import ServingUpscaler
 
 LATENCY_WINDOW = 1024
 _NEEDS_EXTRA = "serving needs starlette and uvicorn: pip install 'msfin_fast[serve]'"

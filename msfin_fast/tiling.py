@@ -309,7 +309,7 @@ def _graph_last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 @torch.inference_mode()
 def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
-                        *, storage: torch.device | str | None = None) -> torch.Tensor:
+                        *, storage: torch.device | str | None = None, check_finite: bool = True) -> torch.Tensor:
     """``model(x)`` computed layer by layer over tiles; equal to the whole-image run up to rounding.
 
     ``tile`` is in LR pixels: every layer's tiles are about ``scale·tile`` pixels on a side at the
@@ -324,7 +324,7 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
         )
     _check_tile(tile, 0)
     compute = model.head.weight.device
-    check_input(x, model.head.weight.dtype, check_finite=model.check_finite)
+    check_input(x, model.head.weight.dtype, check_finite=check_finite)
     storage = torch.device(storage) if storage is not None else x.device
     s = model.config.scale
     tiler = _Tiler(tile * s, compute, storage)

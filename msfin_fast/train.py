@@ -49,7 +49,7 @@ from .evaluate import hr_lr_pair, psnr, rgb2y
 from .fileio import atomic_write
 from .images import READ_SUFFIXES, list_image_files, read_image
 from .model import MSFIN
-from .upscaler import resolve_device
+from .devices import DTYPES, resolve_device
 from .weights import check_state_dict, fetch, read_state_dict
 
 MODEL_FILE = "model.pt"
@@ -62,7 +62,7 @@ LOG_COLUMNS = ("step", "loss", "lr", "val_psnr")
 _CACHE_VERSION = 1
 _STATE_FORMAT = 1
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = ("fp32", "bf16", "fp16")  # the names training accepts (devices.DTYPES says what they mean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +505,6 @@ class Trainer:
         if _state is None:
             self._load_initial_weights()
         self.model.to(self.device).train()
-        self.model.check_finite = False  # inputs come from uint8 images; skip the per-step host sync
 
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps
@@ -642,8 +641,8 @@ class Trainer:
         lr = lr_u8.to(self.device, non_blocking=True).float()
         hr = hr_u8.to(self.device, non_blocking=True).float()
         amp = self.precision != "fp32"
-        with torch.autocast(self.device.type, dtype=_PRECISIONS[self.precision], enabled=amp):
-            sr = self.model(lr)
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=amp):
+            sr = self.model(lr, check_finite=False)  # uint8 images: no per-step host sync
         loss = F.l1_loss(sr.float(), hr)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -680,7 +679,7 @@ class Trainer:
         try:
             for pair in self.val_pairs:
                 lr = torch.from_numpy(np.load(pair.lr)).permute(2, 0, 1)[None].to(self.device).float()
-                sr = self.model(lr)[0].clamp_(0, 255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+                sr = self.model(lr, check_finite=False)[0].clamp_(0, 255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
                 scores.append(psnr(rgb2y(sr), rgb2y(np.load(pair.hr)), shave=self.config.scale))
         finally:
             self.model.train()

@@ -256,15 +256,12 @@ def load_pretrained(
     weights: str | Path | None = None,
     allow_download: bool = True,
     progress: bool | None = None,
-    backend: str | None = None,
-    cuda_graphs: bool = False,
 ):
     """An MSFIN preset with its released weights, in eval mode, on ``device`` in ``dtype``.
 
     ``weights`` loads your own checkpoint for the preset's architecture instead of the released
-    file (no checksum; keys and shapes must still match exactly). With ``backend`` (``"auto"``,
-    ``"triton"``, ``"emulate"``) the result is the fast engine (``msfin_fast.optimize``) built
-    from the fp32 model, running in ``dtype``.
+    file (no checksum; keys and shapes must still match exactly). This loads weights only; for the
+    fast engine pass the fp32 result to ``msfin_fast.optimize(model, dtype=..., backend=...)``.
     """
     config = get_config(name)
     path = Path(weights) if weights is not None else fetch(name, allow_download=allow_download, progress=progress)
@@ -273,8 +270,4 @@ def load_pretrained(
     check_state_dict(model, state, name, str(path))
     check_values(((k, state[k]) for k in model.state_dict()), str(path))
     model.load_state_dict(state, strict=True)
-    if backend is not None:
-        from .engine import optimize
-
-        return optimize(model.to(device).eval(), dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
     return model.to(device=device, dtype=dtype).eval()

@@ -6,7 +6,7 @@ checkout (the git-ignored copy a GPU machine gets); images likewise from ``MSFIN
 any machine with a GPU and with ``MSFIN_STRICT_TESTS=1`` (:func:`missing`): a GPU run is too rare to
 lose tests to a missing folder, a module or a tool.
 Tests never touch the network or the user's torch hub cache. Every test runs with TF32 off, so
-an fp32 reference on a GPU is true fp32 (see ``msfin_fast.backends.true_fp32``).
+an fp32 reference on a GPU is true fp32 (see ``msfin_fast.devices.true_fp32``).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _true_fp32():
-    from msfin_fast.backends import true_fp32
+    from msfin_fast.devices import true_fp32
 
     with true_fp32():
         yield

@@ -60,7 +60,7 @@ MUTATIONS = [
              (f"{K}::test_rrcab_pass_over_a_grid_of_tiles",),
              "the RRCAB grid counts tile rows with the tile width: too few programs, except on square tiles"),
     # 2. the trained MeanShift folds
-    Mutation("tail-fold-identity", "msfin_fast/engine/packing.py",
+    Mutation("tail-fold-identity", "msfin_fast/engine/backends/triton.py",
              "m = add_mean.weight.detach().double()[:, :, 0, 0]",
              "m = torch.eye(3, dtype=torch.float64, device=add_mean.weight.device)",
              (f"{K}::test_tail", "tests/test_engine.py::test_emulated_plan_matches_reference_fp32"),
@@ -105,7 +105,7 @@ MUTATIONS = [
              (f"{CUDA_CPU}[C24G6-fp16]", f"{CUDA_CPU}[C64G4-fp16]"),
              "the CUDA pass's channel sums skip the first column of every tile"),
     # 5. the engine end to end
-    Mutation("engine-fp32-passes-in-fp16", "msfin_fast/engine/backends.py",
+    Mutation("engine-fp32-passes-in-fp16", "msfin_fast/engine/backends/emulate.py",
              "        dt = p.dtype\n        body = p.module.body",
              "        dt = torch.float16\n        body = p.module.body",
              ("tests/test_engine.py::test_emulated_plan_matches_reference_fp32",

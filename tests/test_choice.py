@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msfin_fast import MSFIN, optimize
-from msfin_fast.engine import choice
+from msfin_fast.engine import auto as choice
 
 
 @pytest.fixture
@@ -68,11 +68,30 @@ def test_shape_classes():
     assert choice.shape_class(1, 1080, 1920) == "large, batch 1"
 
 
-def test_auto_on_a_cpu_without_the_interpreter_is_the_reference(model, monkeypatch):
+def test_auto_on_a_cpu_is_the_cpu_backend_without_measuring(model, monkeypatch):
+    """One candidate on a CPU: no AutoEngine and nothing measured, even with the interpreter on."""
     import msfin_fast.engine
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(msfin_fast.engine, "_warned", set())
-    with pytest.warns(RuntimeWarning):
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
         engine = optimize(model, dtype=torch.float32)
-    assert engine.backend == "reference"
+        assert isinstance(engine, msfin_fast.engine.Engine) and engine.backend == "cpu"
+    assert list(msfin_fast.engine.variants(model)) == ["cpu"]
+
+
+def test_auto_measures_every_candidate_that_can_run(model, monkeypatch, tmp_path):
+    """Where several candidates can run (on a GPU: the kernel variants), optimize() returns an
+    AutoEngine over all of them."""
+    from msfin_fast.engine import backends
+
+    monkeypatch.setenv("MSFIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backends, "candidates", lambda device: {
+        "emulate": dict(name="emulate"), "emulate-fused": dict(name="emulate", fuse_rrcab=True),
+        "cpu-channels-last": dict(name="cpu")})
+    auto = optimize(model, dtype=torch.float32)
+    assert isinstance(auto, choice.AutoEngine) and sorted(auto.engines) == ["cpu-channels-last", "emulate", "emulate-fused"]
+    x = torch.rand(1, 3, 4, 5) * 255
+    with torch.no_grad():
+        assert (auto(x) - model(x)).abs().max().item() <= 1e-3
+    assert set(auto.choices["small, batch 1"]["ms"]) == {"cpu-channels-last", "emulate", "emulate-fused"}

@@ -25,13 +25,33 @@ from bounds import Guarded, assert_close, ca_length, initial_sums, tolerance
 from conftest import HAS_CUDA, missing
 
 import msfin_fast
-from msfin_fast.engine import cuda_backend
+from msfin_fast.engine.backends import cuda as cuda_backend
 from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
 from msfin_fast.model import RRCAB
 
 ROOT = Path(__file__).resolve().parent.parent
-# (channels, groups, CA reduction) of every RRCAB in MSFIN (G 6, r 5) and MSFIN-S (G 4, r 4).
-CONFIGS = [(16, 4, 4), (24, 6, 5), (32, 4, 4), (48, 6, 5), (64, 4, 4), (96, 6, 5)]
+
+
+def header_configs() -> list[tuple[int, int, int]]:
+    """(channels, groups, CA reduction) of every kernel variant. The (C, G) pairs are read from the
+    one line that lists them, MSFIN_FOR_EACH_CONFIG in csrc/rrcab.h (collection must not need a
+    build); the built extension and the host emulation are checked against it below. The reduction
+    is that of the preset with those groups (MSFIN: G 6, r 5; MSFIN-S: G 4, r 4)."""
+    header = (ROOT / "csrc" / "rrcab.h").read_text()
+    lines = re.findall(r"^#define MSFIN_FOR_EACH_CONFIG\(X\)(.*)$", header, re.M)
+    assert len(lines) == 1, "csrc/rrcab.h must define MSFIN_FOR_EACH_CONFIG(X) on one line"
+    pairs = [(int(c), int(g)) for c, g in re.findall(r"X\(\s*(\d+)\s*,\s*(\d+)\s*\)", lines[0])]
+    assert pairs, "MSFIN_FOR_EACH_CONFIG lists no (C, G) pair"
+    from msfin_fast.config import PRESETS
+
+    reductions = {}
+    for cfg in PRESETS.values():
+        reductions.setdefault(cfg.groups, set()).add(cfg.reduction)
+    assert all(len(reductions.get(g, ())) == 1 for _, g in pairs), (pairs, reductions)
+    return [(c, g, next(iter(reductions[g]))) for c, g in pairs]
+
+
+CONFIGS = header_configs()
 
 
 def pass_lengths(c: int, g: int, deferred: bool, h: int, w: int) -> dict[str, int]:
@@ -236,8 +256,8 @@ def test_pure_python_install_reports_the_backend_unavailable(tmp_path):
     code = (
         "import sys\n"
         "sys.modules['msfin_fast._C'] = None  # import msfin_fast._C now fails as if never built\n"
-        "from msfin_fast.engine import cuda_backend as cb\n"
-        "from msfin_fast.backends import cuda_extension_status\n"
+        "from msfin_fast.engine.backends import cuda as cb\n"
+        "from msfin_fast.report import cuda_extension_status\n"
         "s = cuda_extension_status()\n"
         "print(cb.built(), cb.available(), s.available, s.detail)\n"
     )
@@ -250,7 +270,7 @@ def test_pure_python_install_reports_the_backend_unavailable(tmp_path):
 
 @pytest.fixture(scope="module")
 def packed_cpu():
-    return cuda_backend.pack_rrcab(make_block(24, 6, 5), torch.float16, "cpu")
+    return cuda_backend.pack_block(make_block(24, 6, 5), torch.float16, "cpu")
 
 
 def cpu_args(n=2, h=5, w=7, c=24, dtype=torch.float16):
@@ -263,7 +283,7 @@ def cpu_args(n=2, h=5, w=7, c=24, dtype=torch.float16):
 
 def test_packing_lays_weights_out_as_the_kernel_reads_them():
     block = make_block(32, 4, 4)
-    p = cuda_backend.pack_rrcab(block, "fp32", "cpu")
+    p = cuda_backend.pack_block(block, "fp32", "cpu")
     w1, w3 = block.body[0].weight, block.body[4].weight
     cg = 8
     for g, ci, dy, dx, co in [(0, 0, 0, 0, 0), (1, 3, 2, 1, 5), (3, 7, 1, 2, 7), (2, 5, 0, 2, 1)]:
@@ -274,13 +294,15 @@ def test_packing_lays_weights_out_as_the_kernel_reads_them():
     assert p.dtype == torch.float32 and (p.channels, p.groups) == (32, 4)
 
 
-def test_packing_refuses_what_has_no_kernel():
+def test_packing_refuses_what_has_no_kernel(ext):
+    """(40, 4) is not in the extension's own list (the only place that lists what it compiles)."""
+    assert (40, 4) not in cuda_backend.supported_configs()
     with pytest.raises(ConfigError, match="40 channels"):
-        cuda_backend.pack_rrcab(RRCAB(40, 4, 4, 1), torch.float16, "cpu")
+        cuda_backend.pack_block(RRCAB(40, 4, 4, 1), torch.float16, "cpu")
     with pytest.raises(ConfigError, match="fp16 or fp32"):
-        cuda_backend.pack_rrcab(make_block(24, 6, 5), torch.bfloat16, "cpu")
+        cuda_backend.pack_block(make_block(24, 6, 5), torch.bfloat16, "cpu")
     with pytest.raises(ConfigError, match="RRCAB"):
-        cuda_backend.pack_rrcab(torch.nn.Conv2d(3, 3, 1), torch.float16, "cpu")
+        cuda_backend.pack_block(torch.nn.Conv2d(3, 3, 1), torch.float16, "cpu")
 
 
 def test_cpu_tensors_are_refused_with_a_clear_error(packed_cpu):
@@ -344,19 +366,19 @@ def test_unchecked_call_without_a_usable_gpu_is_a_device_error(packed_cpu):
 
 def test_ca_must_match_the_activations(packed_cpu):
     args = cpu_args()
-    other = cuda_backend.pack_rrcab(make_block(16, 4, 4), torch.float16, "cpu")
+    other = cuda_backend.pack_block(make_block(16, 4, 4), torch.float16, "cpu")
     args.update(u=torch.zeros(2, 5, 7, 24, dtype=torch.float16), sums_in=torch.zeros(2, 24), ca=other)
     with pytest.raises(InvalidInputError, match="ca has 16 channels, the activations 24"):
         cuda_backend.rrcab_pass(packed_cpu, **args)
 
 
 def test_packed_weights_must_come_from_pack_rrcab():
-    with pytest.raises(InvalidInputError, match="pack_rrcab"):
+    with pytest.raises(InvalidInputError, match="pack_block"):
         cuda_backend.rrcab_pass(object(), **cpu_args())
 
 
 def test_backend_report_says_what_was_built():
-    from msfin_fast.backends import cuda_extension_status
+    from msfin_fast.report import cuda_extension_status
 
     status = cuda_extension_status()
     assert status.available == cuda_backend.available()
@@ -407,6 +429,10 @@ def emulator(tmp_path_factory):
     )
     so = ctypes.CDLL(str(lib))
     assert so.emulate_params_size() == ctypes.sizeof(EmulatedParams)
+    count = so.msfin_supported_configs(None, 0)  # the emulation's own list, from the same macro
+    listed = (ctypes.c_int * (2 * count))()
+    assert so.msfin_supported_configs(listed, count) == count
+    assert [(listed[2 * i], listed[2 * i + 1]) for i in range(count)] == [(c, g) for c, g, _ in CONFIGS]
     so.emulate_rrcab_pass.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(EmulatedParams)]
     return so
 
@@ -436,8 +462,8 @@ def test_kernel_source_matches_the_reference_on_the_cpu(emulator, dtype, c, g, r
     # Like the GPU test, smaller: an image inside one tile and ones across ragged tiles, with every
     # optional input, with none, and with u alone; outputs start as NaN inside NaN guard bands.
     block, producer = make_block(c, g, r), make_block(c, g, r, seed=1)
-    packed = cuda_backend.pack_rrcab(block, dtype, "cpu")
-    ca = cuda_backend.pack_rrcab(producer, dtype, "cpu")
+    packed = cuda_backend.pack_block(block, dtype, "cpu")
+    ca = cuda_backend.pack_block(producer, dtype, "cpu")
     gen = torch.Generator().manual_seed(c)
     for (n, h, w), inputs in (((1, 5, 3), "u e1 e2 x_out"), ((2, 19, 37), "x_out"), ((1, 13, 29), "u")):
         def act(scale=2.0):
@@ -495,7 +521,7 @@ def test_kernel_source_is_clean_under_host_sanitizers(tmp_path, sanitizer, flags
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=0")
     proc = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and sanitizer not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stdout.count(" ran\n") == 12
+    assert proc.stdout.count(" ran\n") == 2 * len(CONFIGS)
 
 
 # ---- the kernel against the reference (GPU) --------------------------------------------------------
@@ -504,7 +530,7 @@ def test_kernel_source_is_clean_under_host_sanitizers(tmp_path, sanitizer, flags
 def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
     block = make_block(c, g, r, seed).cuda()
     producer = make_block(c, g, r, seed + 1).cuda()
-    packed = cuda_backend.pack_rrcab(block, dtype, "cuda")
+    packed = cuda_backend.pack_block(block, dtype, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def act(scale=2.0):
@@ -516,7 +542,7 @@ def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
         u = act()
         sums_in = torch.randn(n, c, device="cuda", generator=gen) * h * w
         e1, e2 = act(0.5), act(0.5)
-        kwargs = dict(u=u, sums_in=sums_in, ca=cuda_backend.pack_rrcab(producer, dtype, "cuda"), e1=e1, e2=e2)
+        kwargs = dict(u=u, sums_in=sums_in, ca=cuda_backend.pack_block(producer, dtype, "cuda"), e1=e1, e2=e2)
         ref_kwargs = dict(u=u, sums_in=sums_in, ca=producer, e1=e1, e2=e2)
     out = Guarded("cuda")
     u_out, x_out = out.new("u_out", (n, h, w, c), dtype), out.new("x_out", (n, h, w, c), dtype)
@@ -549,7 +575,7 @@ def check_two_passes_of_the_pretrained_block(pretrained, device, run_pass):
     module in float64. Bound: two passes' reductions plus the consumer's CA (tests/bounds.py), fp32."""
     model = pretrained("msfin-x4")
     block = model.ds0_body
-    packed = cuda_backend.pack_rrcab(block, torch.float32, device)
+    packed = cuda_backend.pack_block(block, torch.float32, device)
     torch.manual_seed(0)
     t_nchw = torch.randn(2, 24, 31, 45) * 8
     with torch.no_grad():
@@ -579,7 +605,7 @@ def test_two_passes_are_the_pretrained_block(pretrained):
 @pytest.mark.usefixtures("gpu_ext")
 def test_pass_runs_on_the_current_stream_and_in_a_cuda_graph():
     c, g, r = 24, 6, 5
-    packed = cuda_backend.pack_rrcab(make_block(c, g, r), torch.float16, "cuda")
+    packed = cuda_backend.pack_block(make_block(c, g, r), torch.float16, "cuda")
     t = (torch.randn(1, 20, 24, c, device="cuda") * 2).half()
     u_out, sums_out = torch.empty_like(t), torch.zeros(1, c, device="cuda")
     expected_u, expected_sums = torch.empty_like(t), torch.zeros(1, c, device="cuda")

@@ -118,9 +118,9 @@ def test_arena_reuses_buffers_and_every_read_is_written_first():
     engine = optimize(model, dtype=torch.float32, backend="emulate")
     x = lr_batch(2, 4, 6)
     first = engine(x)
-    runner = engine.runner
-    kernel_bufs = {b.id for launch in runner.plan.launches for b in P.writes(launch) if b.kernel}
-    assert len(runner.assignment.slots) < len(kernel_bufs) / 2
+    executor = engine.executor
+    kernel_bufs = {b.id for launch in executor.plan.launches for b in launch.writes() if b.kernel}
+    assert len(executor.assignment.slots) < len(kernel_bufs) / 2
     (arena,) = engine._arenas.values()
     for t in arena.tensors:
         t.fill_(float("nan"))
@@ -137,7 +137,7 @@ def test_upsampling_runs_late_and_the_arena_stays_near_the_live_peak():
     first_re = order.index("block_re1")
     assert order.index("ds4_up5.0") > order.index("ds0_body5") and order.index("ds4_up5.0") < first_re
     assert order.index("ds2_up.up.0") > order.index("ds0_body5") and order.index("ds2_up.up.0") < first_re
-    maps = float(sum(engine.runner.assignment.slots)) / 24
+    maps = float(sum(engine.executor.assignment.slots)) / 24
     assert maps <= 10.5, maps
     # 1080p output, fp16: the planned arena is under the issue's 1.5 GB peak budget.
     assert engine.arena_bytes(1, 270, 480) < 1.0 * 2**30
@@ -208,9 +208,38 @@ def test_triton_kernels_end_to_end(fuse_rrcab):
     assert (engine(x) - want).abs().max().item() <= ENGINE_FP32_CPU
 
 
+def test_auto_on_a_cpu_is_the_cpu_backend():
+    """On a CPU ``auto`` runs the cpu backend (not the Triton interpreter, even where it is on),
+    which matches the fp32 reference within 0.05 at odd sizes, batch > 1, both presets."""
+    for preset in ("msfin-x4", "msfin-s-x4"):
+        model = random_model(preset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            engine = optimize(model, dtype=torch.float32)
+        assert engine.backend == "cpu" and engine.fallback_reason is None
+        x = lr_batch(2, 5, 7)
+        with torch.no_grad():
+            want = model(x)
+        assert (engine(x) - want).abs().max().item() <= 0.05
+        # In fp16 it still computes in fp32: the output is fp32's, rounded once to fp16.
+        half = optimize(model, dtype=torch.float16)
+        assert half.backend == "cpu" and half(x).dtype == torch.float16
+        assert torch.equal(half(x), engine(x).half())
+
+
+def _kernel_candidates_only(monkeypatch):
+    """Make ``auto`` choose among the GPU's kernel candidates on this CPU (as on a GPU machine
+    where they cannot run), so the fall-back to the reference is exercised."""
+    from msfin_fast.engine import backends
+
+    monkeypatch.setattr(backends, "candidates", lambda device: {"triton": dict(name="triton"),
+                                                                "cuda": dict(name="cuda")})
+
+
 def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(msfin_fast.engine, "_warned", set())
+    _kernel_candidates_only(monkeypatch)
     model = random_model("msfin-s-x4")
     with pytest.warns(RuntimeWarning, match="reference instead of the kernels"):
         engine = optimize(model, dtype=torch.float32)
@@ -225,17 +254,27 @@ def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
         optimize(model, backend="triton")
     with pytest.raises(DeviceError, match="backend='cuda' cannot run"):
         optimize(model, backend="cuda")
+    with pytest.raises(DeviceError, match="backend='cpu' cannot run"):
+        optimize(model.to("meta"), backend="cpu")
 
 
-def test_models_the_kernels_do_not_cover_run_the_reference():
+def test_models_the_kernels_do_not_cover_run_the_reference(monkeypatch):
     model = MSFIN(msfin_fast.get_config("msfin-s-x4").replace(scale=3)).eval()
+    x = lr_batch(1, 3, 5)
+    _kernel_candidates_only(monkeypatch)
+    monkeypatch.setattr(msfin_fast.engine, "_warned", set())
     with pytest.warns(RuntimeWarning, match="×4"):
         engine = optimize(model, dtype=torch.float32)
-    x = lr_batch(1, 3, 5)
+    assert engine.backend == "reference"
     with torch.no_grad():
         assert torch.equal(engine(x), model(x))
     with pytest.raises(DeviceError, match="×4"):
         optimize(model, backend="emulate")
+    monkeypatch.undo()
+    cpu = optimize(model, dtype=torch.float32)  # the cpu backend runs any MSFIN
+    assert cpu.backend == "cpu"
+    with torch.no_grad():
+        assert (cpu(x) - model(x)).abs().max().item() <= 0.05
 
 
 def test_engine_rejects_bad_input_and_arguments():
@@ -253,11 +292,14 @@ def test_engine_rejects_bad_input_and_arguments():
         optimize(torch.nn.Conv2d(3, 3, 1))
 
 
-def test_load_pretrained_returns_the_engine(weights_dir, monkeypatch):
+def test_load_pretrained_loads_weights_and_optimize_builds_the_engine(weights_dir, monkeypatch):
     monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(weights_dir))
-    engine = msfin_fast.load_pretrained("msfin-s-x4", dtype=torch.float32, backend="emulate")
-    assert isinstance(engine, msfin_fast.Engine) and engine.backend == "emulate"
     reference = msfin_fast.load_pretrained("msfin-s-x4")
+    assert type(reference) is MSFIN
+    with pytest.raises(TypeError, match="backend"):
+        msfin_fast.load_pretrained("msfin-s-x4", backend="emulate")  # weights only: engines are optimize's
+    engine = optimize(reference, dtype=torch.float32, backend="emulate")
+    assert isinstance(engine, msfin_fast.Engine) and engine.backend == "emulate"
     x = lr_batch(1, 4, 4)
     with torch.no_grad():
         assert (engine(x) - reference(x)).abs().max().item() <= ENGINE_FP32_CPU
@@ -305,21 +347,37 @@ class _ContractOfTheCudaKernel:
 
 
 def test_cuda_backend_wiring_against_the_reference(monkeypatch):
-    import msfin_fast.engine as engine_mod
-    from msfin_fast.engine.backends import EmulatedOps
+    from msfin_fast.engine.backends import cuda, emulate, triton
 
-    monkeypatch.setattr(engine_mod, "triton_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(engine_mod, "cuda_unavailable_reason", lambda model: None)
     model = random_model("msfin-x4")
+
+    monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(cuda.CudaBackend, "unavailable_reason", lambda self, model: None)
+    monkeypatch.setattr(cuda, "supported_configs", lambda: sorted(cuda.configs_of(model)))
+    monkeypatch.setattr(cuda, "_C", object())  # packing needs the extension to be there
+    fake = _ContractOfTheCudaKernel()
+    monkeypatch.setattr(cuda, "rrcab_pass", fake.rrcab_pass)
     engine = optimize(model, dtype=torch.float32, backend="cuda")
     assert engine.backend == "cuda"
     assert all(launch.fused for launch in engine.plan.launches if isinstance(launch, P.RRCABPass))
-    fake, emulated = _ContractOfTheCudaKernel(), EmulatedOps()
-    engine.ops._cuda = fake
+    emulated = emulate.EmulateBackend()
     for name in ("head", "tail", "conv", "materialize"):  # the Triton launches, emulated for speed
-        setattr(engine.ops, name, getattr(emulated, name))
+        setattr(engine.impl, name, getattr(emulated, name))
+    # The emulated launches read their own packed weights, and a deferred value's CA from its
+    # producer's: the CUDA-packed blocks get the emulation's CA beside the kernel's weights.
+    own = emulate.pack(model, engine.plan, torch.float32)
+    for key, packed in engine.executor.packed.items():
+        if isinstance(packed, cuda.CudaPacked):
+            engine.executor.packed[key] = _WithEmulatedCA(packed, own[key].ca)
+        else:
+            engine.executor.packed[key] = own[key]
     x = lr_batch(2, 4, 5)
     with torch.no_grad():
         want = model(x)
     assert (engine(x) - want).abs().max().item() <= ENGINE_FP32_CPU
     assert fake.calls == 48
+
+
+class _WithEmulatedCA:
+    def __init__(self, packed, ca):
+        self.kernel, self.ca = packed.kernel, ca

@@ -1,9 +1,10 @@
-"""Each Triton kernel against the PyTorch emulation of its contract (engine/backends.py).
+"""Each Triton kernel against the PyTorch emulation of its contract (engine/backends/emulate.py).
 
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so the
 shapes are small; they are odd, batched, and cover every channel count of both presets.
-The emulation computes from the reference modules' own weights with F.conv2d, so these tests
-check the weight packing as well as the kernels.
+Each backend packs the same modules its own way (``SIDES``: the backend and its module of
+packers); the emulation computes from the reference modules' own weights with F.conv2d, so these
+tests check the Triton packing as well as the kernels.
 
 * Tolerances (tests/bounds.py): derived from the storage dtype and each output's reduction length,
   about 1e-3 of the largest value for fp16 and 2e-6 to 4e-5 for fp32; the channel sums are fp32
@@ -28,9 +29,7 @@ from conftest import require_module
 
 require_module("triton")
 
-from msfin_fast.engine.backends import EmulatedOps, TritonOps  # noqa: E402
-from msfin_fast.engine.packing import pack_head, pack_rrcab, pack_tail  # noqa: E402
-from msfin_fast.kernels.contract import Source  # noqa: E402
+from msfin_fast.engine.backends import Operand, emulate, triton  # noqa: E402
 from msfin_fast.model import RRCAB, MeanShift  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,19 +75,24 @@ def nhwc(n, h, w, c, dtype, scale=1.0):
     return (torch.randn(n, h, w, c, device=DEVICE) * scale).to(dtype)
 
 
-def producer_ca(c, g, r, dtype, seed):
+def sides(fused: bool = False):
+    """(backend, module of its packers): the emulation first, then the Triton kernels."""
+    return [(emulate.EmulateBackend(), emulate), (triton.TritonBackend(fuse_rrcab=fused), triton)]
+
+
+def producer(c, g, r, dtype, seed):
     """A deferred source needs the producing block's CA weights; any block of that width will do."""
-    return pack_rrcab(random_block(c, g, r, dtype, seed + 100), dtype).ca
+    return random_block(c, g, r, dtype, seed + 100)
 
 
 def emulated_and_kernel(what: str, shape, dtype: torch.dtype, launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(want, got): ``launch(ops, out)`` by the emulation and by the Triton kernels, each into a
-    fresh guarded NaN output whose guard bands are checked after the launch."""
+    """(want, got): ``launch(ops, packers, out)`` by the emulation and by the Triton kernels, each
+    into a fresh guarded NaN output whose guard bands are checked after the launch."""
     results = []
-    for ops in (EmulatedOps(), TritonOps()):
+    for ops, packers in sides():
         out = Guarded(DEVICE)
         results.append(out.new(what, shape, dtype))
-        launch(ops, results[-1])
+        launch(ops, packers, results[-1])
         out.check()
     return results[0], results[1]
 
@@ -98,18 +102,20 @@ def run_rrcab_pass(width, dtype, n, h, w, deferred, n_add, write_x, fused, seed)
     from msfin_fast.kernels.rrcab_fused import scratch_numel
 
     c, g, r = width
-    packed = pack_rrcab(random_block(c, g, r, dtype, seed=seed), dtype)
+    block = random_block(c, g, r, dtype, seed=seed)
+    made_by = producer(c, g, r, dtype, c)
     t = nhwc(n, h, w, c, dtype, 10)
     adds = [nhwc(n, h, w, c, dtype, 3) for _ in range(n_add)]
-    src = Source(t, e1=adds[0] if n_add > 0 else None, e2=adds[1] if n_add > 1 else None)
-    if deferred:
-        src = src._replace(u=nhwc(n, h, w, c, dtype, 5), sums=torch.randn(n, c, device=DEVICE) * h * w,
-                           ca=producer_ca(c, g, r, dtype, c))
+    u_in = nhwc(n, h, w, c, dtype, 5) if deferred else None
+    sums_in = torch.randn(n, c, device=DEVICE) * h * w if deferred else None
     sums0 = initial_sums(n, c, h * w * 10, DEVICE)
     results = {}
-    for ops in (EmulatedOps(), TritonOps(fused_rrcab=fused)):
+    for ops, packers in sides(fused):
+        packed = packers.pack_block(block, dtype)
+        src = Operand(t, u_in, sums_in, packers.pack_block(made_by, dtype) if deferred else None,
+                      adds[0] if n_add > 0 else None, adds[1] if n_add > 1 else None)
         out = Guarded(DEVICE)
-        kernel_fused = fused and ops.name != "pytorch-emulation"
+        kernel_fused = fused and ops.name == "triton"
         x_out = out.new("x_out", t.shape, dtype) if write_x else None
         u = out.new("u", t.shape, dtype)
         if kernel_fused:  # the per-program scratch, guarded like any output
@@ -120,7 +126,7 @@ def run_rrcab_pass(width, dtype, n, h, w, deferred, n_add, write_x, fused, seed)
         ops.rrcab_pass(src, packed, x_out, a, u, sums, fused=fused)
         out.check()
         results[ops.name] = dict(x_out=x_out, a=None if fused else a, u=u, sums=sums)
-    want, got = results["pytorch-emulation"], results["triton-fused" if fused else "triton"]
+    want, got = results["emulate"], results["triton"]
     lengths = rrcab_lengths(c, deferred, h, w)
     for name in ("x_out", "a", "u", "sums"):
         if want[name] is not None:
@@ -189,30 +195,33 @@ def test_rrcab_fused_pass_over_a_grid_of_tiles(tiles, width, dtype):
 def test_rrcab_emulation_is_one_reference_step():
     """The emulated pass plus the deferred CA is exactly the reference block's step."""
     block = random_block(24, 6, 5, torch.float32, 0)
-    packed = pack_rrcab(block, torch.float32)
-    ops = EmulatedOps()
+    packed = emulate.pack_block(block, torch.float32)
+    ops = emulate.EmulateBackend()
     x = torch.randn(2, 24, 6, 7, device=DEVICE) * 10
     t = x.permute(0, 2, 3, 1).contiguous()
     a, u, sums = torch.empty_like(t), torch.empty_like(t), torch.zeros(2, 24, device=DEVICE)
-    ops.rrcab_pass(Source(t), packed, None, a, u, sums)
+    ops.rrcab_pass(Operand(t), packed, None, a, u, sums)
     out = torch.empty_like(t)
-    ops.materialize(Source(t, u, sums, packed.ca), out)
+    ops.materialize(Operand(t, u, sums, packed), out)
     with torch.no_grad():
         want = block(x)
     torch.testing.assert_close(out.permute(0, 3, 1, 2), want, rtol=1e-5, atol=1e-4)
 
 
 def deferred_source(c, dtype, n, h, w, n_add, seed):
+    """A function of a backend's packers → the same deferred operand, its producer packed that way."""
     g, r = (6, 5) if c % 6 == 0 else (4, 4)
     adds = [nhwc(n, h, w, c, dtype, 3) for _ in range(n_add)]
-    return Source(nhwc(n, h, w, c, dtype, 10), nhwc(n, h, w, c, dtype, 5), torch.randn(n, c, device=DEVICE) * h * w,
-                  producer_ca(c, g, r, dtype, seed), *(adds + [None, None])[:2])
+    t, u, sums = nhwc(n, h, w, c, dtype, 10), nhwc(n, h, w, c, dtype, 5), torch.randn(n, c, device=DEVICE) * h * w
+    made_by = producer(c, g, r, dtype, seed)
+    return lambda packers: Operand(t, u, sums, packers.pack_block(made_by, dtype), *(adds + [None, None])[:2])
 
 
 def check_materialize(c, dtype, n, hw, n_add):
     h, w = hw
     src = deferred_source(c, dtype, n, h, w, n_add, 1)
-    want, got = emulated_and_kernel("out", src.t.shape, dtype, lambda ops, out: ops.materialize(src, out))
+    want, got = emulated_and_kernel("out", (n, h, w, c), dtype,
+                                    lambda ops, packers, out: ops.materialize(src(packers), out))
     assert_close(got, want, tol(dtype, ca_length(c, True)), "materialize")
 
 
@@ -249,11 +258,12 @@ def test_head_over_a_grid_of_tiles(tiles):
 
 def check_head(c, dtype, n, hw):
     torch.manual_seed(c)
-    conv = torch.nn.Conv2d(3, c, 3, padding=1)
-    packed = pack_head(trained_mean_shift(-1, c), conv.to(DEVICE), 4)
+    conv = torch.nn.Conv2d(3, c, 3, padding=1).to(DEVICE)
+    shift = trained_mean_shift(-1, c)
     x = (torch.rand(n, 3, *hw, device=DEVICE) * 255).to(dtype)
     out_shape = (n, 4 * hw[0], 4 * hw[1], c)
-    want, got = emulated_and_kernel("head out", out_shape, dtype, lambda ops, out: ops.head(x, packed, out))
+    want, got = emulated_and_kernel("head out", out_shape, dtype,
+                                    lambda ops, packers, out: ops.head(x, packers.pack_head(shift, conv, 4), out))
     # bilinear (4 terms) → sub_mean (3) → 3×3 conv over 3 channels (27); head products are FMAs,
     # not dots, so fp32 is exact on the GPU too.
     assert_close(got, want, tolerance(dtype, 4 + 3 + 27), "head")
@@ -262,10 +272,12 @@ def check_head(c, dtype, n, hw):
 def check_tail(c, dtype, n, hw, seed):
     torch.manual_seed(c)
     tail = torch.nn.Conv2d(c, 3, 3, padding=1).to(DEVICE)
-    packed = pack_tail(tail, trained_mean_shift(1, seed), dtype)
+    shift = trained_mean_shift(1, seed)
     h, w = hw
     src = deferred_source(c, dtype, n, h, w, 0, 2)
-    want, got = emulated_and_kernel("tail out", (n, 3, h, w), dtype, lambda ops, out: ops.tail(src, packed, out))
+    want, got = emulated_and_kernel(
+        "tail out", (n, 3, h, w), dtype,
+        lambda ops, packers, out: ops.tail(src(packers), packers.pack_tail(tail, shift, dtype), out))
     # Source, 3×3 conv over every 16-channel chunk, add_mean's 3. The kernel rounds the folded
     # weights M·w to the storage dtype, the emulation rounds w and applies M in fp32: one more
     # rounding, of u_storage, between the two (measured in fp16: at most 5.1e-4 over 36 cases).
@@ -283,16 +295,16 @@ def test_tail_over_a_grid_of_tiles(tiles):
 
 
 def test_launchers_reject_mismatched_buffers():
-    packed = pack_rrcab(random_block(24, 6, 5, torch.float32, 0), torch.float32)
+    packed = triton.pack_block(random_block(24, 6, 5, torch.float32, 0), torch.float32)
     t = nhwc(1, 4, 4, 24, torch.float32)
-    ops = TritonOps()
+    ops = triton.TritonBackend()
     with pytest.raises(ValueError, match="a_out"):
-        ops.rrcab_pass(Source(t), packed, None, nhwc(1, 4, 5, 24, torch.float32), torch.empty_like(t),
+        ops.rrcab_pass(Operand(t), packed, None, nhwc(1, 4, 5, 24, torch.float32), torch.empty_like(t),
                        torch.zeros(1, 24, device=DEVICE))
     with pytest.raises(ValueError, match="deferred source needs"):
-        ops.materialize(Source(t, u=torch.empty_like(t)), torch.empty_like(t))
+        ops.materialize(Operand(t, u=torch.empty_like(t)), torch.empty_like(t))
     with pytest.raises(ValueError, match="conv1 weight"):
-        ops.rrcab_pass(Source(t.half()), packed, None, torch.empty_like(t.half()), torch.empty_like(t.half()),
+        ops.rrcab_pass(Operand(t.half()), packed, None, torch.empty_like(t.half()), torch.empty_like(t.half()),
                        torch.zeros(1, 24, device=DEVICE))
 
 
@@ -317,10 +329,8 @@ def conv_length(ksize: int, n_src: int, c_src: int) -> int:
 
 
 def check_conv(kind, c, dtype, n, hw):
-    from msfin_fast.engine.packing import pack_conv
-
     module, step, n_src = _conv_case(kind, c)
-    packed = pack_conv(module.to(DEVICE), n_src, dtype)
+    module = module.to(DEVICE)
     c_in = (module.in_channels) // n_src
     inputs = [nhwc(n, *hw, c_in, dtype, 10) for _ in range(n_src)]
     with torch.no_grad():
@@ -329,8 +339,9 @@ def check_conv(kind, c, dtype, n, hw):
     if step.shuffle and isinstance(module, torch.nn.Conv2d):
         y = torch.nn.functional.pixel_shuffle(y, 2)
     shape = (y.shape[0], y.shape[2], y.shape[3], y.shape[1])
-    want, got = emulated_and_kernel(f"conv {kind} out", shape, dtype,
-                                    lambda ops, out: ops.conv(inputs, packed, out, step))
+    want, got = emulated_and_kernel(
+        f"conv {kind} out", shape, dtype,
+        lambda ops, packers, out: ops.conv(inputs, packers.pack_conv(module, n_src, dtype), out, step))
     assert_close(got, want, tol(dtype, conv_length(step.ksize, n_src, c_in)), f"conv {kind}")
 
 
@@ -357,16 +368,15 @@ def test_conv_over_a_grid_of_tiles(tiles, kind, c, dtype, hw):
 @pytest.mark.parametrize("c, dtype, n_add", [(24, torch.float16, 0), (48, torch.float32, 1)])
 def test_conv_with_a_deferred_input(c, dtype, n_add):
     """An up-sampling conv reading a block's unfinished output t + CA(u) (+ addends)."""
-    from msfin_fast.engine.packing import pack_conv
     from msfin_fast.engine.plan import Conv
 
     torch.manual_seed(c)
     module = torch.nn.Conv2d(c, 4 * (c // 2), 3, padding=1).to(DEVICE)
-    packed = pack_conv(module, 1, dtype)
     step = Conv("", [], None, 3, 1, shuffle=True)
     n, h, w = 2, 5, 7
     src = deferred_source(c, dtype, n, h, w, n_add, 3)
     want, got = emulated_and_kernel("conv out", (n, 2 * h, 2 * w, c // 2), dtype,
-                                    lambda ops, out: ops.conv(src, packed, out, step))
+                                    lambda ops, packers, out: ops.conv(src(packers), packers.pack_conv(module, 1, dtype),
+                                                                       out, step))
     k = ca_length(c, True) + conv_length(3, 1, c)
     assert_close(got, want, tol(dtype, k), "conv of a deferred input")

@@ -1,4 +1,4 @@
-"""The engine under torch.compile: custom ops with fake implementations, one graph, same output."""
+"""The engine under torch.compile: one custom op with a fake implementation, one graph, same output."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msfin_fast import MSFIN, optimize
-from msfin_fast.engine import ops
+from msfin_fast.engine import library
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,39 @@ def test_compiled_engine_is_one_graph_with_the_eager_output(engine):
     assert torch.equal(compiled(x), want)
 
 
-def test_custom_ops_pass_opcheck(engine):
+def test_the_functional_run_equals_the_eager_one(engine):
+    x = torch.rand(2, 3, 4, 6) * 255
+    assert torch.equal(engine.executor.run_functional(x, engine._key), engine(x))
+
+
+def test_custom_op_passes_opcheck_on_every_kind_of_launch(engine):
+    """opcheck (schema, fake vs real outputs, autograd registration) on the first launch of each
+    kind in the plan: head, two-launch and deferred passes, conv, materialize, tail."""
     x = torch.rand(1, 3, 4, 6) * 255
-    keys = engine.runner.keys
-    feats = ops.head(x, keys["head"])
-    torch.library.opcheck(ops.head, (x, keys["head"]))
-    block = "ds0_body"
-    args = (feats, None, None, None, None, -1, keys[block], False)
-    torch.library.opcheck(ops.rrcab_pass, args)
-    _, u, sums = ops.rrcab_pass(*args)
-    deferred = (feats, u, sums, feats, None, keys[block])
-    torch.library.opcheck(ops.rrcab_pass, deferred + (keys["block_re1"], True))
-    torch.library.opcheck(ops.materialize, deferred + (keys["ops"],))
-    torch.library.opcheck(ops.tail, deferred + (keys["tail"],))
+    calls = []
+    engine.executor.run_functional(x, engine._key, record=calls)
+    launches = engine.plan.launches
+    assert len(calls) == len(launches)  # every launch of an emulate plan goes through the op
+    seen = {}
+    for index, inputs in calls:
+        launch = launches[index]
+        kind = (type(launch).__name__, getattr(launch, "src", None) is not None and launch.src.u is not None)
+        seen.setdefault(kind, (index, inputs))
+    kinds = {name for name, _ in seen}
+    assert {"Head", "RRCABPass", "Conv", "Materialize", "Tail"} <= kinds
+    assert ("RRCABPass", True) in seen and ("RRCABPass", False) in seen
+    for index, inputs in seen.values():
+        torch.library.opcheck(library.launch, (engine._key, index, inputs))
+
+
+def test_whole_network_backends_compile_without_graph_breaks():
+    """The reference and cpu backends, and MSFIN itself: the input's finiteness test is left out
+    under torch.compile instead of breaking the graph."""
+    torch.manual_seed(0)
+    model = MSFIN("msfin-s-x4").eval()
+    x = torch.rand(1, 3, 5, 6) * 255
+    for module in (model, optimize(model, dtype=torch.float32, backend="cpu"),
+                   optimize(model, dtype=torch.float32, backend="reference")):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(module)(x)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from msfin_fast import DeviceError, InvalidInputError, NonFiniteOutputError, Upscaler
-from msfin_fast.upscaler import resolve_device, resolve_dtype
+from msfin_fast.devices import resolve_device, resolve_dtype
 
 RNG = np.random.default_rng(0)
 
@@ -98,10 +98,11 @@ def test_by_name_with_weights_dir(weights_dir):
     assert up.upscale(np.zeros((3, 3, 3), np.uint8)).shape == (12, 12, 3)
 
 
-def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, monkeypatch):
+def test_upscaler_backend_builds_the_engine_and_falls_back_where_kernels_cannot_run(pretrained, monkeypatch):
     import warnings
 
     import msfin_fast.engine
+    from msfin_fast.engine import backends
     from msfin_fast.errors import InvalidInputError
     from msfin_fast.upscaler import Upscaler
 
@@ -109,12 +110,18 @@ def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, 
     monkeypatch.setattr(msfin_fast.engine, "_warned", set())
     reference = pretrained("msfin-s-x4")
     rgb = (np.arange(7 * 9 * 3) % 251).astype(np.uint8).reshape(7, 9, 3)
+    want = Upscaler(reference, device="cpu").upscale(rgb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        up = Upscaler(reference, device="cpu", backend="auto")  # on a CPU: the cpu backend, no warning
+    assert up.backend == "cpu" and isinstance(up.model, msfin_fast.engine.Engine)
+    assert np.array_equal(up.upscale(rgb), want)  # the same bytes as the reference path
+    # Where only kernel candidates exist and none can run, auto falls back to the reference.
+    monkeypatch.setattr(backends, "candidates", lambda device: {"triton": dict(name="triton")})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         up = Upscaler(reference, device="cpu", backend="auto")
     assert up.backend == "reference" and any("reference instead of the kernels" in str(w.message) for w in caught)
-    assert isinstance(up.model, msfin_fast.engine.Engine)
-    want = Upscaler(reference, device="cpu").upscale(rgb)
     assert np.array_equal(up.upscale(rgb), want)
     with pytest.raises(InvalidInputError, match="backend='reference'"):
         Upscaler(reference, device="cpu", backend="auto", tile=8, tile_mode="exact")
@@ -122,7 +129,7 @@ def test_upscaler_backend_builds_the_engine_and_falls_back_on_a_cpu(pretrained, 
 
 def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
     """An engine that would not fit runs tiles sized from its own arena estimate."""
-    import msfin_fast.upscaler as up_mod
+    import msfin_fast.policy as up_mod
     from msfin_fast import MSFIN, optimize
 
     torch.manual_seed(0)
@@ -149,7 +156,7 @@ def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
 def test_bad_tensors_are_named_before_any_work(upscaler, monkeypatch, x, message):
     """The memory estimate used to run first, so an integer tensor gave a raw TypeError and a 3-D
     one an unpacking error."""
-    import msfin_fast.upscaler as module
+    import msfin_fast.policy as module
 
     monkeypatch.setattr(module, "available_memory", lambda device: pytest.fail("estimated memory first"))
     with pytest.raises(InvalidInputError, match=message):

@@ -107,7 +107,7 @@ int dispatch(int C, int G, const PassParams& p) {
     run<T, c, g>(p);          \
     return 0;                 \
   }
-  MSFIN_CASE(16, 4) MSFIN_CASE(24, 6) MSFIN_CASE(32, 4) MSFIN_CASE(48, 6) MSFIN_CASE(64, 4) MSFIN_CASE(96, 6)
+  MSFIN_FOR_EACH_CONFIG(MSFIN_CASE)
 #undef MSFIN_CASE
   return 1;
 }
@@ -120,3 +120,18 @@ extern "C" int emulate_rrcab_pass(int dtype_code, int C, int G, const msfin::Pas
 }
 
 extern "C" int emulate_params_size() { return static_cast<int>(sizeof(msfin::PassParams)); }
+
+// The (C, G) pairs the emulation dispatches (MSFIN_FOR_EACH_CONFIG of rrcab.h): writes up to
+// `capacity` pairs to out[0..2·capacity) as C, G, C, G, ... and returns how many pairs there are.
+extern "C" int msfin_supported_configs(int* out, int capacity) {
+  int n = 0;
+#define MSFIN_CASE(c, g)   \
+  if (n < capacity) {      \
+    out[2 * n] = (c);      \
+    out[2 * n + 1] = (g);  \
+  }                        \
+  ++n;
+  MSFIN_FOR_EACH_CONFIG(MSFIN_CASE)
+#undef MSFIN_CASE
+  return n;
+}

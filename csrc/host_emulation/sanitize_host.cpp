@@ -43,9 +43,9 @@ int run_variant(int C, int G, int dtype_code, std::mt19937& gen) {
 
 int main() {
   std::mt19937 gen(0);
-  const int configs[6][2] = {{16, 4}, {24, 6}, {32, 4}, {48, 6}, {64, 4}, {96, 6}};
-  for (const auto& cg : configs) {
-    if (run_variant<float>(cg[0], cg[1], 0, gen) || run_variant<__half>(cg[0], cg[1], 1, gen)) return 1;
-  }
+#define MSFIN_CASE(c, g) \
+  if (run_variant<float>((c), (g), 0, gen) || run_variant<__half>((c), (g), 1, gen)) return 1;
+  MSFIN_FOR_EACH_CONFIG(MSFIN_CASE)
+#undef MSFIN_CASE
   return 0;
 }

@@ -15,11 +15,13 @@ materialised value for any other reader of the same node. Only values read by a 
 deferred prologue (a cuDNN conv, a concat) and not finished that way get a ``materialize`` launch.
 
 Buffers are symbolic — (resolution divisor, channels) — so one plan serves every input shape;
-``runtime.Arena`` turns them into tensors per shape and reuses them once dead.
+``executor.Arena`` turns them into tensors per shape and reuses them once dead. Launches carry
+every decision the executor needs (what they read and write, fused or not, which weights).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 
@@ -27,7 +29,6 @@ import torch
 from torch import fx, nn
 
 from ..graph import trace_features
-from ..kernels.contract import FUSED_MAX_CHANNELS
 from ..model import MSFIN, RRCAB, Down2, Down4, Up2
 
 
@@ -40,6 +41,9 @@ class Buf:
     channels: int
     kernel: bool = True
 
+    def shape(self, n: int, H: int, W: int) -> tuple[int, ...]:
+        return (n, H // self.div, W // self.div, self.channels)
+
 
 @dataclass(frozen=True)
 class SumsSlot:
@@ -47,6 +51,9 @@ class SumsSlot:
 
     id: int
     channels: int
+
+    def shape(self, n: int, H: int, W: int) -> tuple[int, ...]:
+        return (n, self.channels)
 
 
 @dataclass(frozen=True)
@@ -94,79 +101,228 @@ Value = Plain | Deferred | Sum
 
 
 # Launches -------------------------------------------------------------------------------------
+#
+# Every launch says what it reads (``inputs``), what it writes and hands on (``outputs``), what it
+# writes only for itself (``temps``), which packed weights it uses (``weights``) and how it runs
+# (``run``, given the backend, the packed weights and a ``Tensors`` view that maps each of those
+# values to a tensor). The executor only ever calls these; it never asks what kind a launch is.
+
+
+@dataclass(frozen=True)
+class Image:
+    """The network's LR input (``name="lr"``, NCHW) or its SR output (``name="sr"``, NCHW)."""
+
+    name: str
+
+
+LR, SR = Image("lr"), Image("sr")
+
+
+def _source_values(src: SourceRef) -> list:
+    return src.bufs + ([src.sums] if src.sums is not None else [])
+
+
+class Launch:
+    """Base of the plan's launches. ``inline`` launches are plain PyTorch: under ``torch.compile``
+    they are traced as they are instead of going through the engine's custom op."""
+
+    inline = False
+    fused = False
+    movable = False  # a pure function of its inputs that may run anywhere before its first reader
+    weights: str | None = None
+
+    def inputs(self) -> list:
+        return []
+
+    def outputs(self) -> list:
+        return []
+
+    def temps(self) -> list:
+        return []
+
+    def run(self, backend, packed, t) -> None:
+        raise NotImplementedError
+
+    def torch_weights(self, model: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+        """The PyTorch module an inline launch runs (packed by the engine, not the backend)."""
+        return None
+
+    def reads(self) -> list[Buf]:
+        """The activation buffers this launch reads (its own temporaries included)."""
+        return [v for v in self.inputs() + self.temps() if isinstance(v, Buf)]
+
+    def writes(self) -> list[Buf]:
+        return [v for v in self.outputs() + self.temps() if isinstance(v, Buf)]
+
 
 @dataclass
-class Head:
+class Head(Launch):
+    """Bilinear ×S, sub_mean and the head conv: the LR image → the first features."""
+
     out: Buf
+    weights = "head"
+
+    def inputs(self):
+        return [LR]
+
+    def outputs(self):
+        return [self.out]
+
+    def run(self, backend, packed, t):
+        backend.head(t[LR], packed["head"], t[self.out])
 
 
 @dataclass
-class RRCABPass:
+class RRCABPass(Launch):
     block: str
     src: SourceRef
     x_out: Buf | None
-    a: Buf | None  # conv1's output; None when the pass is one launch (kernels/rrcab_fused.py)
+    a: Buf | None  # conv1's output; None when the pass is one launch that keeps it on chip
+    u: Buf
+    sums: SumsSlot
 
     @property
     def fused(self) -> bool:
         return self.a is None
-    u: Buf
-    sums: SumsSlot
+
+    @property
+    def weights(self) -> str:
+        return self.block
+
+    def inputs(self):
+        return _source_values(self.src)
+
+    def outputs(self):
+        return [b for b in (self.x_out, self.u, self.sums) if b is not None]
+
+    def temps(self):
+        return [self.a] if self.a is not None else []
+
+    def run(self, backend, packed, t):
+        a = t.scratch if self.fused else t[self.a]
+        backend.rrcab_pass(t.operand(self.src), packed[self.block], t.get(self.x_out), a, t[self.u],
+                           t[self.sums], fused=self.fused)
 
 
 @dataclass
-class Materialize:
+class Materialize(Launch):
     src: SourceRef
     out: Buf
 
+    def inputs(self):
+        return _source_values(self.src)
+
+    def outputs(self):
+        return [self.out]
+
+    def run(self, backend, packed, t):
+        backend.materialize(t.operand(self.src), t[self.out])
+
 
 @dataclass
-class Layer:
+class Layer(Launch):
     """A reference layer run by PyTorch (cuDNN on a GPU) on NHWC buffers; several inputs are concatenated."""
 
     module: str
-    inputs: list[Buf]
+    parts: list[Buf]
     out: Buf
+    inline = True
+    movable = True
+
+    @property
+    def weights(self) -> str:
+        return self.module
+
+    def value_inputs(self) -> list[Buf]:
+        return list(self.parts)
+
+    def inputs(self):
+        return list(self.parts)
+
+    def outputs(self):
+        return [self.out]
+
+    def torch_weights(self, model, dtype):
+        return copy.deepcopy(model.get_submodule(self.module)).to(dtype=dtype, memory_format=torch.channels_last).eval()
+
+    def run(self, backend, packed, t):
+        nchw = [t[b].permute(0, 3, 1, 2) for b in self.parts]  # channels_last views of the NHWC buffers
+        y = packed[self.module](nchw[0] if len(nchw) == 1 else torch.cat(nchw, dim=1))
+        t.put(self.out, y.permute(0, 2, 3, 1).contiguous())
 
 
 @dataclass
-class Conv:
-    """One dense conv of a layer, run by kernels/conv.py (``module`` is the conv's qualified name)."""
+class Conv(Launch):
+    """One dense conv of a layer, run by the backend (``module`` is the conv's qualified name)."""
 
     module: str
-    inputs: list[Buf]
-    out: Buf
+    parts: list[Buf]  # the plain inputs (several: a concatenation read as separate inputs)
+    out: Buf | None
     ksize: int
     stride: int
     leaky: bool = False
     shuffle: bool = False
     src: SourceRef | None = None  # a single deferred input, finished by the conv as it loads
+    movable = True
+
+    @property
+    def weights(self) -> str:
+        return self.module
+
+    def value_inputs(self) -> list[Buf]:
+        return [self.src.t] if self.src is not None else list(self.parts)
+
+    def inputs(self):
+        return _source_values(self.src) if self.src is not None else list(self.parts)
+
+    def outputs(self):
+        return [self.out]
+
+    def run(self, backend, packed, t):
+        inputs = t.operand(self.src) if self.src is not None else [t[b] for b in self.parts]
+        backend.conv(inputs, packed[self.module], t[self.out], self)
 
 
 @dataclass
-class Tail:
+class Tail(Launch):
+    """The tail conv with add_mean folded in: the last features → the SR image."""
+
     src: SourceRef
+    weights = "tail"
+
+    def inputs(self):
+        return _source_values(self.src)
+
+    def outputs(self):
+        return [SR]
+
+    def run(self, backend, packed, t):
+        backend.tail(t.operand(self.src), packed["tail"], t[SR])
 
 
-Launch = Head | RRCABPass | Materialize | Layer | Conv | Tail
+@dataclass
+class Network(Launch):
+    """The whole network as one PyTorch module (the ``reference`` and ``cpu`` backends)."""
+
+    weights = "network"
+    inline = True
+
+    def inputs(self):
+        return [LR]
+
+    def outputs(self):
+        return [SR]
+
+    def run(self, backend, packed, t):
+        t.put(SR, backend.network(t[LR], packed["network"]))
 
 
 def reads(launch: Launch) -> list[Buf]:
-    if isinstance(launch, (RRCABPass, Materialize, Tail)):
-        return launch.src.bufs + ([launch.a] if isinstance(launch, RRCABPass) and launch.a is not None else [])
-    if isinstance(launch, Conv) and launch.src is not None:
-        return launch.src.bufs
-    if isinstance(launch, (Layer, Conv)):
-        return list(launch.inputs)
-    return []
+    return launch.reads()
 
 
 def writes(launch: Launch) -> list[Buf]:
-    if isinstance(launch, RRCABPass):
-        return [b for b in (launch.x_out, launch.a, launch.u) if b is not None]
-    if isinstance(launch, (Materialize, Layer, Conv, Head)):
-        return [launch.out]
-    return []
+    return launch.writes()
 
 
 def lower(name: str, module: nn.Module) -> list[Conv]:
@@ -208,9 +364,14 @@ def lower(name: str, module: nn.Module) -> list[Conv]:
 
 @dataclass
 class Plan:
+    """The launches of one forward, in order, and the channel-sum slots their passes fill."""
+
     launches: list[Launch] = field(default_factory=list)
     slots: list[SumsSlot] = field(default_factory=list)
-    fused_rrcab: bool = False
+
+    @property
+    def fused_passes(self) -> list[RRCABPass]:
+        return [launch for launch in self.launches if launch.fused]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -237,11 +398,9 @@ def _out_shape(module: nn.Module, div: int, channels_in: int) -> tuple[int, int]
 
 
 class Planner:
-    def __init__(self, model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False,
-                 fused_max_channels: int = FUSED_MAX_CHANNELS):
+    def __init__(self, model: MSFIN, conv_kernels: bool = True, fused_max_channels: int = 0):
         self.model = model
         self.conv_kernels = conv_kernels
-        self.fused_rrcab = fused_rrcab
         self.fused_max_channels = fused_max_channels
         self.plan = Plan()
         self._next_buf = 0
@@ -302,7 +461,7 @@ class Planner:
             x_out = None if src.is_plain else self.new_buf(div, channels)
             if step == 0 and x_out is not None and not isinstance(value, Plain):
                 value.plain = x_out
-            fused = self.fused_rrcab and channels <= self.fused_max_channels
+            fused = channels <= self.fused_max_channels
             a = None if fused else self.new_buf(div, channels)
             launch = RRCABPass(name, src, x_out, a, self.new_buf(div, channels), self.new_slot(channels))
             self.plan.launches.append(launch)
@@ -330,7 +489,7 @@ class Planner:
                     channels //= 4
                 if step_div < 1 or (len(bufs) > 1 and conv.in_channels % len(bufs)):
                     raise UnsupportedModel(f"{step.module}: cannot run as a kernel")
-                step.inputs, step.out = bufs, self.new_buf(step_div, channels)
+                step.parts, step.out = bufs, self.new_buf(step_div, channels)
                 step.src, deferred = deferred, None
                 self.plan.launches.append(step)
                 bufs, div = [step.out], step_div
@@ -373,11 +532,11 @@ class Planner:
 
 
 def _grows(launch: Launch) -> bool:
-    """A launch whose output is bigger than what it reads (the up-sampling convs)."""
-    if not isinstance(launch, (Conv, Layer)):
+    """A movable launch whose output is bigger than what it reads (the up-sampling convs)."""
+    if not launch.movable:
         return False
-    inputs = [launch.src.t] if isinstance(launch, Conv) and launch.src is not None else launch.inputs
-    return launch.out.channels / launch.out.div ** 2 > sum(b.channels / b.div ** 2 for b in inputs)
+    (out,) = launch.outputs()
+    return out.channels / out.div ** 2 > sum(b.channels / b.div ** 2 for b in launch.value_inputs())
 
 
 def sink_upsampling(plan: Plan) -> Plan:
@@ -390,21 +549,26 @@ def sink_upsampling(plan: Plan) -> Plan:
     launches = list(plan.launches)
     for launch in [x for x in launches if _grows(x)]:
         launches.remove(launch)
-        first = next(i for i, other in enumerate(launches) if launch.out in reads(other))
+        first = next(i for i, other in enumerate(launches) if launch.out in other.reads())
         launches.insert(first, launch)
     plan.launches = launches
     return plan
 
 
-def build_plan(model: MSFIN, conv_kernels: bool = True, fused_rrcab: bool = False,
-               fused_max_channels: int = FUSED_MAX_CHANNELS) -> Plan:
+def build_plan(model: MSFIN, conv_kernels: bool = True, fused_max_channels: int = 0) -> Plan:
     """The launches for one forward of ``model`` (head to tail), independent of the input shape.
 
-    ``conv_kernels``: run the layers between RRCAB blocks as kernels/conv.py launches (False:
-    as the reference's PyTorch modules, i.e. cuDNN on a GPU). ``fused_rrcab``: each RRCAB pass
-    up to ``fused_max_channels`` wide is one launch that keeps conv1's output on chip (no ``a``
-    buffer): the Triton kernel's limit by default; the CUDA C++ kernel covers every width.
+    ``conv_kernels``: run the layers between RRCAB blocks as backend conv launches (False: as the
+    reference's PyTorch modules, i.e. cuDNN on a GPU). ``fused_max_channels``: each RRCAB pass up
+    to this many channels wide is one launch that keeps conv1's output on chip (no ``a`` buffer);
+    0 runs every pass as two launches. The backend says what it can fuse.
     """
-    plan = Planner(model, conv_kernels, fused_rrcab, fused_max_channels).build(trace_features(model))
-    plan.fused_rrcab = fused_rrcab
+    if model.config.scale != 4:
+        raise UnsupportedModel(f"the engine's head kernel is specialised for ×4 (model is ×{model.config.scale})")
+    plan = Planner(model, conv_kernels, fused_max_channels).build(trace_features(model))
     return sink_upsampling(plan)
+
+
+def whole_network_plan() -> Plan:
+    """One launch that runs the whole network as a PyTorch module (the ``reference`` and ``cpu`` backends)."""
+    return Plan([Network()])

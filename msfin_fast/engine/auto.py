@@ -1,7 +1,7 @@
-"""``backend="auto"`` on a GPU: measure the engine's variants per shape class, keep the fastest.
+"""``backend="auto"``: measure the candidate backends per shape class, keep the fastest.
 
-Which variant wins (two Triton launches per RRCAB pass, one fused launch, the CUDA C++ kernel)
-depends on the card and on the image size, so nothing is hard-coded: the first input of a shape
+The candidates are ``backends.candidates(device)``. Which one wins on a GPU (two Triton launches
+per RRCAB pass, one fused launch, the CUDA C++ kernel) depends on the card and on the image size, so nothing is hard-coded: the first input of a shape
 class on a device times every variant (a few CUDA-event-timed runs each) and the winner is used
 from then on. Choices persist across processes in a small JSON file (``$MSFIN_CACHE_DIR`` or
 ``~/.cache/msfin_fast/backend_choices.json``), keyed by device name, software versions, dtype, the
@@ -91,13 +91,10 @@ class AutoEngine(nn.Module):
         super().__init__()
         self.__dict__["source"] = model
         self.engines = nn.ModuleDict(engines)
-        for engine in engines.values():
-            engine.check_finite = False  # this module checks its input once, or not at all (capture)
         self.dtype = dtype
         self.timer = timer or (cuda_timer if model.head.weight.is_cuda else wall_timer)
         self.persist = persist
         self.choices: dict[str, dict] = {}  # shape class → {"backend": name, "ms": {name: median}}
-        self.check_finite = True
 
     @property
     def backend(self) -> str:
@@ -130,16 +127,18 @@ class AutoEngine(nn.Module):
         entry = load_choices().get(key) if self.persist else None
         if not entry or entry.get("backend") not in self.engines:
             with torch.no_grad():
-                ms = {name: self.timer(lambda e=engine: e(x)) for name, engine in self.engines.items()}
+                ms = {name: self.timer(lambda e=engine: e(x, check_finite=False))
+                      for name, engine in self.engines.items()}
             entry = {"backend": min(ms, key=ms.get), "ms": ms, "measured_on": list(x.shape)}
             if self.persist:
                 save_choice(key, entry)
         self.choices[cls] = entry
         return entry["backend"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, check_finite=self.check_finite)
-        return self.engines[self.choose(x)](x)
+    def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+        """As :meth:`Engine.forward`; the input is checked once here, not again by the chosen engine."""
+        check_input(x, check_finite=check_finite and not torch.compiler.is_compiling())
+        return self.engines[self.choose(x)](x, check_finite=False)
 
     def extra_repr(self) -> str:
         return f"choices={ {cls: e['backend'] for cls, e in self.choices.items()} }"

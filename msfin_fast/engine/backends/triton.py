@@ -1,19 +1,22 @@
-"""Weights in the layouts the kernels read, made once from the reference modules.
+"""The Triton backend: every launch by the kernels of kernels/ (on CUDA, or on the CPU under
+``TRITON_INTERPRET=1``), and the weights in the layouts those kernels read.
 
-Every packed object keeps the module it came from, so the PyTorch emulation of a kernel
-(``emulate.py``) computes from the original weights and checks the packing as well as the kernel.
-Layouts are documented in each kernel file's header (kernels/*.py).
+Layouts are documented in each kernel file's header (kernels/*.py). This is the only module of
+the engine that imports ``kernels/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels.contract import CAWeights
-from ..model import RRCAB, ChannelAttention, MeanShift
+from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights, Source
+from ...model import RRCAB, ChannelAttention, MeanShift
+from . import Operand
 
 CHUNK = 16
 
@@ -76,8 +79,9 @@ def pack_ca(ca: ChannelAttention) -> CAWeights:
 
 
 @dataclass
-class PackedRRCAB:
-    module: RRCAB
+class TritonBlock:
+    """One RRCAB's weights for kernels/rrcab.py and rrcab_fused.py; ``ca`` for whoever reads its output."""
+
     dtype: torch.dtype
     w1: torch.Tensor
     b1: torch.Tensor
@@ -86,26 +90,20 @@ class PackedRRCAB:
     w3: torch.Tensor
     b3: torch.Tensor
     ca: CAWeights
-    cuda: object = None  # cuda_backend.PackedRRCAB, when the CUDA C++ kernel runs the passes
-
-    @property
-    def steps(self) -> int:
-        return 1 + self.module.num_steps
 
 
-def pack_rrcab(block: RRCAB, dtype: torch.dtype) -> PackedRRCAB:
+def pack_block(block: RRCAB, dtype: torch.dtype) -> TritonBlock:
     conv1, conv2, pointwise, ca = block.body[0], block.body[2], block.body[4], block.body[5]
     w1, b1 = pack_grouped3x3(conv1, dtype)
     w2, b2 = pack_grouped3x3(conv2, dtype)
     w3, b3 = pack_pointwise(pointwise, dtype)
-    return PackedRRCAB(block, dtype, w1, b1, w2, b2, w3, b3, pack_ca(ca))
+    return TritonBlock(dtype, w1, b1, w2, b2, w3, b3, pack_ca(ca))
 
 
 @dataclass
 class PackedHead:
-    sub_mean: MeanShift
-    head: nn.Conv2d
     scale: int
+    channels: int
     mean_w: torch.Tensor
     mean_b: torch.Tensor
     w: torch.Tensor
@@ -119,7 +117,7 @@ def pack_head(sub_mean: MeanShift, head: nn.Conv2d, scale: int) -> PackedHead:
     w = torch.zeros(9, 3, np_, device=dev)
     w[:, :, :n] = head.weight.detach().float().permute(2, 3, 1, 0).reshape(9, 3, n)
     return PackedHead(
-        sub_mean, head, scale,
+        scale, n,
         sub_mean.weight.detach().float()[:, :, 0, 0].contiguous(), sub_mean.bias.detach().float().contiguous(),
         w, pack_bias(head.bias, np_, dev),
     )
@@ -127,9 +125,6 @@ def pack_head(sub_mean: MeanShift, head: nn.Conv2d, scale: int) -> PackedHead:
 
 @dataclass
 class PackedTail:
-    tail: nn.Conv2d
-    add_mean: MeanShift
-    dtype: torch.dtype
     w: torch.Tensor
     b: torch.Tensor
 
@@ -144,15 +139,14 @@ def pack_tail(tail: nn.Conv2d, add_mean: MeanShift, dtype: torch.dtype) -> Packe
     packed = torch.zeros(9, nchunk * CHUNK, CHUNK, dtype=torch.float64, device=w.device)
     packed[:, :n, :3] = w.permute(2, 3, 1, 0).reshape(9, n, 3)
     packed = packed.view(9, nchunk, CHUNK, CHUNK)
-    return PackedTail(tail, add_mean, dtype, packed.to(dtype).contiguous(), pack_bias(b, CHUNK, w.device))
+    return PackedTail(packed.to(dtype).contiguous(), pack_bias(b, CHUNK, w.device))
 
 
 @dataclass
 class PackedConv:
-    """A dense conv (or 2×2/2 transposed conv) as the GEMM kernels/conv.py runs."""
+    """A dense conv (or 2×2/2 transposed conv) as the GEMM kernels/conv.py runs, and its output channels."""
 
-    module: nn.Module
-    dtype: torch.dtype
+    out_channels: int
     w: torch.Tensor
     b: torch.Tensor
 
@@ -176,4 +170,92 @@ def pack_conv(conv: nn.Conv2d | nn.ConvTranspose2d, n_src: int, dtype: torch.dty
     taps = gemm.permute(2, 3, 1, 0).reshape(k * k, n_src, c_src, outs)  # [tap, src, in, out]
     packed[:, :, :c_src, :outs] = taps
     packed = packed.view(k * k, n_src * kchunk, CHUNK, np_)
-    return PackedConv(conv, dtype, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))
+    out_channels = conv.out_channels if isinstance(conv, nn.ConvTranspose2d) else outs
+    return PackedConv(out_channels, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))
+
+
+def pack(model, plan, dtype: torch.dtype) -> dict:
+    """Every weight a plan's Triton launches read, keyed by the launches' ``weights``."""
+    packed = {}
+    with torch.no_grad():
+        for launch in plan.launches:
+            key = launch.weights
+            if key is None or key in packed or launch.inline:
+                continue
+            if key == "head":
+                packed[key] = pack_head(model.sub_mean, model.head, model.config.scale)
+            elif key == "tail":
+                packed[key] = pack_tail(model.tail2, model.add_mean, dtype)
+            elif isinstance(model.get_submodule(key), RRCAB):
+                packed[key] = pack_block(model.get_submodule(key), dtype)
+            else:
+                packed[key] = pack_conv(model.get_submodule(key), len(launch.parts), dtype)
+    return packed
+
+
+def source(op: Operand) -> Source:
+    """The kernels' view of an operand: the producer's CA in the kernels' layout."""
+    ca = op.producer.ca if op.u is not None and op.producer is not None else None
+    return Source(op.t, op.u, op.sums, ca, op.e1, op.e2)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the Triton kernels need a CUDA device (the model is on {device}; "
+            "TRITON_INTERPRET=1 runs them slowly on the CPU)")
+
+
+class TritonBackend:
+    """Two launches per RRCAB pass (conv1, then conv2 + 1×1 + sums), or with ``fuse_rrcab`` one
+    launch for passes up to ``FUSED_MAX_CHANNELS`` wide (conv1's output in an L2-resident scratch)."""
+
+    name = "triton"
+    whole_network = False
+
+    def __init__(self, fuse_rrcab: bool = False):
+        from ...kernels import conv, head, materialize, rrcab, rrcab_fused, tail
+
+        self._head, self._materialize, self._rrcab, self._tail = head, materialize, rrcab, tail
+        self._conv, self._fused = conv, rrcab_fused
+        self.fused_max_channels = FUSED_MAX_CHANNELS if fuse_rrcab else 0
+
+    def unavailable_reason(self, model) -> str | None:
+        return unavailable_reason(model.head.weight.device)
+
+    def pack(self, model, plan, dtype):
+        return pack(model, plan, dtype)
+
+    def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
+        return self._fused.scratch_numel(device, next_pow2(channels), n, h, w)
+
+    def head(self, x, p: PackedHead, out) -> None:
+        self._head.head(x, p.scale, p.mean_w, p.mean_b, p.w, p.b, out)
+
+    def rrcab_pass(self, src: Operand, p: TritonBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
+        """``a``: conv1's output buffer, or with ``fused`` the one-launch kernel's scratch."""
+        s = source(src)
+        if fused:
+            self._fused.rrcab_fused(s, p.w1, p.b1, p.w2, p.b2, p.w3, p.b3, u_out, sums, a, x_out)
+            return
+        self._rrcab.rrcab_conv1(s, p.w1, p.b1, a, x_out)
+        self._rrcab.rrcab_conv2(a, p.w2, p.b2, p.w3, p.b3, u_out, sums)
+
+    def materialize(self, src: Operand, out) -> None:
+        self._materialize.materialize(source(src), out)
+
+    def tail(self, src: Operand, p: PackedTail, out) -> None:
+        self._tail.tail(source(src), p.w, p.b, out)
+
+    def conv(self, inputs, p: PackedConv, out, step) -> None:
+        inputs = source(inputs) if isinstance(inputs, Operand) else inputs
+        self._conv.conv(inputs, p.w, p.b, out, ksize=step.ksize, stride=step.stride, leaky=step.leaky,
+                        shuffle=step.shuffle)
+
+
+BACKENDS = {"triton": TritonBackend}

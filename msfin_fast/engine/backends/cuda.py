@@ -1,4 +1,7 @@
-"""The CUDA C++ backend: one RRCAB pass per launch, through the ``msfin_fast._C`` extension.
+"""The CUDA C++ backend: each RRCAB pass is one launch of the ``msfin_fast._C`` extension's kernel
+(csrc/); the other launches (head, convs between blocks, tail) are the Triton backend's.
+
+This is the only module that imports the extension.
 
 The pass has the same contract as the Triton kernels (csrc/README.md has it in full):
 
@@ -23,23 +26,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DeviceError, InvalidInputError
-from ..model import RRCAB
+from ...devices import resolve_dtype
+from ...errors import ConfigError, DeviceError, InvalidInputError
+from ...model import RRCAB
+from . import Operand
 
 try:
-    from .. import _C
+    from ... import _C
 except ImportError as exc:  # not built: no nvcc at install time, a failed build, or MSFIN_CUDA_EXT=0
     _C = None
     _IMPORT_ERROR = str(exc)
 else:
     _IMPORT_ERROR = ""
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1}
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1}  # the extension's dtype argument
 # 16-byte vector loads and stores of activations need 16-byte aligned tensors.
 _ALIGNMENT = 16
-# The (channels, groups) pairs the kernels are compiled for (the extension's own list wins when built).
-_SUPPORTED = [(16, 4), (24, 6), (32, 4), (48, 6), (64, 4), (96, 6)]
 _device_status: tuple[int, str] | None = None
 
 
@@ -107,18 +109,23 @@ def supports_capability(major: int, minor: int) -> bool:
     return False
 
 
+def supported_configs() -> list[tuple[int, int]]:
+    """The (channels, groups) pairs the extension has kernels for, as it reports them ([] when not built)."""
+    return [tuple(c) for c in _C.supported_configs()] if _C is not None else []
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ConfigError(f"unknown dtype {dtype!r} for the CUDA backend; use 'fp16' or 'fp32'")
-        return _DTYPE_NAMES[dtype]
+    try:
+        dtype = resolve_dtype(dtype)
+    except DeviceError:
+        raise ConfigError(f"unknown dtype {dtype!r} for the CUDA backend; use 'fp16' or 'fp32'") from None
     if dtype not in _DTYPE_CODES:
         raise ConfigError(f"the CUDA backend stores activations as fp16 or fp32, not {dtype}")
     return dtype
 
 
 @dataclass(frozen=True)
-class PackedCA:
+class CudaCA:
     """A block's channel-attention weights, fp32: squeeze ``w1 [CR, C]``, ``b1 [CR]``, excite
     ``w2 [C, CR]``, ``b2 [C]``. The pass that reads this block's ``u_out`` applies them."""
 
@@ -137,7 +144,7 @@ class PackedCA:
 
 
 @dataclass(frozen=True)
-class PackedRRCAB:
+class CudaBlock:
     """One RRCAB's weights in the kernel's layout, fp32 and contiguous on one device.
 
     ``w1`` / ``w2``: grouped 3×3 convs as ``[G, C/G ci, 3 dy, 3 dx, C/G co]`` (a thread's output
@@ -154,23 +161,23 @@ class PackedRRCAB:
     b2: torch.Tensor
     w3t: torch.Tensor
     b3: torch.Tensor
-    ca: PackedCA
+    ca: CudaCA
 
     @property
     def device(self) -> torch.device:
         return self.w1.device
 
 
-def pack_rrcab(block: RRCAB, dtype, device) -> PackedRRCAB:
+def pack_block(block: RRCAB, dtype, device) -> CudaBlock:
     """Repack ``block``'s weights for the kernel once; ``dtype`` (fp16/fp32) is the activations'."""
     if not isinstance(block, RRCAB):
-        raise ConfigError(f"pack_rrcab takes an msfin_fast.model.RRCAB, got {type(block).__name__}")
+        raise ConfigError(f"pack_block takes an msfin_fast.model.RRCAB, got {type(block).__name__}")
     dtype = _resolve_dtype(dtype)
     device = torch.device(device)
     conv1, conv2, conv3, ca = block.body[0], block.body[2], block.body[4], block.body[5]
     c, g = conv1.out_channels, conv1.groups
-    supported = [tuple(x) for x in _C.supported_configs()] if _C is not None else _SUPPORTED
-    if (c, g) not in supported:
+    supported = supported_configs()  # unknown without the extension: its launches then refuse to run
+    if _C is not None and (c, g) not in supported:
         raise ConfigError(
             f"no CUDA kernel for an RRCAB of {c} channels in {g} groups; "
             f"the kernels cover (channels, groups) in {supported}"
@@ -185,13 +192,13 @@ def pack_rrcab(block: RRCAB, dtype, device) -> PackedRRCAB:
         return f32(w.detach().reshape(g, cg, cg, 3, 3).permute(0, 2, 3, 4, 1))
 
     squeeze = ca.conv_du[0].out_channels
-    packed_ca = PackedCA(
+    packed_ca = CudaCA(
         w1=f32(ca.conv_du[0].weight.reshape(squeeze, c)),
         b1=f32(ca.conv_du[0].bias),
         w2=f32(ca.conv_du[2].weight.reshape(c, squeeze)),
         b2=f32(ca.conv_du[2].bias),
     )
-    return PackedRRCAB(
+    return CudaBlock(
         channels=c,
         groups=g,
         dtype=dtype,
@@ -226,10 +233,10 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     return start, start + x.numel() * x.element_size()
 
 
-def _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out) -> PackedCA | None:
+def _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out) -> CudaCA | None:
     """Every check of rrcab_pass's arguments, before any pointer is taken; returns u's CA weights."""
-    if not isinstance(packed, PackedRRCAB):
-        raise InvalidInputError(f"packed must come from pack_rrcab, got {type(packed).__name__}")
+    if not isinstance(packed, CudaBlock):
+        raise InvalidInputError(f"packed must come from pack_block, got {type(packed).__name__}")
     if not isinstance(t, torch.Tensor):
         raise InvalidInputError(f"t must be a torch.Tensor, got {type(t).__name__}")
     c, dtype = packed.channels, packed.dtype
@@ -259,9 +266,9 @@ def _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out) -> Pac
         if sums_in is None or ca is None:
             raise InvalidInputError("u needs sums_in (its producer's CA sums) and ca (its producer's CA weights)")
         sums["sums_in"] = _check_tensor("sums_in", sums_in, (n, c), torch.float32)
-        ca_weights = ca.ca if isinstance(ca, PackedRRCAB) else ca
-        if not isinstance(ca_weights, PackedCA):
-            raise InvalidInputError(f"ca must be a PackedCA or PackedRRCAB, got {type(ca).__name__}")
+        ca_weights = ca.ca if isinstance(ca, CudaBlock) else ca
+        if not isinstance(ca_weights, CudaCA):
+            raise InvalidInputError(f"ca must be a CudaCA or CudaBlock, got {type(ca).__name__}")
         if ca_weights.channels != c:
             raise InvalidInputError(f"ca has {ca_weights.channels} channels, the activations {c}")
     elif sums_in is not None or ca is not None:
@@ -297,12 +304,12 @@ def _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out) -> Pac
 
 
 def rrcab_pass(
-    packed: PackedRRCAB,
+    packed: CudaBlock,
     t: torch.Tensor,
     *,
     u: torch.Tensor | None = None,
     sums_in: torch.Tensor | None = None,
-    ca: PackedCA | PackedRRCAB | None = None,
+    ca: CudaCA | CudaBlock | None = None,
     e1: torch.Tensor | None = None,
     e2: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
@@ -313,7 +320,7 @@ def rrcab_pass(
     """Run one RRCAB pass of ``packed`` on ``t`` (see the module docstring for the contract).
 
     ``u`` comes with ``sums_in`` and ``ca``, the CA weights of the block that produced it (a
-    ``PackedCA`` or that block's ``PackedRRCAB``). ``sums_out`` is accumulated into: zero it first.
+    ``CudaCA`` or that block's ``CudaBlock``). ``sums_out`` is accumulated into: zero it first.
     Outputs must not overlap inputs. ``check=False`` skips the argument checks (their Python cost
     is paid on every call) for a caller that has validated the same tensors before, such as a plan
     run over a preallocated arena; wrong arguments then reach the kernel as raw pointers.
@@ -321,7 +328,7 @@ def rrcab_pass(
     if check:
         ca_weights = _validated(packed, t, u, sums_in, ca, e1, e2, x_out, u_out, sums_out)
     else:
-        ca_weights = ca.ca if isinstance(ca, PackedRRCAB) else ca
+        ca_weights = ca.ca if isinstance(ca, CudaBlock) else ca
     if _C is None or not available():
         raise DeviceError(unavailable_reason())
 
@@ -346,3 +353,68 @@ def rrcab_pass(
         device=device.index,
         stream=stream,
     )
+
+
+@dataclass(frozen=True)
+class CudaPacked:
+    """A block as this backend packs it: the kernel's layout, and the Triton layout of its channel
+    attention for the Triton launches (convs, tail) that read its output."""
+
+    kernel: CudaBlock
+    ca: object
+
+
+def configs_of(model) -> set[tuple[int, int]]:
+    return {(m.body[0].in_channels, m.body[0].groups) for m in model.modules() if isinstance(m, RRCAB)}
+
+
+class CudaBackend:
+    """RRCAB passes by the CUDA C++ kernel (one launch each, conv1's output in shared memory, every
+    width); every other launch by the Triton backend."""
+
+    name = "cuda"
+    whole_network = False
+    fused_max_channels = 1 << 30
+
+    def __init__(self, fuse_rrcab: bool = False):
+        from .triton import TritonBackend
+
+        self.triton = TritonBackend()
+        self.head, self.materialize = self.triton.head, self.triton.materialize
+        self.conv, self.tail = self.triton.conv, self.triton.tail
+
+    def unavailable_reason(self, model) -> str | None:
+        device = model.head.weight.device
+        if device.type != "cuda":
+            return f"the CUDA C++ kernel needs a CUDA device (the model is on {device})"
+        reason = self.triton.unavailable_reason(model)
+        if reason is not None:
+            return reason
+        if not available():
+            return unavailable_reason()
+        missing = configs_of(model) - set(supported_configs())
+        if missing:
+            return f"the CUDA C++ kernel has no variant for (channels, groups) {sorted(missing)}"
+        return None
+
+    def pack(self, model, plan, dtype) -> dict:
+        from .triton import pack_ca
+
+        packed = self.triton.pack(model, plan, dtype)
+        with torch.no_grad():
+            for key in list(packed):
+                module = model.get_submodule(key) if key not in ("head", "tail") else None
+                if isinstance(module, RRCAB):
+                    packed[key] = CudaPacked(pack_block(module, dtype, model.head.weight.device),
+                                             pack_ca(module.body[5]))
+        return packed
+
+    def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
+        return 0  # the kernel keeps conv1's output in shared memory
+
+    def rrcab_pass(self, src: Operand, p: CudaPacked, x_out, a, u_out, sums, fused: bool = False) -> None:
+        rrcab_pass(p.kernel, src.t, u=src.u, sums_in=src.sums, ca=src.producer.kernel.ca if src.deferred else None,
+                   e1=src.e1, e2=src.e2, x_out=x_out, u_out=u_out, sums_out=sums)
+
+
+BACKENDS = {"cuda": CudaBackend}

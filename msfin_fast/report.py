@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -14,23 +13,6 @@ class BackendStatus:
     name: str
     available: bool
     detail: str
-
-
-@contextlib.contextmanager
-def true_fp32():
-    """Inside the block, fp32 convolutions and matrix products are computed in fp32.
-
-    PyTorch lets cuDNN use TF32 for fp32 convolutions by default on Ampere and later (10-bit
-    mantissa products): MSFIN's fp32 output then drifts by up to ~2 grey levels, more than the
-    engine's own fp32 error. A reference that other implementations are checked against runs in here.
-    """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def cuda_devices() -> list[str]:
@@ -53,10 +35,10 @@ def available_backends() -> list[BackendStatus]:
     else:
         import triton
 
-        from .engine import triton_unavailable_reason
+        from .engine.backends.triton import unavailable_reason
 
         device = torch.device("cuda" if gpus else "cpu")
-        reason = triton_unavailable_reason(device)
+        reason = unavailable_reason(device)
         statuses.append(
             BackendStatus(
                 "triton kernels (msfin_fast.optimize)",
@@ -64,7 +46,9 @@ def available_backends() -> list[BackendStatus]:
                 f"triton {triton.__version__}; " + (f"runs on {device}" if reason is None else reason),
             )
         )
-    from .engine.choice import cache_path, load_choices
+    statuses.append(BackendStatus("cpu (PyTorch, fp32 channels-last)", True,
+                                  "the default on a CPU and what backend='auto' runs there"))
+    from .engine.auto import cache_path, load_choices
 
     choices = load_choices()
     statuses.append(
@@ -82,15 +66,17 @@ def available_backends() -> list[BackendStatus]:
 
 def cuda_extension_status() -> BackendStatus:
     """Whether msfin_fast._C is built, for which GPU targets, and whether its runtime sees a GPU."""
-    from .engine import cuda_backend
+    from .engine.backends import cuda as cuda_backend
 
     name = "CUDA C++ extension"
     if not cuda_backend.built():
         return BackendStatus(name, False, cuda_backend.unavailable_reason())
     ext = cuda_backend._C
+    configs = ", ".join(f"{c}/{g}" for c, g in cuda_backend.supported_configs())
     built = (
         f"built for {', '.join(ext.compiled_archs())} "
-        f"(CUDA runtime {cuda_backend._version(ext.runtime_version())}, linked statically)"
+        f"(CUDA runtime {cuda_backend._version(ext.runtime_version())}, linked statically; "
+        f"channels/groups {configs})"
     )
     if not cuda_backend.available():
         return BackendStatus(name, False, f"{built}; {cuda_backend.unavailable_reason()}")

@@ -1,0 +1,115 @@
+"""What runs a plan's launches: one declared interface, one module per backend.
+
+A backend is an object with
+
+- ``name`` and ``unavailable_reason(model)``: why it cannot run ``model`` on the model's device
+  (None when it can);
+- ``fused_max_channels``: the widest RRCAB pass it runs as one launch (0: none), which the plan
+  is built with;
+- ``pack(model, plan, dtype)``: its own packed weights, a dict keyed by each launch's ``weights``;
+- the launch operations the plan calls (:class:`KernelBackend`), or ``network`` for a backend that
+  runs the whole module through PyTorch (:class:`ModuleBackend`).
+
+``create(name)`` builds one by name; ``candidates(device)`` lists what ``backend="auto"`` measures
+there. Each backend module imports what it alone needs: only ``triton`` imports ``kernels/``, only
+``cuda`` imports the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+#: name → module of the backend class (imported on first use).
+MODULES = {
+    "triton": "triton",
+    "cuda": "cuda",
+    "emulate": "emulate",
+    "cpu": "pytorch",
+    "reference": "pytorch",
+}
+NAMES = tuple(MODULES)
+
+
+class Operand(NamedTuple):
+    """A value some launch finishes while reading it: ``t + CA_producer(u) + e1 + e2`` (NHWC).
+
+    ``producer`` is the packed weights (in the reading backend's own format) of the block whose
+    channel attention applies to ``u``; ``sums`` are that block's channel sums, fp32 [N, C].
+    """
+
+    t: torch.Tensor
+    u: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    producer: object = None
+    e1: torch.Tensor | None = None
+    e2: torch.Tensor | None = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.u is not None
+
+    @property
+    def addends(self) -> list[torch.Tensor]:
+        return [e for e in (self.e1, self.e2) if e is not None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    fused_max_channels: int
+    whole_network: bool  # True: the plan is one Network launch (ModuleBackend)
+
+    def unavailable_reason(self, model: nn.Module) -> str | None: ...
+
+    def pack(self, model: nn.Module, plan, dtype: torch.dtype) -> dict: ...
+
+
+class KernelBackend(Backend, Protocol):
+    """Runs the plan's launches one by one; the contracts are in kernels/*.py and csrc/README.md."""
+
+    def scratch_numel(self, device: torch.device, channels: int, n: int, h: int, w: int) -> int:
+        """Elements of per-launch scratch a fused pass of ``channels`` needs (0: none)."""
+
+    def head(self, x: torch.Tensor, packed, out: torch.Tensor) -> None:
+        """LR NCHW image → first features, NHWC (bilinear ×4, sub_mean, head conv)."""
+
+    def rrcab_pass(self, src: Operand, packed, x_out: torch.Tensor | None, a: torch.Tensor | None,
+                   u_out: torch.Tensor, sums: torch.Tensor, fused: bool = False) -> None:
+        """One step of an RRCAB block: x_out (the finished input, when asked), u_out, sums += Σ u.
+        ``a`` is conv1's output, or with ``fused`` the launch's scratch."""
+
+    def materialize(self, src: Operand, out: torch.Tensor) -> None:
+        """A deferred operand → a plain NHWC tensor."""
+
+    def conv(self, inputs: list[torch.Tensor] | Operand, packed, out: torch.Tensor, step) -> None:
+        """A dense conv between blocks (``step``: the plan's Conv launch: ksize, stride, epilogue)."""
+
+    def tail(self, src: Operand, packed, out: torch.Tensor) -> None:
+        """A deferred operand → the SR image, NCHW (tail conv with add_mean folded in)."""
+
+
+class ModuleBackend(Backend, Protocol):
+    """Runs the whole network as one PyTorch module (the plan is a single ``Network`` launch)."""
+
+    def network(self, x: torch.Tensor, packed) -> torch.Tensor:
+        """LR NCHW → SR NCHW."""
+
+
+def create(name: str, **options) -> Backend:
+    """The backend called ``name`` (see ``NAMES``); ``options``: ``fuse_rrcab`` for triton and emulate."""
+    module = importlib.import_module(f".{MODULES[name]}", __name__)
+    return module.BACKENDS[name](**options)
+
+
+def candidates(device: torch.device) -> dict[str, dict]:
+    """What ``backend="auto"`` measures on ``device``: label → ``create`` arguments, in order of
+    preference when nothing has been measured. On a GPU the kernel variants; on a CPU the ``cpu``
+    backend (the Triton interpreter is for checking kernels, never for speed)."""
+    if device.type == "cuda":
+        return {"triton": dict(name="triton"), "triton-fused": dict(name="triton", fuse_rrcab=True),
+                "cuda": dict(name="cuda")}
+    return {"cpu": dict(name="cpu")}
