@@ -10,7 +10,7 @@ One kernel covers every remaining layer of MSFIN:
 A single input may be a deferred :class:`Source` (``t + CA(u) + e1 + e2``, see source.py), finished
 as it loads, so a block's output feeding an up-sampling conv needs no ``materialize`` pass.
 Layout: inputs and output NHWC contiguous, storage fp16 or fp32, fp32 accumulation. Zero padding.
-Packed weights (engine/packing.py): ``w`` [K·K, NSRC·KCHUNK, 16, NP] (tap, input chunk, in, out),
+Packed weights (engine/backends/triton.py): ``w`` [K·K, NSRC·KCHUNK, 16, NP] (tap, input chunk, in, out),
 bias [NP] fp32; KCHUNK = ceil(C_src / 16), NP = GEMM output channels padded to a power of two.
 """
 

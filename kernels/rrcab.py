@@ -13,7 +13,7 @@ Between the two, ``a`` makes one round trip through memory: a 3×3 conv of a 3×
 Grouped convs run as ``tl.dot`` on 16-channel chunks: every group size here (4, 8 or 16 channels)
 divides 16, so output chunk j only reads input chunk j, and the block-diagonal 16×16 weight wastes
 16 / (channels per group) of its MACs instead of C_padded / (channels per group).
-Packed weights (engine/packing.py): ``w`` [9, NCHUNK, 16, 16] (tap, chunk, in, out), bias [CP]
+Packed weights (engine/backends/triton.py): ``w`` [9, NCHUNK, 16, 16] (tap, chunk, in, out), bias [CP]
 fp32; ``w3`` [NCHUNK, 16, CP] (in, out) for the 1×1, ``b3`` [CP] fp32. Weights are in the storage
 dtype; CP is C padded to a power of two, NCHUNK = ceil(C / 16).
 """

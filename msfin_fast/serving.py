@@ -61,8 +61,9 @@ class ServingUpscaler:
     :class:`QueueFullError` rather than growing memory without bound.
 
     On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
-    are replayed from captured CUDA graphs, one per (batch size, shape, options), kept in an LRU of
-    ``graph_cache`` entries (0 turns graphs off). On the CPU there are no graphs.
+    are replayed from captured CUDA graphs (the engine's ``CapturedGraph``), one per (batch size,
+    shape, options), kept in the engine's LRU (``ShapeCache``) of ``graph_cache`` entries (0 turns
+    graphs off). On the CPU there are no graphs.
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class ServingUpscaler:
         self._upscaler = Upscaler(model, device=device, dtype=dtype, weights=weights,
                                   allow_download=allow_download, backend=backend)
         self.model, self.device, self.dtype = self._upscaler.model, self._upscaler.device, self._upscaler.dtype
-        self.name, self.scale = self._upscaler.name, self._upscaler.scale
+        self.name, self.scale, self.backend = self._upscaler.name, self._upscaler.scale, self._upscaler.backend
         if isinstance(self.model, MSFIN):
             prepare_exact(self.model)  # requests may ask for exact tiles: nothing is walked while serving
         self.max_batch, self.batch_window, self.max_queue = max_batch, float(batch_window), max_queue
@@ -121,7 +122,9 @@ class ServingUpscaler:
         _check_uint8_image(rgb)
         options = options or self.default_options
         if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
-            raise InvalidInputError("exact tiles need the reference MSFIN model")
+            raise InvalidInputError(
+                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
+                "(start it with --backend reference for exact tiles)")
         request = _Request(np.ascontiguousarray(rgb), options, Future(), time.monotonic())
         with self._cond:
             if self._closed:

@@ -226,3 +226,21 @@ def test_an_output_that_overflows_is_an_error_not_a_black_image(tmp_path, weight
     assert _upscale_with_altered_weights(tmp_path, weights_dir, scale_tail) == 1
     one_line_error("NaN/Inf", "No image was made")
     assert not (tmp_path / "o.png").exists() and _parts(tmp_path) == []
+
+
+def test_default_backend_is_cpu_on_a_cpu_and_the_reference_for_exact_tiles():
+    """The CLI's default on a CPU is the cpu backend (fp32 channels_last), except for exact tiles,
+    which walk the reference's graph; on a GPU the reference; an explicit --backend always wins."""
+    import argparse
+
+    import torch
+
+    from msfin_fast.cli import _backend
+
+    def args(**kw):
+        return argparse.Namespace(**{"backend": None, "device": "cpu", "tile_mode": "plain", **kw})
+
+    assert _backend(args()) == "cpu"
+    assert _backend(args(tile_mode="exact")) == "reference"
+    assert _backend(args(backend="reference")) == "reference"
+    assert _backend(args(device="auto")) == ("reference" if torch.cuda.is_available() else "cpu")

@@ -90,3 +90,34 @@ def test_a_failed_cuda_build_leaves_an_install_without_the_extension(tmp_path):
     assert required.returncode != 0 and "msfin_fast._C" in required.stderr
     bad = subprocess.run(build, cwd=src, env=dict(env, MSFIN_CUDA_EXT="maybe"), capture_output=True, text=True)
     assert bad.returncode != 0 and "MSFIN_CUDA_EXT must be auto, 0 or 1" in bad.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, relative imports resolved against the package."""
+    import ast
+
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_layering_only_the_triton_backend_imports_kernels_and_only_the_cuda_backend_the_extension():
+    """The engine's layers know no kernel: kernels/ reaches the package through backends/triton.py
+    alone, the CUDA extension through backends/cuda.py alone; weights never build engines and
+    training resolves devices without the user API."""
+    files = {p.relative_to(ROOT).as_posix(): _imports(p) for p in (ROOT / "msfin_fast").rglob("*.py")}
+    assert len(files) > 20
+    kernels = {f for f, mods in files.items() if any(m.startswith("msfin_fast.kernels") for m in mods)}
+    extension = {f for f, mods in files.items() if "msfin_fast._C" in mods}
+    assert kernels == {"msfin_fast/engine/backends/triton.py"}, kernels
+    assert extension == {"msfin_fast/engine/backends/cuda.py"}, extension
+    assert not any(m.startswith("msfin_fast.engine") for m in files["msfin_fast/weights.py"])
+    assert not any(m.startswith("msfin_fast.upscaler") for m in files["msfin_fast/train.py"])

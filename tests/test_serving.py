@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msfin_fast import InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
+from msfin_fast import MSFIN, InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
 
 RNG = np.random.default_rng(0)
 
@@ -163,3 +163,13 @@ def test_nan_output_fails_only_its_own_image_and_is_never_an_image():
             futures[1].result(10)
         stats = up.snapshot()
     assert stats.images == 2 and stats.failed == 1 and stats.batch_sizes == {3: 1}
+
+
+def test_a_cpu_backend_service_refuses_exact_tiles_by_name():
+    torch.manual_seed(0)
+    with ServingUpscaler(MSFIN("msfin-s-x4").eval(), device="cpu", backend="cpu") as up:
+        assert up.backend == "cpu"
+        rgb = np.zeros((8, 8, 3), np.uint8)
+        assert up.upscale(rgb).shape == (32, 32, 3)
+        with pytest.raises(InvalidInputError, match="--backend reference"):
+            up.submit(rgb, up.options(tile=8, tile_mode="exact"))

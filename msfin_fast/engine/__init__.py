@@ -273,5 +273,6 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
 
     options = dict(dtype=dtype, cuda_graphs=cuda_graphs, max_graphs=max_graphs, conv_kernels=conv_kernels,
                    max_arenas=max_arenas)
-    engines = {label: Engine(model, **options, **kw) for label, kw in found.items()}
+    built = dict(backend=engine.backend, fuse_rrcab=fuse_rrcab)
+    engines = {label: engine if kw == built else Engine(model, **options, **kw) for label, kw in found.items()}
     return AutoEngine(model, engines, dtype)
