@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # test_engine_gpu.py imports its helpers (bounds.py) from there
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: the count needs the JIT's kernel objects")

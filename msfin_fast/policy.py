@@ -46,15 +46,15 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     (so every path gives the same bytes)."""
     a = torch.from_numpy(np.ascontiguousarray(alpha)).float()[None, None]
     a = F.interpolate(a, scale_factor=scale, mode="bicubic", align_corners=False)
-    return _to_uint8(a[0, 0])
+    return to_uint8(a[0, 0])
 
 
-def _to_uint8(t: torch.Tensor) -> np.ndarray:
+def to_uint8(t: torch.Tensor) -> np.ndarray:
     """Float pixels in 0–255 (any shape) → uint8 numpy, clamped and rounded."""
-    return _quantize(t).cpu().numpy()
+    return quantize(t).cpu().numpy()
 
 
-def _quantize(t: torch.Tensor) -> torch.Tensor:
+def quantize(t: torch.Tensor) -> torch.Tensor:
     """Float pixels in 0–255 → uint8 on the same device, clamped and rounded."""
     return t.float().clamp_(0, 255).round_().to(torch.uint8)
 

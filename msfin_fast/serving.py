@@ -18,7 +18,7 @@ from .engine.graphs import CapturedGraph
 from .ensemble import self_ensemble as run_self_ensemble
 from .errors import InvalidInputError, QueueFullError
 from .model import MSFIN
-from .policy import RunOptions, _quantize, model_config, non_finite_error, run_forward, to_model_input, unchecked
+from .policy import RunOptions, model_config, non_finite_error, quantize, run_forward, to_model_input, unchecked
 from .tiling import DEFAULT_TILE_PAD, available_memory, fits, prepare_exact
 from .upscaler import Upscaler, _check_uint8_image
 
@@ -234,7 +234,7 @@ class ServingUpscaler:
         else:
             y = run_forward(self.model, x, options)
         finite = torch.isfinite(y).flatten(1).all(1)
-        return _quantize(y).permute(0, 2, 3, 1).contiguous(), finite
+        return quantize(y).permute(0, 2, 3, 1).contiguous(), finite
 
     def _run_batch(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
         if not self._cuda:

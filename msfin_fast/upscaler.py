@@ -16,15 +16,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InvalidInputError
 from .images import Picture, from_pil, picture_from_array, picture_to_array, read_image, to_pil, write_image
 from .model import MSFIN, check_input
-from .policy import (
-    RunOptions,
-    _to_uint8,
-    check_output,
-    prepare,
-    run_forward,
-    to_model_input,
-    upscale_alpha,
-)
+from .policy import RunOptions, check_output, prepare, run_forward, to_model_input, to_uint8, upscale_alpha
 from .tiling import DEFAULT_TILE_PAD
 from .weights import check_values, load_pretrained
 
@@ -120,7 +112,7 @@ class Upscaler:
         """H×W×3 uint8 RGB → (s·H)×(s·W)×3 uint8."""
         _check_uint8_image(rgb)
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device), self.dtype)
-        return _to_uint8(self._forward(x)[0].permute(1, 2, 0))
+        return to_uint8(self._forward(x)[0].permute(1, 2, 0))
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
