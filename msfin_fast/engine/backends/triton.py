@@ -219,14 +219,18 @@ class TritonBackend:
     whole_network = False
 
     def __init__(self, fuse_rrcab: bool = False):
-        from ...kernels import conv, head, materialize, rrcab, rrcab_fused, tail
-
+        self.fused_max_channels = FUSED_MAX_CHANNELS if fuse_rrcab else 0
+        try:  # without triton the backend still exists, to say why it cannot run
+            from ...kernels import conv, head, materialize, rrcab, rrcab_fused, tail
+        except ImportError as exc:
+            self._missing = f"the Triton kernels do not import ({exc}); pip install triton"
+            return
+        self._missing = None
         self._head, self._materialize, self._rrcab, self._tail = head, materialize, rrcab, tail
         self._conv, self._fused = conv, rrcab_fused
-        self.fused_max_channels = FUSED_MAX_CHANNELS if fuse_rrcab else 0
 
     def unavailable_reason(self, model) -> str | None:
-        return unavailable_reason(model.head.weight.device)
+        return unavailable_reason(model.head.weight.device) or self._missing
 
     def pack(self, model, plan, dtype):
         return pack(model, plan, dtype)
