@@ -365,7 +365,7 @@ def test_cuda_backend_wiring_against_the_reference(monkeypatch):
         setattr(engine.impl, name, getattr(emulated, name))
     # The emulated launches read their own packed weights, and a deferred value's CA from its
     # producer's: the CUDA-packed blocks get the emulation's CA beside the kernel's weights.
-    own = emulate.pack(model, engine.plan, torch.float32)
+    own = emulate.EmulateBackend().pack(model, engine.plan, torch.float32)
     for key, packed in engine.executor.packed.items():
         if isinstance(packed, cuda.CudaPacked):
             engine.executor.packed[key] = _WithEmulatedCA(packed, own[key].ca)

@@ -150,11 +150,14 @@ class Executor:
         self.assignment = assign_slots(plan)
         self.last_use = self.assignment.last_use
 
+    def _scratch(self, launch: P.Launch, n: int, H: int, W: int, device: torch.device) -> int:
+        """Scratch elements the fused pass ``launch`` needs at full resolution N×H×W."""
+        t = launch.src.t
+        return self.backend.scratch_numel(device, t.channels, n, H // t.div, W // t.div)
+
     def scratch_numel(self, n: int, H: int, W: int, device: torch.device) -> int:
         """The largest scratch any fused pass needs at this shape (one buffer serves them all)."""
-        sizes = [self.backend.scratch_numel(device, launch.src.t.channels, n, H // launch.src.t.div,
-                                            W // launch.src.t.div) for launch in self.plan.fused_passes]
-        return max(sizes, default=0)
+        return max((self._scratch(launch, n, H, W, device) for launch in self.plan.fused_passes), default=0)
 
     def arena(self, n: int, H: int, W: int, device: torch.device) -> Arena:
         return Arena(self.plan, self.assignment, n, H, W, self.dtype, device, self.scratch_numel(n, H, W, device))
@@ -217,11 +220,8 @@ class Executor:
                 made[value] = torch.zeros(value.shape(n, H, W), dtype=torch.float32, device=device)
             else:
                 made[value] = torch.empty(value.shape(n, H, W), dtype=self.dtype, device=device)
-        scratch = None
-        if launch.fused:
-            numel = self.backend.scratch_numel(device, launch.src.t.channels, n, H // launch.src.t.div,
-                                               W // launch.src.t.div)
-            scratch = torch.empty(numel, dtype=self.dtype, device=device) if numel else None
+        numel = self._scratch(launch, n, H, W, device) if launch.fused else 0
+        scratch = torch.empty(numel, dtype=self.dtype, device=device) if numel else None
         return launch, made, scratch
 
     def launch(self, index: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -48,6 +48,5 @@ def launch(key: int, index: int, inputs: list[Tensor]) -> list[Tensor]:
 
 @launch.register_fake
 def _(key, index, inputs):
-    _, made, _ = executor(key).allocate(index, inputs)
-    launch_ = executor(key).plan.launches[index]
+    launch_, made, _ = executor(key).allocate(index, inputs)
     return [made[v] for v in launch_.outputs()]

@@ -317,14 +317,6 @@ class Network(Launch):
         t.put(SR, backend.network(t[LR], packed["network"]))
 
 
-def reads(launch: Launch) -> list[Buf]:
-    return launch.reads()
-
-
-def writes(launch: Launch) -> list[Buf]:
-    return launch.writes()
-
-
 def lower(name: str, module: nn.Module) -> list[Conv]:
     """The dense convs a non-RRCAB layer consists of, in order, with their epilogues.
 

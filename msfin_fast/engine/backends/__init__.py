@@ -99,6 +99,29 @@ class ModuleBackend(Backend, Protocol):
         """LR NCHW → SR NCHW."""
 
 
+def pack_plan(model: nn.Module, plan, dtype: torch.dtype, packers) -> dict:
+    """Every weight a plan's launches read, keyed by the launches' ``weights``, packed by
+    ``packers``: an object with ``pack_head(sub_mean, head, scale)``, ``pack_tail(tail, add_mean,
+    dtype)``, ``pack_block(block, dtype)`` and ``pack_conv(conv, n_inputs, dtype)`` (each kernel
+    backend's layouts). Inline launches' PyTorch modules are the engine's, not packed here."""
+    from ...model import RRCAB
+
+    packed = {}
+    for launch in plan.launches:
+        key = launch.weights
+        if key is None or key in packed or launch.inline:
+            continue
+        if key == "head":
+            packed[key] = packers.pack_head(model.sub_mean, model.head, model.config.scale)
+        elif key == "tail":
+            packed[key] = packers.pack_tail(model.tail2, model.add_mean, dtype)
+        elif isinstance(model.get_submodule(key), RRCAB):
+            packed[key] = packers.pack_block(model.get_submodule(key), dtype)
+        else:
+            packed[key] = packers.pack_conv(model.get_submodule(key), len(launch.parts), dtype)
+    return packed
+
+
 def create(name: str, **options) -> Backend:
     """The backend called ``name`` (see ``NAMES``); ``options``: ``fuse_rrcab`` for triton and emulate."""
     module = importlib.import_module(f".{MODULES[name]}", __name__)

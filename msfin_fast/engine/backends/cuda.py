@@ -29,7 +29,7 @@ import torch
 from ...devices import resolve_dtype
 from ...errors import ConfigError, DeviceError, InvalidInputError
 from ...model import RRCAB
-from . import Operand
+from . import Operand, pack_plan
 
 try:
     from ... import _C
@@ -398,16 +398,29 @@ class CudaBackend:
         return None
 
     def pack(self, model, plan, dtype) -> dict:
+        return pack_plan(model, plan, dtype, self)
+
+    # The packers pack_plan calls: blocks in the kernel's layout (with their CA in Triton's, for
+    # the Triton launches that read their output), everything else as the Triton backend does.
+    def pack_block(self, block: RRCAB, dtype) -> CudaPacked:
         from .triton import pack_ca
 
-        packed = self.triton.pack(model, plan, dtype)
-        with torch.no_grad():
-            for key in list(packed):
-                module = model.get_submodule(key) if key not in ("head", "tail") else None
-                if isinstance(module, RRCAB):
-                    packed[key] = CudaPacked(pack_block(module, dtype, model.head.weight.device),
-                                             pack_ca(module.body[5]))
-        return packed
+        return CudaPacked(pack_block(block, dtype, block.body[0].weight.device), pack_ca(block.body[5]))
+
+    def pack_head(self, sub_mean, head, scale):
+        from .triton import pack_head
+
+        return pack_head(sub_mean, head, scale)
+
+    def pack_tail(self, tail, add_mean, dtype):
+        from .triton import pack_tail
+
+        return pack_tail(tail, add_mean, dtype)
+
+    def pack_conv(self, conv, n_src, dtype):
+        from .triton import pack_conv
+
+        return pack_conv(conv, n_src, dtype)
 
     def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
         return 0  # the kernel keeps conv1's output in shared memory

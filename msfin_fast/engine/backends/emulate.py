@@ -8,6 +8,7 @@ against a second implementation. It builds the same plan as the Triton backend.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...model import RRCAB
-from . import Operand
+from . import Operand, pack_plan
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -71,24 +72,6 @@ def pack_conv(conv, n_src: int, dtype: torch.dtype) -> EmulatedLayer:
     return EmulatedLayer((conv,), dtype)
 
 
-def pack(model, plan, dtype: torch.dtype) -> dict:
-    """The same entries as the Triton backend's pack (the packers have the same signatures)."""
-    packed = {}
-    for launch in plan.launches:
-        key = launch.weights
-        if key is None or key in packed or launch.inline:
-            continue
-        if key == "head":
-            packed[key] = pack_head(model.sub_mean, model.head, model.config.scale)
-        elif key == "tail":
-            packed[key] = pack_tail(model.tail2, model.add_mean, dtype)
-        elif isinstance(model.get_submodule(key), RRCAB):
-            packed[key] = pack_block(model.get_submodule(key), dtype)
-        else:
-            packed[key] = pack_conv(model.get_submodule(key), len(launch.parts), dtype)
-    return packed
-
-
 class EmulateBackend:
     name = "emulate"
     whole_network = False
@@ -102,7 +85,7 @@ class EmulateBackend:
         return None
 
     def pack(self, model, plan, dtype):
-        return pack(model, plan, dtype)
+        return pack_plan(model, plan, dtype, sys.modules[__name__])  # the packers have Triton's signatures
 
     def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights, Source
 from ...model import RRCAB, ChannelAttention, MeanShift
-from . import Operand
+from . import Operand, pack_plan
 
 CHUNK = 16
 
@@ -174,25 +175,6 @@ def pack_conv(conv: nn.Conv2d | nn.ConvTranspose2d, n_src: int, dtype: torch.dty
     return PackedConv(out_channels, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))
 
 
-def pack(model, plan, dtype: torch.dtype) -> dict:
-    """Every weight a plan's Triton launches read, keyed by the launches' ``weights``."""
-    packed = {}
-    with torch.no_grad():
-        for launch in plan.launches:
-            key = launch.weights
-            if key is None or key in packed or launch.inline:
-                continue
-            if key == "head":
-                packed[key] = pack_head(model.sub_mean, model.head, model.config.scale)
-            elif key == "tail":
-                packed[key] = pack_tail(model.tail2, model.add_mean, dtype)
-            elif isinstance(model.get_submodule(key), RRCAB):
-                packed[key] = pack_block(model.get_submodule(key), dtype)
-            else:
-                packed[key] = pack_conv(model.get_submodule(key), len(launch.parts), dtype)
-    return packed
-
-
 def source(op: Operand) -> Source:
     """The kernels' view of an operand: the producer's CA in the kernels' layout."""
     ca = op.producer.ca if op.u is not None and op.producer is not None else None
@@ -233,7 +215,7 @@ class TritonBackend:
         return unavailable_reason(model.head.weight.device) or self._missing
 
     def pack(self, model, plan, dtype):
-        return pack(model, plan, dtype)
+        return pack_plan(model, plan, dtype, sys.modules[__name__])
 
     def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
         return self._fused.scratch_numel(device, next_pow2(channels), n, h, w)
