@@ -220,6 +220,8 @@ setup(
         "build": ["pybind11>=2.10", "ninja"],
         "test": ["pytest>=7"],
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        # Ray Data (batch jobs) and Ray Serve (replicated service); 2.60 is the version tested.
+        "scale": ["ray[data,serve]>=2.60"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

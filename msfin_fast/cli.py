@@ -133,7 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
     _add_model_options(up)
     _add_run_options(up)
+    up.add_argument("-r", "--recursive", action="store_true",
+                    help="a folder input: its whole tree, mirrored under the output folder")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    ray = up.add_argument_group("scale-out on Ray (pip install 'msfin_fast[scale]')")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="upscale the folder with a pool of Ray workers: on the cluster at ADDRESS (auto, "
+                          "host:port or ray://host:port), else RAY_ADDRESS, else a local one. Outputs that "
+                          "are already complete are skipped, so a rerun resumes a killed job")
+    ray.add_argument("--workers", type=_positive_int, default=None, help="Ray workers (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                     help="GPUs per worker; fractions share a GPU (default 0: CPU workers)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                     help="CPUs per worker: its torch, decode and encode threads (default: the cluster's "
+                          "CPUs shared among CPU workers; 1 per GPU worker)")
+    ray.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="images per worker call; same-size ones run as one batch on a GPU (default 8)")
+    ray.add_argument("--overwrite", action="store_true", help="redo outputs that are already complete")
 
     ev = sub.add_parser("eval", help="PSNR/SSIM (Y, paper convention) on HR image folders")
     ev.add_argument("--model", nargs="+", default=["msfin-x4"], choices=[*PRESETS, "bicubic"],
@@ -169,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open connections; beyond it requests get 503 (default 512)")
     sv.add_argument("--graph-cache", type=int, default=8,
                     help="captured CUDA graphs kept, one per batch size and shape (default 8; 0: none)")
+    sray = sv.add_argument_group("replicated on Ray Serve (pip install 'msfin_fast[scale]')")
+    sray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                      help="serve from Ray Serve replicas on the cluster at ADDRESS, else RAY_ADDRESS, else a "
+                           "local one; Ray's HTTP proxy listens on --host:--port, and it, not this package, "
+                           "holds the connections (--header-timeout and --max-connections do not apply)")
+    sray.add_argument("--replicas", type=_positive_int, default=None, help="replicas (default 1)")
+    sray.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
+                      help="GPUs per replica (default 0: CPU replicas)")
+    sray.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
+                      help="CPUs per replica (default 1)")
 
     sub.add_parser("info", help="presets, weights, devices and backends")
 
@@ -188,21 +214,62 @@ def _make_upscaler(model: str, args):
                     self_ensemble=args.self_ensemble, backend=_backend(args))
 
 
+RAY_UPSCALE_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker", "batch_size", "overwrite")
+RAY_SERVE_OPTIONS = ("replicas", "gpus_per_replica", "cpus_per_replica")
+
+
+def _ray_only(args, names) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+    if given and args.ray is None:
+        raise InvalidInputError(f"{', '.join(given)} only apply with --ray")
+
+
+def _ray_upscale(args) -> int:
+    from .scale import JobOptions, upscale_folder
+
+    if not args.input.is_dir():
+        raise InvalidInputError(f"{args.input}: --ray upscales a folder; for one file leave out --ray")
+    options = JobOptions(
+        model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
+        weights=None if args.weights is None else str(args.weights.resolve()),
+        tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode, self_ensemble=args.self_ensemble,
+        workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
+        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8,
+    )
+
+    def report(row) -> None:
+        if not row["ok"]:
+            _error(row["error"])
+
+    summary = upscale_folder(args.input, args.output, options, address=args.ray or None,
+                             recursive=args.recursive, overwrite=args.overwrite, progress=not args.quiet,
+                             on_row=report)
+    if not args.quiet:
+        print(summary.line())
+    return 1 if summary.failures else 0
+
+
 def cmd_upscale(args) -> int:
     from .images import READ_SUFFIXES, check_writable, list_image_files
 
     src, dst = args.input, args.output
+    _ray_only(args, RAY_UPSCALE_OPTIONS)
     if not src.exists():
         raise InvalidInputError(f"{src}: no such file or folder")
+    if args.ray is not None:
+        return _ray_upscale(args)
     if src.is_dir():
-        files = list_image_files(src)
+        files = list_image_files(src, recursive=args.recursive)
         if not files:
-            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) in this folder")
+            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) in this folder"
+                                    f"{' tree' if args.recursive else ''}")
         if dst.exists() and not dst.is_dir():
             raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
         if dst.resolve() == src.resolve():
             raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
-        jobs = [(f, dst / f.name) for f in files]
+        if args.recursive and src.resolve() in dst.resolve().parents:
+            raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
+        jobs = [(f, dst / f.relative_to(src)) for f in files]
     else:
         if dst.is_dir():
             raise InvalidInputError(f"{dst}: is a folder; give an output file name such as {dst / src.name}")
@@ -383,6 +450,9 @@ def cmd_serve(args) -> int:
                     max_work=args.max_work * 1e6, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, max_bodies=args.max_bodies,
                     max_connections=args.max_connections)
+    _ray_only(args, RAY_SERVE_OPTIONS)
+    if args.ray is not None:
+        return _ray_serve(args, limits)
     upscaler = ServingUpscaler(
         args.model, device=args.device, dtype=args.precision, weights=args.weights,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
@@ -395,6 +465,34 @@ def cmd_serve(args) -> int:
         server.run()
     finally:
         upscaler.close()
+    return 0
+
+
+def _ray_serve(args, limits) -> int:
+    from .scale import ServiceOptions, ray_session, run_service
+
+    options = ServiceOptions(
+        model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
+        weights=None if args.weights is None else str(args.weights.resolve()),
+        replicas=args.replicas or 1, gpus_per_replica=args.gpus_per_replica or 0,
+        cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
+        max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
+        graph_cache=args.graph_cache,
+    )
+    from ray import serve
+
+    with ray_session(args.ray or None):
+        run_service(options, limits, host=args.host, port=args.port, blocking=False)
+        print(f"serving {args.model} from {options.replicas} Ray Serve replica{'s' if options.replicas != 1 else ''} "
+              f"({args.precision}) at http://{args.host}:{args.port} (POST /upscale, GET /healthz, GET /metrics); "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the service stops, as msfin-fast serve does
+            print(f"{PROG}: stopping the service", file=sys.stderr)
+        finally:
+            serve.delete("msfin")
     return 0
 
 

@@ -53,14 +53,19 @@ class Picture:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files (by suffix) directly inside ``folder``, sorted by name."""
+def list_image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files (by suffix) directly inside ``folder`` (with ``recursive``, in its whole tree),
+    sorted by path. A tree walk does not enter hidden folders (a leading dot: ``.git``, ``.cache``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: not a folder")
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES
-    )
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES)
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, n) for n in names if Path(n).suffix.lower() in READ_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 def from_pil(img: Image.Image) -> Picture:
@@ -149,6 +154,62 @@ def decode_image(source, label: str, check_size=None) -> Picture:
         raise ImageReadError(f"{label}: refused, too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{label}: cannot read image ({exc})") from None
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the header of the image file at ``path`` (no pixels are decoded), or
+    None when it is not a readable image of :data:`READ_FORMATS`."""
+    try:
+        with Image.open(path, formats=READ_FORMATS) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+
+
+def _trailer_complete(path: Path, fmt: str | None) -> bool:
+    """The file ends where its format says it ends: PNG's IEND chunk, JPEG's EOI marker, the
+    length that WebP's RIFF and BMP's headers declare. A TIFF's directory may sit anywhere, so
+    for TIFF the header is all that is checked."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if fmt == "PNG":
+            f.seek(max(size - len(_PNG_END), 0))
+            return f.read() == _PNG_END
+        if fmt == "JPEG":
+            f.seek(max(size - 2, 0))
+            return f.read() == b"\xff\xd9"
+        if fmt == "WEBP":
+            head = f.read(8)
+            return head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") + 8 == size
+        if fmt == "BMP":
+            head = f.read(6)
+            return int.from_bytes(head[2:6], "little") == size
+    return True
+
+
+def output_is_complete(src: str | Path, out: str | Path, scale: int) -> bool:
+    """Whether ``out`` already holds a whole ×``scale`` output of ``src``: a readable image of
+    :data:`READ_FORMATS`, ``scale`` times the source's size (either way round, since EXIF
+    orientation may swap the sides), that ends where its format says it ends. The header and the
+    last bytes are read, no pixels. Batch jobs use it to resume (this package writes atomically,
+    so a partial output of its own never sits at ``out``; this also catches other truncations)."""
+    out = Path(out)
+    try:
+        if not out.is_file() or out.stat().st_size == 0:
+            return False
+        source, result = header_size(src), header_size(out)
+        if source is None or result is None:
+            return False
+        w, h = source
+        if result not in ((scale * w, scale * h), (scale * h, scale * w)):
+            return False
+        fmt = _output_format(out)[0]
+        return _trailer_complete(out, fmt)
+    except (OSError, ImageWriteError):
+        return False
 
 
 def read_image(path: str | Path) -> Picture:

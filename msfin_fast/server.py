@@ -85,7 +85,9 @@ class Limits:
             raise InvalidInputError(f"Limits.slot_wait must be >= 0, got {self.slot_wait!r}")
 
 
-class _Refused(Exception):
+class _Refused(InvalidInputError):
+    """A request the service refuses: its status, message and the reason counted in /metrics."""
+
     def __init__(self, status: int, message: str, reason: str, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.reason, self.close = status, message, reason, close

@@ -121,10 +121,7 @@ class ServingUpscaler:
         """Queue one H×W×3 uint8 image; the Future gives the (s·H)×(s·W)×3 uint8 result."""
         _check_uint8_image(rgb)
         options = options or self.default_options
-        if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
-            raise InvalidInputError(
-                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
-                "(start it with --backend reference for exact tiles)")
+        self._check_options(options)
         request = _Request(np.ascontiguousarray(rgb), options, Future(), time.monotonic())
         with self._cond:
             if self._closed:
@@ -138,6 +135,36 @@ class ServingUpscaler:
             self._cond.notify_all()
         request.future.add_done_callback(lambda f: f.cancelled() and self._forget(request))
         return request.future
+
+    def submit_many(self, images: list[np.ndarray], options: RunOptions | None = None) -> list[Future]:
+        """Queue several H×W×3 uint8 images at once: the worker sees them all together, so those of
+        one shape run as batches of up to ``max_batch`` (``submit`` one at a time may be taken
+        before the next arrives when ``batch_window`` is 0). All or none are queued."""
+        for rgb in images:
+            _check_uint8_image(rgb)
+        options = options or self.default_options
+        self._check_options(options)
+        now = time.monotonic()
+        requests = [_Request(np.ascontiguousarray(rgb), options, Future(), now) for rgb in images]
+        with self._cond:
+            if self._closed:
+                raise QueueFullError("the upscaler is closed; create a new one")
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._pending)} requests are waiting and {len(requests)} more would pass "
+                    f"max_queue={self.max_queue}; retry later"
+                )
+            self._pending.extend(requests)
+            self._cond.notify_all()
+        for request in requests:
+            request.future.add_done_callback(lambda f, r=request: f.cancelled() and self._forget(r))
+        return [r.future for r in requests]
+
+    def _check_options(self, options: RunOptions) -> None:
+        if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
+            raise InvalidInputError(
+                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
+                "(start it with --backend reference for exact tiles)")
 
     def _forget(self, request: _Request) -> None:
         """A request cancelled while it waits leaves the queue at once (counted once: here, or by the
@@ -157,6 +184,11 @@ class ServingUpscaler:
         """A consistent copy of the counters (safe to read while requests run)."""
         with self._cond:
             return dataclasses.replace(self.stats, batch_sizes=collections.Counter(self.stats.batch_sizes))
+
+    @property
+    def alive(self) -> bool:
+        """Open, and its worker thread running."""
+        return not self._closed and self._worker.is_alive()
 
     @property
     def queue_depth(self) -> int:

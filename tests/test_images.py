@@ -194,3 +194,32 @@ def test_float_images_are_refused(tmp_path):
     Image.fromarray(np.array([[0.5, 1.0]], dtype=np.float32)).save(path)
     with pytest.raises(ImageReadError, match="floating-point samples"):
         read_image(path)
+
+
+def test_list_image_files_walks_the_tree_when_asked(tmp_path):
+    for name in ("a.png", "sub/b.jpg", "sub/deeper/c.tif", "sub/notes.txt", ".hidden/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in images.list_image_files(tmp_path, recursive=True)] == [
+        "a.png", "sub/b.jpg", "sub/deeper/c.tif"]
+    assert [p.name for p in images.list_image_files(tmp_path)] == ["a.png"]
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg", "webp", "bmp", "tif"])
+def test_output_is_complete_reads_the_header_and_the_end(tmp_path, suffix):
+    src = _save(tmp_path, Image.fromarray(RGB), "src.png")
+    out = tmp_path / f"out.{suffix}"
+    big = np.repeat(np.repeat(RGB, 4, 0), 4, 1)
+    write_image(out, Picture(big))
+    assert images.output_is_complete(src, out, 4)
+    assert not images.output_is_complete(src, out, 2)  # the wrong size
+    assert not images.output_is_complete(src, tmp_path / "missing.png", 4)
+    whole = out.read_bytes()
+    out.write_bytes(whole[: len(whole) - 7])  # cut short
+    assert images.output_is_complete(src, out, 4) == (suffix == "tif")  # TIFF: the header is all it checks
+    out.write_bytes(b"")
+    assert not images.output_is_complete(src, out, 4)
+    rotated = tmp_path / f"rot.{suffix}"
+    write_image(rotated, Picture(np.ascontiguousarray(big.transpose(1, 0, 2))))  # EXIF may swap the sides
+    assert images.output_is_complete(src, rotated, 4)
+    assert not images.output_is_complete(tmp_path / "not-an-image.png", out, 4)

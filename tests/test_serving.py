@@ -173,3 +173,22 @@ def test_a_cpu_backend_service_refuses_exact_tiles_by_name():
         assert up.upscale(rgb).shape == (32, 32, 3)
         with pytest.raises(InvalidInputError, match="--backend reference"):
             up.submit(rgb, up.options(tile=8, tile_mode="exact"))
+
+
+def test_submit_many_queues_together_so_one_shape_runs_as_one_batch():
+    gate = Gate()
+    gate.release.set()
+    with ServingUpscaler(gate, device="cuda" if torch.cuda.is_available() else "cpu", max_batch=3,
+                         max_queue=6, batch_window=0.0) as up:
+        same = [np.full((4, 4, 3), i, np.uint8) for i in range(5)]
+        futures = up.submit_many([*same, np.zeros((4, 6, 3), np.uint8)])
+        outs = [f.result(10) for f in futures]
+        stats = up.snapshot()
+        with pytest.raises(QueueFullError, match="max_queue=6"):
+            up.submit_many([np.zeros((4, 4, 3), np.uint8)] * 7)
+        with pytest.raises(InvalidInputError, match="uint8"):
+            up.submit_many([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)])
+        assert up.queue_depth == 0  # all or none
+    assert [int(o[0, 0, 0]) for o in outs[:5]] == [0, 1, 2, 3, 4] and outs[5].shape == (16, 24, 3)
+    # Five of one shape in batches of at most 3, the other shape on its own, whichever order.
+    assert stats.batch_sizes == {3: 1, 2: 1, 1: 1}

@@ -1,0 +1,569 @@
+"""Scale-out on Ray: batch upscaling of image folders with Ray Data, a replicated service with Ray Serve.
+
+Needs the ``scale`` extra (``pip install 'msfin_fast[scale]'``); nothing here imports Ray until it
+is used.
+
+**Batch** (:func:`upscale_folder`, ``msfin-fast upscale --ray``). The driver lists the input folder
+(its whole tree with ``recursive``), leaves out every image whose output is already complete
+(:func:`msfin_fast.images.output_is_complete`), so a killed job resumes where it stopped, and hands
+the rest to Ray Data as files with their paths (``read_binary_files(include_paths=True)``): the
+object store carries the files' bytes, never decoded pixels (a ×4 output is 16× its input).
+An actor pool of :class:`UpscaleWorker` (``map_batches``) builds the model once per worker. Each
+worker decodes with this package's own reader, which handles alpha, grey, 16-bit grey and EXIF
+orientation, and gives the CLI's errors. It runs a batch's images grouped by shape, through a
+:class:`~msfin_fast.serving.ServingUpscaler`, so a GPU worker gets batches, pinned copies and CUDA
+graphs, and a CPU worker gives the API's bytes. It writes each output atomically to the mirrored
+path under the output root. Every image gives one row ``{path, ok, error, seconds, out_pixels}``;
+a file that cannot be read, run or written is an error row, never a failed job.
+
+**Online** (:func:`service`, ``msfin-fast serve --ray``). A Ray Serve deployment whose replicas
+each hold one ServingUpscaler, so same-shape requests still batch. Each replica serves the
+Starlette app of ``msfin-fast serve`` (``serve.ingress``), so both give the same answers byte for
+byte. Deployment handles can also call :meth:`upscale` without HTTP.
+
+Workers and replicas read the weights where the driver would: the driver's ``MSFIN_*`` and
+``TORCH_HOME`` environment variables are passed to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import PRESETS, get_config
+from .errors import InvalidInputError, MSFINError
+from .images import (
+    Picture,
+    check_writable,
+    decode_image,
+    list_image_files,
+    output_is_complete,
+    write_image,
+)
+from .policy import RunOptions, upscale_alpha
+from .tiling import DEFAULT_TILE_PAD
+
+_NEEDS_EXTRA = "scale-out needs Ray: pip install 'msfin_fast[scale]'"
+BACKEND_CHOICES = ("cpu", "reference", "auto", "triton", "cuda")
+# Threads of the driver that check which outputs are complete (file headers: I/O-bound).
+CHECK_THREADS = 16
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MSFINError(_NEEDS_EXTRA) from None
+    return ray
+
+
+def _forwarded_env() -> dict[str, str]:
+    """What a worker needs from the driver's environment to find the weights and caches."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MSFIN_") or k == "TORCH_HOME"}
+
+
+def _check_count(name: str, value, minimum: float, integer: bool) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value >= minimum:
+        what = "an integer" if integer else "a number"
+        raise InvalidInputError(f"{name} must be {what} >= {minimum:g}, got {value!r}")
+
+
+def _device_for(device: str, gpus: float, owner: str) -> str:
+    """The device a worker or replica runs on: 'auto' means its GPU when Ray gives it one."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidInputError(f"device must be auto, cpu or cuda on Ray (a {owner} sees only the GPUs "
+                                f"Ray gives it, as cuda), got {device!r}")
+    if device == "cuda" and gpus <= 0:
+        raise InvalidInputError(f"device='cuda' needs GPUs per {owner} > 0: Ray gives a {owner} a GPU only "
+                                f"when it asks for one (--gpus-per-{owner})")
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return device
+
+
+def _default_backend(backend: str | None, device: str, tile_mode: str) -> str:
+    """As the CLI: the cpu backend on a CPU (the reference for exact tiles), the reference on a GPU."""
+    if backend is not None:
+        return backend
+    return "cpu" if device == "cpu" and tile_mode != "exact" else "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a batch job runs and with how many workers. The defaults run on one CPU machine.
+
+    model, dtype, weights, tile, tile_pad, tile_mode, self_ensemble: as for :class:`Upscaler`.
+    backend:          None: ``cpu`` on CPU workers (the reference for exact tiles), the reference on
+                      GPU workers, as the CLI; else any backend ``Upscaler`` takes.
+    device:           auto (a worker's GPU when it has one, else its CPU), cpu or cuda.
+    workers:          actors in the pool; each builds the model once.
+    gpus_per_worker:  GPUs Ray gives each worker (fractions share a GPU); 0 runs on CPUs.
+    cpus_per_worker:  CPUs Ray gives each worker, which are also its torch threads and its decode
+                      and encode threads. None: the cluster's CPUs shared among CPU workers (at
+                      most one node's worth); 1 for GPU workers.
+    batch_size:       images handed to a worker at once; those of one shape run as one batch on a GPU.
+    """
+
+    model: str = "msfin-x4"
+    dtype: str = "fp32"
+    backend: str | None = None
+    device: str = "auto"
+    weights: str | None = None
+    tile: int | None = None
+    tile_pad: int = DEFAULT_TILE_PAD
+    tile_mode: str = "plain"
+    self_ensemble: bool = False
+    workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.model not in PRESETS:
+            raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {self.model!r}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise InvalidInputError(f"dtype must be fp32 or fp16, got {self.dtype!r}")
+        if self.backend is not None and self.backend not in BACKEND_CHOICES:
+            raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        _check_count("workers", self.workers, 1, integer=True)
+        _check_count("batch_size", self.batch_size, 1, integer=True)
+        _check_count("gpus_per_worker", self.gpus_per_worker, 0, integer=False)
+        if self.cpus_per_worker is not None:
+            _check_count("cpus_per_worker", self.cpus_per_worker, 0.01, integer=False)
+        self.run_options()  # tile, tile_pad, tile_mode
+        device = _device_for(self.device, self.gpus_per_worker, "worker")
+        if self.tile_mode == "exact" and _default_backend(self.backend, device, self.tile_mode) != "reference":
+            raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference' "
+                                    "(--backend reference)")
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(self.tile, self.tile_pad, self.tile_mode, self.self_ensemble)
+
+    @property
+    def worker_device(self) -> str:
+        return _device_for(self.device, self.gpus_per_worker, "worker")
+
+    @property
+    def worker_backend(self) -> str:
+        return _default_backend(self.backend, self.worker_device, self.tile_mode)
+
+
+ROW_FIELDS = ("path", "ok", "error", "seconds", "out_pixels")
+
+
+class UpscaleWorker:
+    """The stateful function of the job's actor pool: ``map_batches(UpscaleWorker, ...)``.
+
+    Built once per actor (the model loads once). Each call takes a batch ``{"path", "bytes"}`` from
+    ``read_binary_files(include_paths=True)`` and returns a row per image: ``path``, ``ok``,
+    ``error`` ("" when ok), ``seconds`` (the image's decode and write, plus its share of its shape
+    group's model time) and ``out_pixels`` (0 on error). The output goes to ``out_root`` / (the
+    path relative to ``in_root``), written atomically, in the input's format.
+    """
+
+    def __init__(self, in_root: str, out_root: str, options: JobOptions):
+        import torch
+
+        from .serving import ServingUpscaler
+
+        self.in_root, self.out_root, self.options = Path(in_root), Path(out_root), options
+        cpus = _assigned_cpus()
+        self.threads = max(1, int(cpus)) if cpus else max(1, torch.get_num_threads())
+        torch.set_num_threads(self.threads)
+        self.upscaler = ServingUpscaler(
+            options.model, device=options.worker_device, dtype=options.dtype, weights=options.weights,
+            max_batch=options.batch_size, batch_window=0.0, max_queue=options.batch_size,
+            tile_pad=options.tile_pad, backend=options.worker_backend,
+        )
+        self.run_options = self.upscaler.options(tile=options.tile, tile_mode=options.tile_mode,
+                                                 self_ensemble=options.self_ensemble)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="msfin-io")
+
+    def _decode(self, path: str, blob) -> tuple[Picture | None, str, float]:
+        start = time.perf_counter()
+        try:
+            return decode_image(io.BytesIO(bytes(blob)), path), "", time.perf_counter() - start
+        except MSFINError as exc:
+            return None, str(exc), time.perf_counter() - start
+
+    def _output_path(self, path: str) -> Path:
+        rel = os.path.relpath(path, self.in_root)
+        if rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+            raise InvalidInputError(f"{path}: not inside the input folder {self.in_root}")
+        return self.out_root / rel
+
+    def _write(self, path: str, picture: Picture, rgb: np.ndarray) -> tuple[str, float, int]:
+        start = time.perf_counter()
+        try:
+            alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.upscaler.scale)
+            result = Picture(rgb, alpha, picture.grey)
+            write_image(self._output_path(path), result)
+            w, h = result.size
+            return "", time.perf_counter() - start, w * h
+        except MSFINError as exc:
+            return str(exc), time.perf_counter() - start, 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        decoded = list(self.pool.map(self._decode, paths, batch["bytes"]))
+        errors = [error for _, error, _ in decoded]
+        seconds = [t for _, _, t in decoded]
+        out_pixels = [0] * len(paths)
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, (picture, _, _) in enumerate(decoded):
+            if picture is not None:
+                groups[picture.rgb.shape].append(i)
+        writes = {}
+        for indices in groups.values():
+            start = time.perf_counter()
+            futures = self.upscaler.submit_many([decoded[i][0].rgb for i in indices], self.run_options)
+            outputs = []
+            for future in futures:
+                try:
+                    outputs.append(future.result())
+                except MSFINError as exc:
+                    outputs.append(exc)
+                except Exception as exc:  # a failure inside the model: this image's row says so
+                    outputs.append(MSFINError(f"{type(exc).__name__}: {exc}"))
+            share = (time.perf_counter() - start) / len(indices)
+            for i, out in zip(indices, outputs):
+                seconds[i] += share
+                if isinstance(out, Exception):
+                    errors[i] = f"{paths[i]}: upscaling failed ({out})"
+                else:
+                    # Written while the next group runs.
+                    writes[i] = self.pool.submit(self._write, paths[i], decoded[i][0], out)
+        for i, write in writes.items():
+            errors[i], spent, out_pixels[i] = write.result()
+            seconds[i] += spent
+        return {
+            "path": np.array(paths, dtype=object),
+            "ok": np.array([not e for e in errors], dtype=bool),
+            "error": np.array(errors, dtype=object),
+            "seconds": np.array(seconds, dtype=np.float64),
+            "out_pixels": np.array(out_pixels, dtype=np.int64),
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.upscaler.close()
+            self.pool.shutdown(wait=False)
+
+
+def _assigned_cpus() -> float | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:
+        pass
+    return None
+
+
+@dataclass
+class JobSummary:
+    """What a batch job did: images written, failures (path and message), outputs already complete
+    and skipped, pixels in and out, wall seconds, and the sum of the rows' worker seconds."""
+
+    model: str
+    options: JobOptions
+    images: int = 0
+    skipped: int = 0
+    in_pixels: int = 0
+    out_pixels: int = 0
+    seconds: float = 0.0
+    worker_seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def line(self) -> str:
+        """The CLI's summary: images, failures, output Mpx/s."""
+        o = self.options
+        where = (f"Ray ({o.workers} worker{'s' if o.workers != 1 else ''}, "
+                 f"{o.worker_device}{f' ×{o.gpus_per_worker:g} GPU' if o.gpus_per_worker else ''}, {o.dtype})")
+        text = (f"upscaled {self.images} image{'s' if self.images != 1 else ''} ×{get_config(self.model).scale} "
+                f"with {self.model}{'+' if o.self_ensemble else ''} on {where}: "
+                f"{self.in_pixels / 1e6:.2f} → {self.out_pixels / 1e6:.2f} Mpx in {self.seconds:.2f} s, "
+                f"{self.out_pixels / max(self.seconds, 1e-9) / 1e6:.2f} Mpx/s out")
+        if self.failures:
+            text += f"; {self.failed} failed"
+        if self.skipped:
+            text += f"; {self.skipped} already done (skipped)"
+        return text
+
+
+def plan_job(src: str | Path, dst: str | Path, scale: int = 4, *, recursive: bool = False,
+             overwrite: bool = False) -> tuple[list[Path], int]:
+    """(input files to run, count of those skipped because their output is complete).
+
+    Refuses what the CLI refuses: a missing or empty input folder, an output that is a file or the
+    input itself, and (walking the tree) an output folder inside the input. Removes temporary files
+    left by killed writers.
+    """
+    from .fileio import remove_stale_parts
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise InvalidInputError(f"{src}: not a folder (a Ray job upscales a folder of images)")
+    if dst.exists() and not dst.is_dir():
+        raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
+    if recursive and s in d.parents:
+        raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
+    files = [f.resolve() for f in list_image_files(src, recursive=recursive)]
+    if not files:
+        raise InvalidInputError(f"{src}: no images in this folder{' tree' if recursive else ''}")
+    outputs = [d / f.relative_to(s) for f in files]
+    for out in outputs:
+        check_writable(out)
+    for folder in sorted({out.parent for out in outputs}):
+        remove_stale_parts(folder)
+    if overwrite:
+        return files, 0
+    with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
+        done = list(pool.map(lambda pair: output_is_complete(pair[0], pair[1], scale), zip(files, outputs)))
+    return [f for f, complete in zip(files, done) if not complete], sum(done)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None):
+    """Ray as it is (already initialised), else connected to ``address`` (or ``RAY_ADDRESS``), else a
+    local cluster started for the block; what this starts or connects, it shuts down after."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs = {"logging_level": logging.WARNING}
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    ray.init(address=address or None, **kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _worker_cpus(ray, options: JobOptions) -> float:
+    if options.cpus_per_worker is not None:
+        return options.cpus_per_worker
+    if options.gpus_per_worker > 0:
+        return 1
+    total = ray.cluster_resources().get("CPU", 1)
+    node_max = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=total)
+    return max(1, min(int(total // options.workers), int(node_max)))
+
+
+def upscale_folder(src: str | Path, dst: str | Path, options: JobOptions | None = None, *,
+                   address: str | None = None, recursive: bool = False, overwrite: bool = False,
+                   progress: bool = True, on_row=None) -> JobSummary:
+    """Upscale every image in ``src`` (its tree with ``recursive``) into the mirrored paths under
+    ``dst`` with a pool of Ray workers; returns the :class:`JobSummary`.
+
+    Outputs that are already complete are skipped (``overwrite`` redoes them), so a rerun of a
+    killed job does only what is left. ``address``: a Ray cluster to connect to (``"auto"``, an
+    ``ip:port`` or ``ray://…``); None uses Ray as it is initialised in this process, else
+    ``RAY_ADDRESS``, else a local cluster for the job. ``progress``: Ray's progress bars.
+    ``on_row(row)`` sees every row as it arrives.
+    """
+    options = options or JobOptions()
+    scale = get_config(options.model).scale
+    files, skipped = plan_job(src, dst, scale, recursive=recursive, overwrite=overwrite)
+    summary = JobSummary(options.model, options, skipped=skipped)
+    start = time.perf_counter()
+    if not files:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    with ray_session(address) as ray:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = progress
+        context.enable_auto_log_stats = False
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        cpus = _worker_cpus(ray, options)
+        # Reads take no CPU: they are I/O, and a pool whose workers hold every CPU must still be fed.
+        ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, num_cpus=0)
+        ds = ds.map_batches(
+            UpscaleWorker,
+            fn_constructor_kwargs={"in_root": str(Path(src).resolve()), "out_root": str(Path(dst).resolve()),
+                                   "options": options},
+            batch_size=options.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=options.workers),
+            num_cpus=cpus, num_gpus=options.gpus_per_worker or None,
+            runtime_env={"env_vars": _forwarded_env()},
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["path"])):
+                row = {name: batch[name][i] for name in ROW_FIELDS}
+                row = {"path": str(row["path"]), "ok": bool(row["ok"]), "error": str(row["error"]),
+                       "seconds": float(row["seconds"]), "out_pixels": int(row["out_pixels"])}
+                if row["ok"]:
+                    summary.images += 1
+                    summary.out_pixels += row["out_pixels"]
+                    summary.in_pixels += row["out_pixels"] // (scale * scale)
+                else:
+                    summary.failures.append((row["path"], row["error"]))
+                summary.worker_seconds += row["seconds"]
+                if on_row is not None:
+                    on_row(row)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Online
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """A replicated service: the ServingUpscaler of each replica, how many replicas, what each gets.
+
+    device: auto (a replica's GPU when it has one), cpu or cuda. backend: None as the CLI.
+    max_ongoing: requests Ray routes to one replica at once (None: max_queue + max_batch, so that
+    the replica's own queue, not Ray's, is what answers 503 and same-shape requests can batch).
+    """
+
+    model: str = "msfin-x4"
+    dtype: str = "fp32"
+    backend: str | None = None
+    device: str = "auto"
+    weights: str | None = None
+    replicas: int = 1
+    gpus_per_replica: float = 0
+    cpus_per_replica: float = 1
+    max_batch: int = 8
+    batch_window: float = 0.002
+    max_queue: int = 64
+    graph_cache: int = 8
+    max_ongoing: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in PRESETS:
+            raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {self.model!r}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise InvalidInputError(f"dtype must be fp32 or fp16, got {self.dtype!r}")
+        if self.backend is not None and self.backend not in BACKEND_CHOICES:
+            raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        _check_count("replicas", self.replicas, 1, integer=True)
+        _check_count("gpus_per_replica", self.gpus_per_replica, 0, integer=False)
+        _check_count("cpus_per_replica", self.cpus_per_replica, 0, integer=False)
+        _device_for(self.device, self.gpus_per_replica, "replica")
+        if self.max_ongoing is not None:
+            _check_count("max_ongoing", self.max_ongoing, 1, integer=True)
+
+    def upscaler_kwargs(self) -> dict:
+        device = _device_for(self.device, self.gpus_per_replica, "replica")
+        return dict(model=self.model, device=device, dtype=self.dtype, weights=self.weights,
+                    max_batch=self.max_batch, batch_window=self.batch_window, max_queue=self.max_queue,
+                    graph_cache=self.graph_cache, backend=_default_backend(self.backend, device, "plain"))
+
+
+class MSFINReplica:
+    """One replica: a ServingUpscaler and the ``msfin-fast serve`` app in front of it."""
+
+    def __init__(self, options: ServiceOptions, limits=None):
+        from .server import Limits
+        from .serving import ServingUpscaler
+
+        self.options, self.limits = options, limits or Limits()
+        self.upscaler = ServingUpscaler(**options.upscaler_kwargs())
+
+    def __serve_build_asgi_app__(self):
+        from .server import create_app
+
+        return create_app(self.upscaler, self.limits)
+
+    async def upscale(self, body: bytes, *, tile: int | None = None, tile_mode: str = "plain",
+                      self_ensemble: bool = False) -> bytes:
+        """Image file bytes → the ×4 PNG's bytes, as ``POST /upscale`` answers them, for deployment
+        handles (no HTTP). A refusal raises InvalidInputError with the message the route gives."""
+        from .server import decode_upload, encode_png
+
+        options = self.upscaler.options(tile=tile, tile_mode=tile_mode, self_ensemble=self_ensemble)
+        loop = asyncio.get_running_loop()
+        picture = await loop.run_in_executor(None, decode_upload, body, self.limits, options)
+        rgb = await asyncio.wrap_future(self.upscaler.submit(picture.rgb, options))
+        return await loop.run_in_executor(None, encode_png, picture, rgb, self.upscaler.scale)
+
+    def check_health(self) -> None:
+        """Serve's health check: the replica is unhealthy once its model thread has stopped."""
+        if not self.upscaler.alive:
+            raise MSFINError("the replica's model thread has stopped")
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.upscaler.close()
+
+
+def service(options: ServiceOptions | None = None, limits=None):
+    """The Ray Serve application: ``serve.run(service(ServiceOptions(replicas=2)))``."""
+    _import_ray()
+    from ray import serve
+
+    options = options or ServiceOptions()
+    max_ongoing = options.max_ongoing or options.max_queue + options.max_batch
+    deployment = serve.deployment(serve.ingress()(MSFINReplica), name="msfin")
+    return deployment.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=max_ongoing,
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica,
+                           "runtime_env": {"env_vars": _forwarded_env()}},
+    ).bind(options, limits)
+
+
+def build_app(args: dict):
+    """The application for Ray's own tools: ``serve run msfin_fast.scale:build_app model=msfin-s-x4
+    replicas=2``, or ``import_path: msfin_fast.scale:build_app`` with ``args`` in a Serve config file
+    (``serve deploy``). ``args`` are ServiceOptions fields, as strings or their own types; the
+    request limits are the defaults of ``msfin-fast serve``."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(ServiceOptions)}
+    unknown = set(args) - set(fields)
+    if unknown:
+        raise InvalidInputError(f"unknown argument(s) {', '.join(sorted(unknown))}; use {', '.join(fields)}")
+    typed = {}
+    for name, value in args.items():
+        if isinstance(value, str) and name not in ("model", "dtype", "backend", "device", "weights"):
+            try:
+                value = float(value) if name in ("gpus_per_replica", "cpus_per_replica", "batch_window") else int(value)
+            except ValueError:
+                raise InvalidInputError(f"{name}={value!r} must be a number") from None
+        typed[name] = value
+    return service(ServiceOptions(**typed))
+
+
+def run_service(options: ServiceOptions | None = None, limits=None, *, host: str = "127.0.0.1",
+                port: int = 8000, blocking: bool = True):
+    """Start Serve's HTTP proxy on host:port and deploy :func:`service` there; returns its handle
+    (when ``blocking`` is False; else it serves until interrupted)."""
+    _import_ray()
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(service(options, limits), name="msfin", route_prefix="/", blocking=blocking)
+
+
+__all__ = ["JobOptions", "JobSummary", "UpscaleWorker", "plan_job", "upscale_folder", "ray_session",
+           "ServiceOptions", "MSFINReplica", "service", "build_app", "run_service"]

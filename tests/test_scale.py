@@ -1,0 +1,355 @@
+"""Scale-out on Ray, on a local cluster started in this process on the CPU (2 CPUs).
+
+The batch job (Ray Data): every output is byte-identical to ``Upscaler.upscale_file`` at the same
+number of torch threads (oneDNN's fp32 convolutions round a few values the other way at another
+thread count: 13 of 590k by one grey level, 1 against 2 threads; so every worker here gets one CPU,
+hence one thread, and the references are made with one thread). Names and
+folders are mirrored, unreadable files are error rows naming them (with the CLI's message), and a
+rerun, even of a job killed with SIGKILL, does only what is left. The service (Ray Serve): a
+replica answers, in local testing mode and over HTTP on 127.0.0.1 with 2 CPU replicas, as
+``msfin-fast serve`` answers, byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, require_module
+
+ray = require_module("ray")
+require_module("ray.data")
+require_module("ray.serve")
+require_module("starlette")
+
+from msfin_fast import Upscaler  # noqa: E402
+from msfin_fast.cli import main  # noqa: E402
+from msfin_fast.errors import InvalidInputError, MSFINError  # noqa: E402
+from msfin_fast.scale import (  # noqa: E402
+    JobOptions,
+    ServiceOptions,
+    build_app,
+    plan_job,
+    service,
+    upscale_folder,
+)
+from msfin_fast.server import Limits  # noqa: E402
+
+from test_server import Running, free_port, request  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+MODEL = "msfin-s-x4"
+# name → (size w×h, Pillow mode); 12 images over three folder levels, odd sizes, every form a file
+# can take (RGB, RGBA, grey, grey + alpha), five formats, and three of one shape (one batch).
+IMAGES = {
+    "a.png": ((23, 17), "RGB"),
+    "b.png": ((19, 21), "RGB"),
+    "c.png": ((31, 9), "RGB"),
+    "same1.png": ((24, 20), "RGB"),
+    "same2.bmp": ((24, 20), "RGB"),
+    "sub/same3.jpg": ((24, 20), "RGB"),
+    "sub/rgba.png": ((22, 18), "RGBA"),
+    "sub/grey.png": ((21, 19), "L"),
+    "sub/grey_alpha.png": ((16, 16), "LA"),
+    "sub/deeper/d.webp": ((15, 13), "RGB"),
+    "sub/deeper/e.tif": ((14, 18), "RGB"),
+    "sub/deeper/f.png": ((33, 15), "RGB"),
+}
+BAD = ["corrupt.png", "sub/empty.jpg"]
+
+
+def synthesise(folder: Path, images=IMAGES, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    for name, ((w, h), mode) in images.items():
+        channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+        pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        # Smooth it a little, so the JPEG and WebP files are pictures rather than noise.
+        pixels = ((pixels.astype(np.uint16) + np.roll(pixels, 1, 0) + np.roll(pixels, 1, 1)) // 3).astype(np.uint8)
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("archive")
+    synthesise(folder)
+    good = (folder / "a.png").read_bytes()
+    (folder / "corrupt.png").write_bytes(good[: len(good) // 2])  # a PNG cut in half
+    (folder / "sub" / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(archive, tmp_path_factory, weights_dir) -> dict[str, bytes | str]:
+    """name → what Upscaler.upscale_file writes for it with one torch thread (bytes), or the
+    message it raises (str)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:  # a module fixture runs before the per-test environment
+        mp.setenv("MSFIN_WEIGHTS_DIR", str(weights_dir))
+        upscaler = Upscaler(MODEL, device="cpu", backend="cpu")
+    out = tmp_path_factory.mktemp("reference")
+    expected = {}
+    for name in [*IMAGES, *BAD]:
+        src, dst = (archive / name).resolve(), out / name
+        try:
+            upscaler.upscale_file(src, dst)
+            expected[name] = dst.read_bytes()
+        except MSFINError as exc:
+            expected[name] = str(exc)
+    torch.set_num_threads(threads)
+    return expected
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def run(archive, out, rows=None, **options) -> object:
+    options = {"model": MODEL, "cpus_per_worker": 1, **options}
+    return upscale_folder(archive, out, JobOptions(**options), recursive=True, progress=False,
+                          on_row=None if rows is None else rows.append)
+
+
+def test_batch_job_writes_what_upscale_file_writes(ray_cluster, archive, reference, tmp_path):
+    rows = []
+    summary = run(archive, tmp_path / "out", rows, workers=2, batch_size=4)
+    by_name = {Path(r["path"]).relative_to(archive.resolve()).as_posix(): r for r in rows}
+    assert sorted(by_name) == sorted([*IMAGES, *BAD]) and len(rows) == len(by_name)
+    assert set(rows[0]) == {"path", "ok", "error", "seconds", "out_pixels"}
+    for name, ((w, h), _) in IMAGES.items():
+        row = by_name[name]
+        assert row["ok"] and row["error"] == "", row
+        assert row["out_pixels"] == 16 * w * h and row["seconds"] > 0
+    for name in BAD:
+        row = by_name[name]
+        assert not row["ok"] and row["out_pixels"] == 0
+        assert row["error"] == reference[name]  # the CLI's message, naming the file
+        assert str(archive.resolve() / name) in row["error"]
+    # Names and folders mirrored, every output the API's bytes, nothing else written.
+    assert outputs(tmp_path / "out") == {name: reference[name] for name in IMAGES}
+    assert (summary.images, summary.failed, summary.skipped) == (12, 2, 0)
+    assert summary.out_pixels == sum(16 * w * h for (w, h), _ in IMAGES.values())
+    assert "upscaled 12 images ×4 with msfin-s-x4 on Ray (2 workers, cpu, fp32)" in summary.line()
+    assert "2 failed" in summary.line()
+
+
+def test_rerun_does_only_what_is_missing_or_incomplete(ray_cluster, archive, reference, tmp_path):
+    out = tmp_path / "out"
+    run(archive, out, batch_size=5)
+    # Damage two outputs the ways a crash or a copy might: one cut short, one gone. Leave a
+    # temporary file of a writer that no longer exists.
+    cut = out / "sub" / "rgba.png"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    (out / "sub" / "deeper" / "d.webp").unlink()
+    stale = out / "sub" / ".grey.png.999999.AbCdEfGh.part"
+    stale.write_bytes(b"half")
+    files, skipped = plan_job(archive, out, 4, recursive=True)
+    assert skipped == 10 and len(files) == 4  # the two damaged ones and the two unreadable ones
+    rows = []
+    summary = run(archive, out, rows)
+    redone = sorted(Path(r["path"]).relative_to(archive.resolve()).as_posix() for r in rows)
+    assert redone == sorted(["sub/rgba.png", "sub/deeper/d.webp", *BAD])
+    assert (summary.images, summary.failed, summary.skipped) == (2, 2, 10)
+    assert "10 already done (skipped)" in summary.line()
+    assert outputs(out) == {name: reference[name] for name in IMAGES}  # the stale part is gone too
+    rows.clear()
+    assert run(archive, out, rows, workers=1).skipped == 12 and len(rows) == 2  # only the unreadable two
+    rows.clear()
+    summary = upscale_folder(archive, out, JobOptions(model=MODEL, cpus_per_worker=1), recursive=True, overwrite=True,
+                             progress=False, on_row=rows.append)
+    assert len(rows) == 14 and summary.images == 12
+    assert outputs(out) == {name: reference[name] for name in IMAGES}
+
+
+def test_a_killed_job_resumes_where_it_stopped(ray_cluster, tmp_path, weights_dir):
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = {f"{i:02d}.png": ((128, 96), "RGB") for i in range(24)}
+    synthesise(src, names, seed=1)
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "msfin_fast", "upscale", "-i", str(src), "-o", str(out), "--model", MODEL,
+           "--ray", address, "--workers", "1", "--cpus-per-worker", "1", "--batch-size", "1", "-q"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    try:
+        while len(list(out.glob("*.png"))) < 3:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the job wrote nothing in 240 s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started, at once
+        proc.wait()
+    # Ray ends the dead driver's worker; wait until nothing more is written (an image takes 0.1 s).
+    done, still = set(), time.monotonic()
+    while time.monotonic() - still < 3:
+        now = set(p.name for p in out.glob("*.png"))
+        if now != done:
+            done, still = now, time.monotonic()
+        time.sleep(0.1)
+    assert 3 <= len(done) < len(names), f"the job was not stopped half-way ({len(done)} of {len(names)})"
+    rows = []
+    summary = upscale_folder(src, out, JobOptions(model=MODEL, workers=2, cpus_per_worker=1, batch_size=3),
+                             progress=False,
+                             on_row=rows.append)
+    assert summary.skipped == len(done) and summary.images == len(names) - len(done) and not summary.failures
+    assert {Path(r["path"]).name for r in rows} == set(names) - done
+    assert not [p for p in out.iterdir() if p.suffix == ".part"]
+    upscaler = Upscaler(MODEL, device="cpu", backend="cpu")
+    for name in names:
+        expected = tmp_path / "ref" / name
+        upscaler.upscale_file(src / name, expected)
+        assert (out / name).read_bytes() == expected.read_bytes(), name
+
+
+def test_cli_ray_upscale(ray_cluster, archive, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["upscale", "-i", str(archive), "-o", str(out), "--model", MODEL, "--ray", "-r",
+                 "--workers", "2", "--batch-size", "3", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1  # two files failed
+    for name in BAD:
+        assert f"msfin-fast: error: {archive.resolve() / name}:" in err
+    assert outputs(out) == {name: reference[name] for name in IMAGES}
+    code = main(["upscale", "-i", str(archive), "-o", str(out), "--model", MODEL, "--ray", "-r"])
+    printed = capsys.readouterr().out
+    assert code == 1 and "upscaled 0 images" in printed and "12 already done (skipped)" in printed
+
+
+def test_bad_job_options_are_refused_before_any_work(archive, tmp_path, capsys):
+    for options, message in [
+        ({"workers": 0}, "workers must be an integer >= 1"),
+        ({"batch_size": 1.5}, "batch_size must be an integer"),
+        ({"gpus_per_worker": -1}, "gpus_per_worker must be a number >= 0"),
+        ({"device": "cuda"}, "needs GPUs per worker > 0"),
+        ({"device": "cuda:1", "gpus_per_worker": 1}, "device must be auto, cpu or cuda"),
+        ({"tile": 16, "tile_mode": "exact", "backend": "cpu"}, "use backend='reference'"),
+        ({"tile": 2}, "tile=2 is too small"),
+        ({"model": "msfin-x2"}, "model must be one of"),
+        ({"dtype": "bf16"}, "dtype must be fp32 or fp16"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            JobOptions(**options)
+    assert JobOptions(tile=16, tile_mode="exact").worker_backend == "reference"  # as the CLI's default
+    with pytest.raises(InvalidInputError, match="is inside the input folder"):
+        plan_job(archive, archive / "out", recursive=True)
+    with pytest.raises(InvalidInputError, match="output folder is the input folder"):
+        plan_job(archive, archive)
+    with pytest.raises(InvalidInputError, match="no images in this folder"):
+        plan_job(tmp_path, tmp_path / "out")
+    assert main(["upscale", "-i", str(archive), "-o", str(tmp_path / "o"), "--workers", "2"]) == 1
+    assert "--workers only apply with --ray" in capsys.readouterr().err
+    assert main(["upscale", "-i", str(archive / "a.png"), "-o", str(tmp_path / "a.png"), "--ray"]) == 1
+    assert "--ray upscales a folder" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2"]) == 1
+    assert "--replicas only apply with --ray" in capsys.readouterr().err
+
+
+def test_plain_cli_folder_walks_the_tree_with_recursive(archive, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["upscale", "-i", str(archive), "-o", str(out), "--model", MODEL, "-r", "-q"]) == 1
+    assert outputs(out) == {name: reference[name] for name in IMAGES}
+    flat = tmp_path / "flat"
+    assert main(["upscale", "-i", str(archive), "-o", str(flat), "--model", MODEL, "-q"]) == 1
+    assert sorted(outputs(flat)) == sorted(n for n in IMAGES if "/" not in n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Serve
+
+
+def png_bytes(name: str, archive: Path) -> bytes:
+    """The file as an upload (PNG, or re-encoded as PNG for the other formats)."""
+    buffer = io.BytesIO()
+    with Image.open(archive / name) as img:
+        img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_service_in_local_testing_mode(archive, weights_dir):
+    from ray import serve
+
+    from msfin_fast import ServingUpscaler
+    from msfin_fast.server import decode_upload, encode_png
+
+    handle = serve.run(service(ServiceOptions(model=MODEL)), name="msfin-local", _local_testing_mode=True)
+    direct = ServingUpscaler(MODEL, device="cpu", backend="cpu")
+    try:
+        for name in ["a.png", "sub/rgba.png", "sub/grey_alpha.png"]:
+            body = png_bytes(name, archive)
+            picture = decode_upload(body, Limits())
+            expected = encode_png(picture, direct.upscale(picture.rgb), 4)
+            assert handle.upscale.remote(body).result(timeout_s=120) == expected, name
+        with pytest.raises(InvalidInputError, match="not an image file"):
+            handle.upscale.remote(b"not an image").result(timeout_s=60)
+    finally:
+        direct.close()
+
+
+def test_service_over_http_with_two_replicas_answers_like_msfin_fast_serve(ray_cluster, archive, weights_dir):
+    from ray import serve
+
+    from msfin_fast import ServingUpscaler
+    from msfin_fast.scale import run_service
+
+    limits = Limits(max_body=200_000, max_pixels=600)
+    port = free_port()
+    run_service(ServiceOptions(model=MODEL, replicas=2), limits, port=port, blocking=False)
+    try:
+        status = serve.status().applications["msfin"].deployments["msfin"]
+        assert status.replica_states.get("RUNNING") == 2, status
+        uploads = [png_bytes(n, archive) for n in ["a.png", "b.png", "sub/rgba.png", "sub/grey.png",
+                                                   "sub/grey_alpha.png", "same1.png"]]
+        uploads += [b"not an image", b"", png_bytes("sub/deeper/f.png", archive)[:40],
+                    np.zeros(300_000, np.uint8).tobytes()]
+        big = io.BytesIO()
+        Image.new("RGB", (30, 30)).save(big, format="PNG")  # 900 px > max_pixels
+        uploads.append(big.getvalue())
+        with ThreadPoolExecutor(6) as pool:
+            via_ray = list(pool.map(lambda body: request(port, "/upscale", body, timeout=120), uploads))
+        with ServingUpscaler(MODEL, device="cpu", backend="cpu") as local, Running(local, limits) as server:
+            plain = [request(server.port, "/upscale", body, timeout=120) for body in uploads]
+            health_plain = request(server.port, "/healthz")
+        for (s1, h1, b1), (s2, h2, b2) in zip(via_ray, plain):
+            assert (s1, h1["content-type"], b1) == (s2, h2["content-type"], b2)
+        assert [s for s, _, _ in via_ray] == [200] * 6 + [400, 400, 400, 413, 400]
+        health = request(port, "/healthz")
+        assert health[0] == 200 and health[2] == health_plain[2]
+        assert b"msfin_requests_total" in request(port, "/metrics")[2]
+    finally:
+        serve.shutdown()
+
+
+def test_build_app_for_serve_run_takes_string_arguments():
+    from ray.serve.deployment import Application
+
+    assert isinstance(build_app({"model": MODEL, "replicas": "2", "gpus_per_replica": "0.5",
+                                 "batch_window": "0.004"}), Application)
+    with pytest.raises(InvalidInputError, match="unknown argument"):
+        build_app({"replica": "2"})
+    with pytest.raises(InvalidInputError, match="replicas='two' must be a number"):
+        build_app({"replicas": "two"})
+    with pytest.raises(InvalidInputError, match="needs GPUs per replica > 0"):
+        build_app({"device": "cuda"})
