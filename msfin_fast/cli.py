@@ -479,9 +479,9 @@ def _ray_serve(args, limits) -> int:
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
         graph_cache=args.graph_cache,
     )
-    from ray import serve
+    with ray_session(args.ray or None):  # MSFINError naming the extra when Ray is missing
+        from ray import serve
 
-    with ray_session(args.ray or None):
         run_service(options, limits, host=args.host, port=args.port, blocking=False)
         print(f"serving {args.model} from {options.replicas} Ray Serve replica{'s' if options.replicas != 1 else ''} "
               f"({args.precision}) at http://{args.host}:{args.port} (POST /upscale, GET /healthz, GET /metrics); "

@@ -80,8 +80,10 @@ def synthesise(folder: Path, images=IMAGES, seed=0) -> None:
         Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
+    """One local cluster for the run's Ray tests (they are all in this file), shut down after
+    them so that the tests that follow do not share the two CPUs with Ray's daemons."""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -342,6 +344,44 @@ def test_service_over_http_with_two_replicas_answers_like_msfin_fast_serve(ray_c
         serve.shutdown()
 
 
+def test_msfin_fast_serve_ray_command(ray_cluster, archive, reference, weights_dir):
+    """``msfin-fast serve --ray ADDRESS`` in its own process, on this cluster: once it says it is
+    serving it answers, and Ctrl-C takes its application down and exits 0."""
+    import threading
+
+    from ray import serve
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "msfin_fast", "serve", "--model", MODEL, "--port", str(port),
+                             "--ray", ray.get_runtime_context().gcs_address, "--replicas", "1",
+                             "--cpus-per-replica", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("from 1 Ray Serve replica" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        status, headers, body = request(port, "/upscale", (archive / "a.png").read_bytes(), timeout=120)
+        assert status == 200
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))),
+                              np.asarray(Image.open(io.BytesIO(reference["a.png"]))))  # the API's pixels
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(30)
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    assert "stopping the service" in output
+    assert "msfin" not in serve.status().applications
+    serve.shutdown()
+
+
 def test_build_app_for_serve_run_takes_string_arguments():
     from ray.serve.deployment import Application
 
@@ -353,3 +393,13 @@ def test_build_app_for_serve_run_takes_string_arguments():
         build_app({"replicas": "two"})
     with pytest.raises(InvalidInputError, match="needs GPUs per replica > 0"):
         build_app({"device": "cuda"})
+
+
+def test_a_replica_fails_its_health_check_once_its_model_thread_stops(weights_dir):
+    from msfin_fast.scale import MSFINReplica
+
+    replica = MSFINReplica(ServiceOptions(model=MODEL))
+    replica.check_health()
+    replica.upscaler.close()
+    with pytest.raises(MSFINError, match="model thread has stopped"):
+        replica.check_health()
