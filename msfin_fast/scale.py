@@ -201,6 +201,8 @@ class UpscaleWorker:
             return decode_image(io.BytesIO(bytes(blob)), path), "", time.perf_counter() - start
         except MSFINError as exc:
             return None, str(exc), time.perf_counter() - start
+        except Exception as exc:  # a decoder's own bug: this file's row, not the job
+            return None, f"{path}: cannot read image ({type(exc).__name__}: {exc})", time.perf_counter() - start
 
     def _output_path(self, path: str) -> Path:
         rel = os.path.relpath(path, self.in_root)
@@ -218,6 +220,8 @@ class UpscaleWorker:
             return "", time.perf_counter() - start, w * h
         except MSFINError as exc:
             return str(exc), time.perf_counter() - start, 0
+        except Exception as exc:  # an encoder's own bug: this file's row, not the job
+            return f"{path}: cannot write its output ({type(exc).__name__}: {exc})", time.perf_counter() - start, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
@@ -332,7 +336,9 @@ def plan_job(src: str | Path, dst: str | Path, scale: int = 4, *, recursive: boo
         raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
     if recursive and s in d.parents:
         raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
-    files = [f.resolve() for f in list_image_files(src, recursive=recursive)]
+    # Each file keeps its path under the (resolved) root: a link to a file elsewhere is read
+    # through the link and written at the link's mirrored path.
+    files = [s / f.relative_to(src) for f in list_image_files(src, recursive=recursive)]
     if not files:
         raise InvalidInputError(f"{src}: no images in this folder{' tree' if recursive else ''}")
     outputs = [d / f.relative_to(s) for f in files]

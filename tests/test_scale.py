@@ -269,6 +269,16 @@ def test_bad_job_options_are_refused_before_any_work(archive, tmp_path, capsys):
     assert "--replicas only apply with --ray" in capsys.readouterr().err
 
 
+def test_plan_job_keeps_a_linked_file_at_its_link(tmp_path):
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    synthesise(elsewhere, {"x.png": ((9, 9), "RGB")})
+    synthesise(src, {"a.png": ((9, 9), "RGB")})
+    (src / "sub").mkdir()
+    (src / "sub" / "link.png").symlink_to(elsewhere / "x.png")
+    files, skipped = plan_job(src, tmp_path / "out", recursive=True)
+    assert files == [src.resolve() / "a.png", src.resolve() / "sub" / "link.png"] and skipped == 0
+
+
 def test_plain_cli_folder_walks_the_tree_with_recursive(archive, reference, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["upscale", "-i", str(archive), "-o", str(out), "--model", MODEL, "-r", "-q"]) == 1
