@@ -218,6 +218,11 @@ RAY_UPSCALE_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker", "batch_s
 RAY_SERVE_OPTIONS = ("replicas", "gpus_per_replica", "cpus_per_replica")
 
 
+def _worker_weights(args) -> str | None:
+    """--weights as an absolute path: Ray workers and replicas do not share the driver's directory."""
+    return None if args.weights is None else str(args.weights.resolve())
+
+
 def _ray_only(args, names) -> None:
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
     if given and args.ray is None:
@@ -231,7 +236,7 @@ def _ray_upscale(args) -> int:
         raise InvalidInputError(f"{args.input}: --ray upscales a folder; for one file leave out --ray")
     options = JobOptions(
         model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
-        weights=None if args.weights is None else str(args.weights.resolve()),
+        weights=_worker_weights(args),
         tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode, self_ensemble=args.self_ensemble,
         workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8,
@@ -250,7 +255,7 @@ def _ray_upscale(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    from .images import READ_SUFFIXES, check_writable, list_image_files
+    from .images import READ_SUFFIXES, check_output_folder, check_writable, list_image_files
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)
@@ -263,12 +268,7 @@ def cmd_upscale(args) -> int:
         if not files:
             raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) in this folder"
                                     f"{' tree' if args.recursive else ''}")
-        if dst.exists() and not dst.is_dir():
-            raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
-        if dst.resolve() == src.resolve():
-            raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
-        if args.recursive and src.resolve() in dst.resolve().parents:
-            raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
+        check_output_folder(src, dst, args.recursive)
         jobs = [(f, dst / f.relative_to(src)) for f in files]
     else:
         if dst.is_dir():
@@ -473,7 +473,7 @@ def _ray_serve(args, limits) -> int:
 
     options = ServiceOptions(
         model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
-        weights=None if args.weights is None else str(args.weights.resolve()),
+        weights=_worker_weights(args),
         replicas=args.replicas or 1, gpus_per_replica=args.gpus_per_replica or 0,
         cpus_per_replica=1 if args.cpus_per_replica is None else args.cpus_per_replica,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,

@@ -245,6 +245,19 @@ def _output_format(path: Path) -> tuple[str, dict]:
         ) from None
 
 
+def check_output_folder(src: str | Path, dst: str | Path, recursive: bool = False) -> None:
+    """Refuse an output folder that a folder job cannot use: a file, the input folder itself, or
+    (when the input's whole tree is read) a folder inside the input."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
+    if recursive and s in d.parents:
+        raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
+
+
 def check_writable(path: str | Path) -> None:
     """Fail early, before any computation, if ``path`` clearly cannot be written."""
     path = Path(path)

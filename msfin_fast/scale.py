@@ -44,6 +44,7 @@ from .config import PRESETS, get_config
 from .errors import InvalidInputError, MSFINError
 from .images import (
     Picture,
+    check_output_folder,
     check_writable,
     decode_image,
     list_image_files,
@@ -78,6 +79,15 @@ def _check_count(name: str, value, minimum: float, integer: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, kind) or not value >= minimum:
         what = "an integer" if integer else "a number"
         raise InvalidInputError(f"{name} must be {what} >= {minimum:g}, got {value!r}")
+
+
+def _check_engine(model: str, dtype: str, backend: str | None) -> None:
+    if model not in PRESETS:
+        raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {model!r}")
+    if dtype not in ("fp32", "fp16"):
+        raise InvalidInputError(f"dtype must be fp32 or fp16, got {dtype!r}")
+    if backend is not None and backend not in BACKEND_CHOICES:
+        raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
 
 
 def _device_for(device: str, gpus: float, owner: str) -> str:
@@ -135,12 +145,7 @@ class JobOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {self.model!r}")
-        if self.dtype not in ("fp32", "fp16"):
-            raise InvalidInputError(f"dtype must be fp32 or fp16, got {self.dtype!r}")
-        if self.backend is not None and self.backend not in BACKEND_CHOICES:
-            raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        _check_engine(self.model, self.dtype, self.backend)
         _check_count("workers", self.workers, 1, integer=True)
         _check_count("batch_size", self.batch_size, 1, integer=True)
         _check_count("gpus_per_worker", self.gpus_per_worker, 0, integer=False)
@@ -162,9 +167,6 @@ class JobOptions:
     @property
     def worker_backend(self) -> str:
         return _default_backend(self.backend, self.worker_device, self.tile_mode)
-
-
-ROW_FIELDS = ("path", "ok", "error", "seconds", "out_pixels")
 
 
 class UpscaleWorker:
@@ -329,13 +331,8 @@ def plan_job(src: str | Path, dst: str | Path, scale: int = 4, *, recursive: boo
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InvalidInputError(f"{src}: not a folder (a Ray job upscales a folder of images)")
-    if dst.exists() and not dst.is_dir():
-        raise InvalidInputError(f"{dst}: the input is a folder, so the output must be a folder")
+    check_output_folder(src, dst, recursive)
     s, d = src.resolve(), dst.resolve()
-    if d == s:
-        raise InvalidInputError(f"{dst}: output folder is the input folder; choose another")
-    if recursive and s in d.parents:
-        raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
     # Each file keeps its path under the (resolved) root: a link to a file elsewhere is read
     # through the link and written at the link's mirrored path.
     files = [s / f.relative_to(src) for f in list_image_files(src, recursive=recursive)]
@@ -421,9 +418,8 @@ def upscale_folder(src: str | Path, dst: str | Path, options: JobOptions | None 
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["path"])):
-                row = {name: batch[name][i] for name in ROW_FIELDS}
-                row = {"path": str(row["path"]), "ok": bool(row["ok"]), "error": str(row["error"]),
-                       "seconds": float(row["seconds"]), "out_pixels": int(row["out_pixels"])}
+                row = {"path": str(batch["path"][i]), "ok": bool(batch["ok"][i]), "error": str(batch["error"][i]),
+                       "seconds": float(batch["seconds"][i]), "out_pixels": int(batch["out_pixels"][i])}
                 if row["ok"]:
                     summary.images += 1
                     summary.out_pixels += row["out_pixels"]
@@ -465,12 +461,7 @@ class ServiceOptions:
     max_ongoing: int | None = None
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {self.model!r}")
-        if self.dtype not in ("fp32", "fp16"):
-            raise InvalidInputError(f"dtype must be fp32 or fp16, got {self.dtype!r}")
-        if self.backend is not None and self.backend not in BACKEND_CHOICES:
-            raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        _check_engine(self.model, self.dtype, self.backend)
         _check_count("replicas", self.replicas, 1, integer=True)
         _check_count("gpus_per_replica", self.gpus_per_replica, 0, integer=False)
         _check_count("cpus_per_replica", self.cpus_per_replica, 0, integer=False)

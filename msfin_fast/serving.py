@@ -119,22 +119,7 @@ class ServingUpscaler:
 
     def submit(self, rgb: np.ndarray, options: RunOptions | None = None) -> Future:
         """Queue one H×W×3 uint8 image; the Future gives the (s·H)×(s·W)×3 uint8 result."""
-        _check_uint8_image(rgb)
-        options = options or self.default_options
-        self._check_options(options)
-        request = _Request(np.ascontiguousarray(rgb), options, Future(), time.monotonic())
-        with self._cond:
-            if self._closed:
-                raise QueueFullError("the upscaler is closed; create a new one")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFullError(
-                    f"{len(self._pending)} requests are already waiting (max_queue={self.max_queue}); "
-                    "retry later"
-                )
-            self._pending.append(request)
-            self._cond.notify_all()
-        request.future.add_done_callback(lambda f: f.cancelled() and self._forget(request))
-        return request.future
+        return self.submit_many([rgb], options)[0]
 
     def submit_many(self, images: list[np.ndarray], options: RunOptions | None = None) -> list[Future]:
         """Queue several H×W×3 uint8 images at once: the worker sees them all together, so those of
@@ -143,13 +128,19 @@ class ServingUpscaler:
         for rgb in images:
             _check_uint8_image(rgb)
         options = options or self.default_options
-        self._check_options(options)
+        if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
+            raise InvalidInputError(
+                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
+                "(start it with --backend reference for exact tiles)")
         now = time.monotonic()
         requests = [_Request(np.ascontiguousarray(rgb), options, Future(), now) for rgb in images]
         with self._cond:
             if self._closed:
                 raise QueueFullError("the upscaler is closed; create a new one")
             if len(self._pending) + len(requests) > self.max_queue:
+                if len(requests) == 1:
+                    raise QueueFullError(f"{len(self._pending)} requests are already waiting "
+                                         f"(max_queue={self.max_queue}); retry later")
                 raise QueueFullError(
                     f"{len(self._pending)} requests are waiting and {len(requests)} more would pass "
                     f"max_queue={self.max_queue}; retry later"
@@ -159,12 +150,6 @@ class ServingUpscaler:
         for request in requests:
             request.future.add_done_callback(lambda f, r=request: f.cancelled() and self._forget(r))
         return [r.future for r in requests]
-
-    def _check_options(self, options: RunOptions) -> None:
-        if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
-            raise InvalidInputError(
-                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
-                "(start it with --backend reference for exact tiles)")
 
     def _forget(self, request: _Request) -> None:
         """A request cancelled while it waits leaves the queue at once (counted once: here, or by the
