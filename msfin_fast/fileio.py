@@ -42,25 +42,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temporary_beside(path: str | Path) -> Path:
+    """Create an empty ``.<name>.<pid>.<random>.part`` file beside ``path`` (parents created), for a
+    writer that needs a path rather than a file object; :func:`commit` puts it in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def commit(tmp: str | Path, path: str | Path) -> None:
+    """Sync the finished temporary file ``tmp`` to disk and rename it over ``path``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file; when the block succeeds it is synced and renamed over ``path``, else
     deleted. Missing parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600
-        os.replace(tmp_name, path)
+        commit(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
 
 
 def _alive(pid: int) -> bool:

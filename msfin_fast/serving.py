@@ -60,10 +60,9 @@ class ServingUpscaler:
     there, so the host never holds a float copy. More than ``max_queue`` waiting requests raise
     :class:`QueueFullError` rather than growing memory without bound.
 
-    On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
-    are replayed from captured CUDA graphs (the engine's ``CapturedGraph``), one per (batch size,
-    shape, options), kept in the engine's LRU (``ShapeCache``) of ``graph_cache`` entries (0 turns
-    graphs off). On the CPU there are no graphs.
+    Batches run through a :class:`BatchRunner`: on CUDA, pinned copies on a dedicated stream and
+    CUDA graphs replayed per (batch size, shape, options), ``graph_cache`` of them kept (0 turns
+    graphs off); on the CPU, no graphs.
     """
 
     def __init__(
@@ -102,10 +101,7 @@ class ServingUpscaler:
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._cuda = self.device.type == "cuda"
-        self._graph_cache = graph_cache if self._cuda else 0
-        self._graphs = ShapeCache(max(graph_cache, 1))  # (batch shape, options) → CapturedGraph
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._runner = BatchRunner(self._upscaler, graph_cache, on_graph=self._count_graph)
         self._worker = threading.Thread(target=self._serve, name="msfin-serving", daemon=True)
         self._worker.start()
 
@@ -222,7 +218,7 @@ class ServingUpscaler:
             if not live:
                 continue
             try:
-                outputs, finite = self._run_batch(np.stack([r.rgb for r in live]), live[0].options)
+                outputs, finite = self._runner.run(np.stack([r.rgb for r in live]), live[0].options)
             except BaseException as exc:  # every caller hears about the failure; the worker lives on
                 with self._cond:
                     self.stats.failed += len(live)
@@ -239,6 +235,34 @@ class ServingUpscaler:
                 else:
                     r.future.set_exception(non_finite_error(None, out.shape, self.dtype))
 
+    def _count_graph(self, hit: bool) -> None:
+        with self._cond:
+            if hit:
+                self.stats.graph_hits += 1
+            else:
+                self.stats.graph_captures += 1
+
+
+class BatchRunner:
+    """Runs batches of same-shape uint8 H×W×3 images through an :class:`Upscaler`'s model, giving
+    uint8 (s·H)×(s·W)×3 images and a finite flag per image. Used by one thread at a time (the
+    serving worker, the video pipeline's compute stage).
+
+    On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
+    replay captured CUDA graphs, one per (batch shape, options), kept in an LRU of ``graph_cache``
+    entries (0: no graphs); ``on_graph(hit)`` hears of each replay (True) and capture (False). On
+    the CPU images run one at a time, through the same steps as ``Upscaler.upscale_rgb``.
+    """
+
+    def __init__(self, upscaler: Upscaler, graph_cache: int = 8, on_graph=None):
+        self.model, self.device, self.dtype = upscaler.model, upscaler.device, upscaler.dtype
+        self.scale = upscaler.scale
+        self._cuda = self.device.type == "cuda"
+        self._graph_cache = graph_cache if self._cuda else 0
+        self.graphs = ShapeCache(max(graph_cache, 1))  # (batch shape, options) → CapturedGraph
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._on_graph = on_graph or (lambda hit: None)
+
     @torch.inference_mode()
     def _infer(self, x_u8: torch.Tensor, options: RunOptions,
                whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +277,7 @@ class ServingUpscaler:
         finite = torch.isfinite(y).flatten(1).all(1)
         return quantize(y).permute(0, 2, 3, 1).contiguous(), finite
 
-    def _run_batch(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
         if not self._cuda:
             # Image by image: oneDNN's grouped convolutions round differently at different batch
             # sizes, so a batch would not give the bytes the API gives; on a CPU one image at a time
@@ -285,10 +309,9 @@ class ServingUpscaler:
         if not self._graph_cache or options.tile is not None:
             return None
         key = (shape, options)
-        entry = self._graphs.get(key)
+        entry = self.graphs.get(key)
         if entry is not None:
-            with self._cond:
-                self.stats.graph_hits += 1
+            self._on_graph(True)
             return entry
         config = model_config(self.model)
         batch = shape[0] * (8 if options.self_ensemble else 1)
@@ -300,9 +323,8 @@ class ServingUpscaler:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None
-        self._graphs.put(key, entry)
-        with self._cond:
-            self.stats.graph_captures += 1
+        self.graphs.put(key, entry)
+        self._on_graph(False)
         return entry
 
     def _capture(self, shape: tuple[int, ...], options: RunOptions) -> CapturedGraph:

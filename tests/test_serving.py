@@ -135,7 +135,7 @@ def test_cuda_graphs_match_eager_and_the_cache_is_bounded():
             for _ in range(2):
                 assert close_enough(up.upscale(image, timeout=60), direct.upscale(image))
         stats = up.snapshot()
-        assert len(up._graphs) == 2
+        assert len(up._runner.graphs) == 2
         assert stats.graph_captures == 4 and stats.graph_hits == 4  # 8 evicted by 16, captured again
         ensemble = up.upscale(image, up.options(self_ensemble=True), timeout=60)
         assert close_enough(ensemble, Upscaler(model, device="cuda", self_ensemble=True).upscale(image))
