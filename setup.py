@@ -222,6 +222,8 @@ setup(
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],
         # Ray Data (batch jobs) and Ray Serve (replicated service); 2.60 is the version tested.
         "scale": ["ray[data,serve]>=2.60"],
+        # PyAV: FFmpeg in-process, its wheels bundle the codecs (x264, x265, VP9, SVT-AV1); 18 is tested.
+        "video": ["av>=18"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

@@ -25,11 +25,13 @@ from .engine import Engine, optimize
 from .model import MSFIN, msfin_s_x4, msfin_x4
 from .serving import ServingUpscaler
 from .upscaler import Upscaler
+from .video import EncodeOptions, VideoSummary, upscale_video  # PyAV is imported only when a video runs
 from .weights import load_pretrained
 
 __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
     "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "ServingUpscaler", "optimize", "Engine",
+    "upscale_video", "EncodeOptions", "VideoSummary",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
     "InvalidInputError", "NonFiniteOutputError", "QueueFullError", "WeightsError",
 ]

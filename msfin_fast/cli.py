@@ -45,6 +45,42 @@ class Progress:
         self.stream.flush()
 
 
+class FrameProgress:
+    """A video's frames: a bar with fps and ETA on a terminal, else a line every few seconds."""
+
+    def __init__(self, label: str, stream=None, every: float = 5.0):
+        self.label, self.every = label, every
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None, exact: bool) -> None:
+        now = time.perf_counter()
+        finished = total is not None and done >= total
+        if not (self.tty or finished or now - self.last >= self.every):
+            return
+        self.last = now
+        fps = done / max(now - self.start, 1e-9)
+        if total:
+            eta = max(total - done, 0) / max(fps, 1e-9)
+            count = f"{done}/{'' if exact else '~'}{total} frames, {fps:.1f} fps, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+            width = 30
+            filled = min(width, width * done // total)
+            text = f"[{'#' * filled}{'.' * (width - filled)}] {count}"
+        else:
+            text = f"{done} frames, {fps:.1f} fps"
+        if self.tty:
+            self.stream.write(f"\r{self.label[:30]}: {text}   ")
+        else:
+            self.stream.write(f"{self.label}: {text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: temporary files are
     removed, training saves its checkpoint, and the exit status is 143 (128 + SIGTERM)."""
@@ -136,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-r", "--recursive", action="store_true",
                     help="a folder input: its whole tree, mirrored under the output folder")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    vid = up.add_argument_group("video files: .mp4, .mkv, .mov, .webm (pip install 'msfin_fast[video]')")
+    vid.add_argument("--codec", default=None,
+                     help="video encoder: libx264 (h264; default, webm: libvpx-vp9), libx265 (hevc), "
+                          "libvpx-vp9 (vp9), libsvtav1 (av1), ffv1, …")
+    vid.add_argument("--crf", type=float, default=None,
+                     help="constant quality, lower is better (default x264 18, x265 22, VP9/AV1 24)")
+    vid.add_argument("--bitrate", default=None, help="target bitrate such as 8M or 2500k, instead of a CRF")
+    vid.add_argument("--pix-fmt", default=None, help="output pixel format (default yuv420p)")
+    vid.add_argument("--preset", default=None, help="encoder speed preset (x264: ultrafast … veryslow)")
+    vid.add_argument("--frames", default=None, metavar="A:B",
+                     help="only frames A (from 0) up to, not including, B; A: or :B")
+    vid.add_argument("--frame-batch", type=_positive_int, default=None, metavar="N",
+                     help="frames per model run; on a GPU one CUDA graph serves them all (default 8)")
+    vid.add_argument("--keep-partial", action="store_true",
+                     help="on Ctrl-C, finish a playable file of the frames done so far instead of removing it")
     ray = up.add_argument_group("scale-out on Ray (pip install 'msfin_fast[scale]')")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="upscale the folder with a pool of Ray workers: on the cluster at ADDRESS (auto, "
@@ -214,6 +265,7 @@ def _make_upscaler(model: str, args):
                     self_ensemble=args.self_ensemble, backend=_backend(args))
 
 
+VIDEO_OPTIONS = ("codec", "crf", "bitrate", "pix_fmt", "preset", "frames", "frame_batch", "keep_partial")
 RAY_UPSCALE_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker", "batch_size", "overwrite")
 RAY_SERVE_OPTIONS = ("replicas", "gpus_per_replica", "cpus_per_replica")
 
@@ -232,8 +284,17 @@ def _ray_only(args, names) -> None:
 def _ray_upscale(args) -> int:
     from .scale import JobOptions, upscale_folder
 
+    from .video import list_video_files
+
     if not args.input.is_dir():
         raise InvalidInputError(f"{args.input}: --ray upscales a folder; for one file leave out --ray")
+    given = [f"--{n.replace('_', '-')}" for n in VIDEO_OPTIONS if getattr(args, n) not in (None, False)]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)} apply to videos, which --ray does not upscale")
+    videos = list_video_files(args.input, args.recursive)
+    if videos:
+        warnings.warn(f"{len(videos)} video file(s) in {args.input} are left out (e.g. {videos[0].name}): --ray "
+                      "upscales images; run without --ray for the videos")
     options = JobOptions(
         model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
         weights=_worker_weights(args),
@@ -254,8 +315,41 @@ def _ray_upscale(args) -> int:
     return 1 if summary.failures else 0
 
 
+def _video_options(args, suffixes) -> dict:
+    """upscale_video's keyword arguments from the command line, checked for each output suffix
+    before any model loads."""
+    from .video import EncodeOptions, parse_frames
+
+    encode = dict(codec=args.codec, crf=args.crf, bitrate=args.bitrate, pix_fmt=args.pix_fmt or "yuv420p",
+                  preset=args.preset)
+    for suffix in sorted(suffixes):
+        EncodeOptions(**encode).resolve(suffix)
+    frames = parse_frames(args.frames) if args.frames is not None else None
+    return dict(encode, frames=frames, batch_size=args.frame_batch or 8, keep_partial=args.keep_partial)
+
+
+def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quiet: bool) -> int:
+    from .video import upscale_video
+
+    bar = None if quiet else FrameProgress(src.name)
+    try:
+        summary = upscale_video(src, out, upscaler, progress=bar, **video_options)
+    except KeyboardInterrupt as exc:
+        summary = getattr(exc, "summary", None)
+        if summary is not None and summary.kept_partial:
+            print(f"{PROG}: kept a playable partial file {out} ({summary.frames} frames)", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        print(summary.line())
+    return summary.frames
+
+
 def cmd_upscale(args) -> int:
     from .images import READ_SUFFIXES, check_output_folder, check_writable, list_image_files
+    from .video import VIDEO_SUFFIXES, is_video, list_video_files
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)
@@ -264,10 +358,10 @@ def cmd_upscale(args) -> int:
     if args.ray is not None:
         return _ray_upscale(args)
     if src.is_dir():
-        files = list_image_files(src, recursive=args.recursive)
+        files = sorted(list_image_files(src, recursive=args.recursive) + list_video_files(src, args.recursive))
         if not files:
-            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) in this folder"
-                                    f"{' tree' if args.recursive else ''}")
+            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) or videos "
+                                    f"({', '.join(VIDEO_SUFFIXES)}) in this folder{' tree' if args.recursive else ''}")
         check_output_folder(src, dst, args.recursive)
         jobs = [(f, dst / f.relative_to(src)) for f in files]
     else:
@@ -275,9 +369,18 @@ def cmd_upscale(args) -> int:
             raise InvalidInputError(f"{dst}: is a folder; give an output file name such as {dst / src.name}")
         if dst.resolve() == src.resolve():
             raise InvalidInputError(f"{dst}: would overwrite the input; choose another output name")
+        if is_video(src) != is_video(dst):
+            kind = "a video" if is_video(src) else "an image"
+            raise InvalidInputError(f"{dst}: {src} is {kind}, so the output must be one too "
+                                    f"(videos: {', '.join(VIDEO_SUFFIXES)})")
         jobs = [(src, dst)]
-    for _, out in jobs:
-        check_writable(out)
+    videos = [job for job in jobs if is_video(job[0])]
+    given = [f"--{n.replace('_', '-')}" for n in VIDEO_OPTIONS if getattr(args, n) not in (None, False)]
+    if given and not videos:
+        raise InvalidInputError(f"{', '.join(given)} only apply to videos ({', '.join(VIDEO_SUFFIXES)})")
+    video_options = _video_options(args, {out.suffix.lower() for _, out in videos}) if videos else None
+    for job, out in jobs:
+        check_writable(out, image=not is_video(job))
     from .fileio import remove_stale_parts
 
     stale = [p for folder in sorted({out.parent for _, out in jobs}) for p in remove_stale_parts(folder)]
@@ -287,21 +390,24 @@ def cmd_upscale(args) -> int:
 
     upscaler = _make_upscaler(args.model, args)
     progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
-    failures, px_in, px_out = [], 0, 0
-    start = time.perf_counter()
+    failures, px_in, px_out, images_done, seconds = [], 0, 0, 0, 0.0
     for src_file, out in jobs:
+        start = time.perf_counter()
         try:
-            (w, h), (W, H) = upscaler.upscale_file(src_file, out)
-            px_in, px_out = px_in + w * h, px_out + W * H
+            if is_video(src_file):
+                _upscale_one_video(upscaler, src_file, out, video_options, args.quiet)
+            else:
+                (w, h), (W, H) = upscaler.upscale_file(src_file, out)
+                px_in, px_out, images_done = px_in + w * h, px_out + W * H, images_done + 1
+                seconds += time.perf_counter() - start
         except MSFINError as exc:
             if len(jobs) == 1:
                 raise
             failures.append(str(exc))
             _error(str(exc))
         progress.step(src_file.name)
-    seconds = time.perf_counter() - start
-    done = len(jobs) - len(failures)
-    if not args.quiet:
+    if not args.quiet and len(videos) < len(jobs):
+        done = images_done
         print(
             f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model}"
             f"{'+' if args.self_ensemble else ''} on "
@@ -368,6 +474,12 @@ def cmd_info(args) -> int:
     print("backends:")
     for b in available_backends():
         print(f"  {b.name:<20} {'yes' if b.available else 'no ':<4} {b.detail}")
+    try:
+        import av
+
+        print(f"video: PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}")
+    except ImportError:
+        print("video: not installed (pip install 'msfin_fast[video]')")
     return 0
 
 

@@ -258,10 +258,12 @@ def check_output_folder(src: str | Path, dst: str | Path, recursive: bool = Fals
         raise InvalidInputError(f"{dst}: is inside the input folder, whose whole tree is read; choose another")
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail early, before any computation, if ``path`` clearly cannot be written."""
+def check_writable(path: str | Path, image: bool = True) -> None:
+    """Fail early, before any computation, if ``path`` clearly cannot be written (as an image file,
+    unless ``image`` is False)."""
     path = Path(path)
-    _output_format(path)
+    if image:
+        _output_format(path)
     if path.is_dir():
         raise ImageWriteError(f"{path}: is a folder; give a file name for the output")
     parent = path.parent
