@@ -275,20 +275,24 @@ def _worker_weights(args) -> str | None:
     return None if args.weights is None else str(args.weights.resolve())
 
 
+def _given(args, names) -> list[str]:
+    """The flags among ``names`` given on the command line."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+
+
 def _ray_only(args, names) -> None:
-    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False)]
+    given = _given(args, names)
     if given and args.ray is None:
         raise InvalidInputError(f"{', '.join(given)} only apply with --ray")
 
 
 def _ray_upscale(args) -> int:
     from .scale import JobOptions, upscale_folder
-
     from .video import list_video_files
 
     if not args.input.is_dir():
         raise InvalidInputError(f"{args.input}: --ray upscales a folder; for one file leave out --ray")
-    given = [f"--{n.replace('_', '-')}" for n in VIDEO_OPTIONS if getattr(args, n) not in (None, False)]
+    given = _given(args, VIDEO_OPTIONS)
     if given:
         raise InvalidInputError(f"{', '.join(given)} apply to videos, which --ray does not upscale")
     videos = list_video_files(args.input, args.recursive)
@@ -328,7 +332,7 @@ def _video_options(args, suffixes) -> dict:
     return dict(encode, frames=frames, batch_size=args.frame_batch or 8, keep_partial=args.keep_partial)
 
 
-def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quiet: bool) -> int:
+def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quiet: bool) -> None:
     from .video import upscale_video
 
     bar = None if quiet else FrameProgress(src.name)
@@ -344,7 +348,6 @@ def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quie
             bar.close()
     if not quiet:
         print(summary.line())
-    return summary.frames
 
 
 def cmd_upscale(args) -> int:
@@ -375,7 +378,7 @@ def cmd_upscale(args) -> int:
                                     f"(videos: {', '.join(VIDEO_SUFFIXES)})")
         jobs = [(src, dst)]
     videos = [job for job in jobs if is_video(job[0])]
-    given = [f"--{n.replace('_', '-')}" for n in VIDEO_OPTIONS if getattr(args, n) not in (None, False)]
+    given = _given(args, VIDEO_OPTIONS)
     if given and not videos:
         raise InvalidInputError(f"{', '.join(given)} only apply to videos ({', '.join(VIDEO_SUFFIXES)})")
     video_options = _video_options(args, {out.suffix.lower() for _, out in videos}) if videos else None

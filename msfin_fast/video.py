@@ -323,7 +323,7 @@ def _open_input(av, src: Path):
 def _video_stream(container):
     """The stream to upscale: the first video stream that is not a cover picture."""
     for stream in container.streams.video:
-        if not stream.disposition & 0x400:  # AV_DISPOSITION_ATTACHED_PIC: cover art, not a video
+        if not stream.disposition & type(stream.disposition).attached_pic:  # cover art, not a video
             return stream
     return container.streams.video[0]
 

@@ -333,6 +333,8 @@ def test_errors_are_named(tmp_path, upscaler, ntsc_clip, capsys):
     assert "--crf only apply to videos" in capsys.readouterr().err
     assert main(["upscale", "-i", str(png), "-o", str(tmp_path / "b.mp4")]) == 1
     assert "must be one too" in capsys.readouterr().err
+    assert main(["upscale", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--ray", "--crf", "20"]) == 1
+    assert "--crf apply to videos, which --ray does not upscale" in capsys.readouterr().err
 
 
 def test_cli_folder_with_images_and_videos_and_encoder_options(tmp_path, upscaler, capsys):
