@@ -111,8 +111,8 @@ def packets(path, kind: str) -> list[tuple[bytes, Fraction]]:
 
 
 @pytest.fixture(scope="module")
-def upscaler(weights_dir):
-    return Upscaler("msfin-s-x4", device="cpu", backend="cpu")
+def upscaler(pretrained):
+    return Upscaler(pretrained("msfin-s-x4"), device="cpu", backend="cpu")
 
 
 @pytest.fixture(scope="module")
