@@ -351,8 +351,8 @@ def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quie
 
 
 def cmd_upscale(args) -> int:
-    from .images import READ_SUFFIXES, check_output_folder, check_writable, list_image_files
-    from .video import VIDEO_SUFFIXES, is_video, list_video_files
+    from .images import READ_SUFFIXES, check_output_folder, check_writable, list_files
+    from .video import VIDEO_SUFFIXES, is_video
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)
@@ -361,7 +361,7 @@ def cmd_upscale(args) -> int:
     if args.ray is not None:
         return _ray_upscale(args)
     if src.is_dir():
-        files = sorted(list_image_files(src, recursive=args.recursive) + list_video_files(src, args.recursive))
+        files = list_files(src, READ_SUFFIXES + VIDEO_SUFFIXES, recursive=args.recursive)  # one walk
         if not files:
             raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) or videos "
                                     f"({', '.join(VIDEO_SUFFIXES)}) in this folder{' tree' if args.recursive else ''}")

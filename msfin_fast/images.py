@@ -53,19 +53,25 @@ class Picture:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def list_image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files (by suffix) directly inside ``folder`` (with ``recursive``, in its whole tree),
-    sorted by path. A tree walk does not enter hidden folders (a leading dot: ``.git``, ``.cache``)."""
+def list_files(folder: str | Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """Files whose suffix is one of ``suffixes`` directly inside ``folder`` (with ``recursive``, in its
+    whole tree), sorted by path. A tree walk does not enter hidden folders (a leading dot: ``.git``,
+    ``.cache``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: not a folder")
     if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     found = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root, n) for n in names if Path(n).suffix.lower() in READ_SUFFIXES]
+        found += [Path(root, n) for n in names if Path(n).suffix.lower() in suffixes]
     return sorted(p for p in found if p.is_file())
+
+
+def list_image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files (by suffix) in ``folder``, as :func:`list_files` lists them."""
+    return list_files(folder, READ_SUFFIXES, recursive)
 
 
 def from_pil(img: Image.Image) -> Picture:

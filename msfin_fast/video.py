@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ImageReadError, ImageWriteError, InvalidInputError, NonFiniteOutputError
+from .policy import non_finite_error
 
 # Output container by suffix (FFmpeg muxer name), and the video codec each gets by default.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
@@ -83,11 +84,10 @@ def is_video(path: str | Path) -> bool:
 
 
 def list_video_files(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Video files (by suffix) in ``folder`` (with ``recursive``, its tree without hidden folders)."""
-    folder = Path(folder)
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and is_video(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
+    """Video files (by suffix) in ``folder``, as :func:`~.images.list_files` lists them."""
+    from .images import list_files
+
+    return list_files(folder, VIDEO_SUFFIXES, recursive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +346,20 @@ def _sws_matrix(colorspace: int) -> str:
     return _SWS_MATRIX.get(int(colorspace), "ITU601")
 
 
+def _full_range(color_range: int, pix_fmt) -> bool:
+    """Full-range (JPEG) YUV: tagged so, or a deprecated ``yuvj`` pixel format."""
+    return color_range == _RANGE_JPEG or (pix_fmt is not None and pix_fmt.name.startswith("yuvj"))
+
+
+def _sws_range(full: bool) -> str:
+    return "JPEG" if full else "MPEG"
+
+
 def _frame_to_rgb(frame) -> np.ndarray:
     if frame.format.is_rgb:
         return frame.to_ndarray(format="rgb24")
-    full = frame.color_range == _RANGE_JPEG or frame.format.name.startswith("yuvj")
     return frame.to_ndarray(format="rgb24", src_colorspace=_sws_matrix(frame.colorspace),
-                            src_color_range="JPEG" if full else "MPEG")
+                            src_color_range=_sws_range(_full_range(frame.color_range, frame.format)))
 
 
 def _packet_time(packet) -> Fraction | None:
@@ -545,8 +553,6 @@ def _compute(items, runner, options, batch_size: int, timings: dict):
             timings["compute"] += time.perf_counter() - start
             for frame, out, ok in zip(frames, outputs, finite):
                 if not ok:
-                    from .policy import non_finite_error
-
                     raise NonFiniteOutputError(f"frame {frame.index}: {non_finite_error(None, out.shape, runner.dtype)}")
                 frame.sr = out
         yield from waiting
@@ -605,7 +611,7 @@ class _ColourOut:
         if self.rgb:
             return frame.reformat(format=pix_fmt)
         return frame.reformat(format=pix_fmt, dst_colorspace=_sws_matrix(self.matrix),
-                              dst_color_range="JPEG" if self.range == _RANGE_JPEG else "MPEG")
+                              dst_color_range=_sws_range(self.range == _RANGE_JPEG))
 
 
 def _colour_out(stream, pix_fmt: str) -> _ColourOut:
@@ -618,8 +624,7 @@ def _colour_out(stream, pix_fmt: str) -> _ColourOut:
     matrix = 0 if rgb else (cc.colorspace if int(cc.colorspace) in _SWS_MATRIX else _BT601)
     if source_rgb and not rgb:
         matrix = _BT601
-    full = cc.color_range == _RANGE_JPEG or (cc.format is not None and cc.format.name.startswith("yuvj"))
-    rng = _RANGE_JPEG if rgb or full else _RANGE_MPEG
+    rng = _RANGE_JPEG if rgb or _full_range(cc.color_range, cc.format) else _RANGE_MPEG
     return _ColourOut(int(matrix), rng, int(cc.color_primaries), int(cc.color_trc), rgb)
 
 
