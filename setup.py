@@ -224,6 +224,9 @@ setup(
         "scale": ["ray[data,serve]>=2.60"],
         # PyAV: FFmpeg in-process, its wheels bundle the codecs (x264, x265, VP9, SVT-AV1); 18 is tested.
         "video": ["av>=18"],
+        # ONNX export (the dynamo exporter writes through onnxscript) and ONNX Runtime to run it;
+        # onnx 1.23, onnxscript 0.7 and onnxruntime 1.32 are tested.
+        "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

@@ -247,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     sray.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
                       help="CPUs per replica (default 1)")
 
+    ex = sub.add_parser("export", help="write the model as an ONNX file (ONNX Runtime, TensorRT, chaiNNer)")
+    ex.add_argument("output", type=Path, help="the .onnx file to write")
+    ex.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
+    ex.add_argument("--weights", type=Path, default=None,
+                    help="your own checkpoint for the preset's architecture instead of the released file")
+    exp = ex.add_mutually_exclusive_group()
+    exp.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="float32 graph (default)")
+    exp.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                     help="float16 graph, fp16 input and output; the channel-attention means stay in fp32")
+    ex.set_defaults(precision="fp32")
+    ex.add_argument("--range", dest="value_range", type=float, choices=[255.0, 1.0], default=255.0,
+                    help="pixel scale of input and output: 255 (default, the model's own) or 1 (0–1 images)")
+    ex.add_argument("--static", default=None, metavar="NxHxW",
+                    help="fix the input shape, e.g. 1x270x480 (default: dynamic batch, height and width)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; at least 18)")
+
     sub.add_parser("info", help="presets, weights, devices and backends")
 
     sm = sub.add_parser("sample", help="write a synthetic low-resolution test picture")
@@ -486,6 +502,34 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _parse_static(spec: str) -> tuple[int, int, int]:
+    parts = spec.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise InvalidInputError(f"--static {spec!r}: expected NxHxW with positive integers, e.g. 1x270x480")
+    n, h, w = (int(p) for p in parts)
+    return n, h, w
+
+
+def cmd_export(args) -> int:
+    from .export import DEFAULT_OPSET, export_onnx
+    from .weights import load_pretrained
+
+    if args.output.suffix.lower() != ".onnx":
+        raise InvalidInputError(f"{args.output}: the output of export is an ONNX file; name it *.onnx")
+    shape = _parse_static(args.static) if args.static else None
+    model = load_pretrained(args.model, weights=args.weights)
+    started = time.perf_counter()
+    path = export_onnx(
+        model, args.output, dynamic=shape is None, dtype=args.precision, value_range=args.value_range,
+        input_size=(shape[1], shape[2]) if shape else (64, 64), batch=shape[0] if shape else 1,
+        opset=args.opset if args.opset is not None else DEFAULT_OPSET,
+    )
+    dims = "x".join(map(str, shape)) if shape else "dynamic batch, height, width"
+    print(f"wrote {path} ({args.model}, {args.precision}, {dims}, pixels 0–{args.value_range:g}, "
+          f"{path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s; checker passed)")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from .images import Picture, write_image
     from .sample import sample_lr
@@ -612,7 +656,7 @@ def _ray_serve(args, limits) -> int:
 
 
 COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample": cmd_sample,
-            "serve": cmd_serve, "train": cmd_train}
+            "serve": cmd_serve, "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

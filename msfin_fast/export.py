@@ -1,0 +1,195 @@
+"""ONNX export of the reference MSFIN, for ONNX Runtime, TensorRT and the tools built on them.
+
+The graph is the reference forward (``torch.onnx.export`` with the dynamo exporter, opset 20 by
+default): bilinear ×s pre-upsampling as ``Resize``, the grouped convolutions, pixel shuffles as
+``DepthToSpace``, and each channel attention as ``ReduceMean`` over H and W, so its global mean is
+right at every input size. With ``dynamic=True`` batch, height and width are symbolic.
+
+``dtype=torch.float16`` exports an fp16 graph (fp16 input and output) whose channel-attention
+means and squeeze layers run in fp32: every ``ReduceMean`` reads a ``Cast`` to float. A mean taken
+in fp16 over a full-resolution map of 0–255 features overflows in runtimes that accumulate in the
+input type (a known cause of black images in fp16 SR exports); the cast costs one extra read of
+each pre-attention map.
+
+``value_range`` is the pixel scale of the graph's input and output: 255 (the model's own, default)
+or 1 (0–1 images, as chaiNNer and most ONNX front-ends feed). The output is not clamped, like the
+reference's; clamp and round when converting to pixels. Metadata in the file records the preset,
+scale, value range, dtype and package version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .devices import resolve_dtype
+from .errors import ConfigError, InvalidInputError, MSFINError
+from .fileio import commit, temporary_beside
+from .model import MSFIN, ChannelAttention
+
+DEFAULT_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+VALUE_RANGES = (255.0, 1.0)
+
+
+class ExportError(MSFINError):
+    """The ONNX export could not be made (missing package, unsupported model or option)."""
+
+
+class _ChannelAttentionFp32(nn.Module):
+    """Channel attention whose mean and squeeze run in fp32 inside an fp16 graph."""
+
+    def __init__(self, ca: ChannelAttention):
+        super().__init__()
+        self.conv_du = copy.deepcopy(ca.conv_du).float()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        s = self.conv_du(u.float().mean(dim=(2, 3), keepdim=True))
+        return u * s.to(u.dtype)
+
+
+class ExportGraph(nn.Module):
+    """What is exported: the reference forward (input checks left out: they are host-side tests
+    that a graph cannot hold), with the pixel scale of ``value_range`` at input and output."""
+
+    def __init__(self, model: MSFIN, value_range: float):
+        super().__init__()
+        self.model = model
+        self.factor = float(model.config.rgb_range) / float(value_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factor != 1.0:
+            x = x * self.factor
+        y = self.model(x, check_finite=False)
+        return y / self.factor if self.factor != 1.0 else y
+
+
+def export_graph(model: MSFIN, dtype: torch.dtype, value_range: float) -> ExportGraph:
+    """A copy of ``model`` in ``dtype``, ready to export (fp16: channel attention in fp32)."""
+    graph_model = copy.deepcopy(model).float().eval()
+    if dtype == torch.float16:
+        graph_model = graph_model.half()
+        parents = dict(graph_model.named_modules())
+        for name, module in list(graph_model.named_modules()):
+            if isinstance(module, ChannelAttention):
+                parent_name, _, child = name.rpartition(".")
+                setattr(parents[parent_name], child, _ChannelAttentionFp32(module))
+    return ExportGraph(graph_model, value_range).eval()
+
+
+def _resolve_model(model) -> MSFIN:
+    if isinstance(model, str):
+        from .weights import load_pretrained
+
+        return load_pretrained(model)
+    reference = getattr(model, "model", model)  # an Upscaler holds its model in .model
+    if isinstance(reference, MSFIN):
+        return reference
+    raise InvalidInputError(
+        f"export_onnx exports the reference MSFIN (a preset name, an MSFIN or an Upscaler with "
+        f"backend='reference'), not {type(reference).__name__}: the engines' Triton and CUDA kernels "
+        "have no ONNX form"
+    )
+
+
+def _preset_of(model: MSFIN) -> str:
+    from .config import PRESETS
+
+    return next((name for name, cfg in PRESETS.items() if cfg == model.config), "custom")
+
+
+def export_onnx(
+    model="msfin-x4",
+    path: str | Path = "msfin_x4.onnx",
+    *,
+    dynamic: bool = True,
+    dtype: str | torch.dtype = torch.float32,
+    value_range: float = 255.0,
+    input_size: tuple[int, int] = (64, 64),
+    batch: int = 1,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` (a preset name, whose released weights are loaded, an ``MSFIN`` or an
+    ``Upscaler`` on the reference backend) to an ONNX file at ``path``, written atomically.
+
+    dynamic:     symbolic batch, height and width; otherwise the graph is fixed at
+                 ``batch`` × 3 × ``input_size`` (h, w).
+    dtype:       float32 or float16 (fp16 graph with the channel attention in fp32).
+    value_range: 255 (0–255 pixels in and out) or 1 (0–1).
+    check:       run the ONNX checker on the written file (needs the ``onnx`` package).
+
+    Returns the path. The input is named ``input``, the output ``output``, both NCHW RGB.
+    """
+    dtype = resolve_dtype(dtype)
+    if dtype not in (torch.float32, torch.float16):
+        raise ConfigError(f"ONNX export supports float32 and float16, not {dtype}")
+    if float(value_range) not in VALUE_RANGES:
+        raise ConfigError(f"value_range must be 255 or 1, got {value_range!r}")
+    h, w = input_size
+    if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1 and isinstance(batch, int) and batch >= 1):
+        raise ConfigError(f"input_size must be two ints >= 1 and batch an int >= 1, got {input_size!r}, {batch!r}")
+    if not isinstance(opset, int) or opset < 18:
+        raise ConfigError(f"opset must be an int >= 18 (the dynamo exporter's lowest), got {opset!r}")
+    reference = _resolve_model(model)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
+    except ImportError:
+        raise ExportError("ONNX export needs onnx and onnxscript: pip install 'msfin_fast[onnx]'") from None
+
+    graph = export_graph(reference.cpu(), dtype, float(value_range))
+    # Dynamic sizes are traced from a 2-image example so that no dimension specialises to 1.
+    example = torch.rand(2 if dynamic else batch, 3, h, w, dtype=dtype) * float(value_range)
+    dynamic_shapes = None
+    if dynamic:
+        dims = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+        dynamic_shapes = {"x": {0: dims[0], 2: dims[1], 3: dims[2]}}
+
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path}: is a folder; give a file name for the ONNX model")
+    tmp = temporary_beside(path)
+    try:
+        # The exporter prints its progress on stdout; a library keeps stdout for its caller.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph, (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
+                verbose=False,
+            )
+        import onnx
+
+        proto = program.model_proto
+        metadata = {
+            "msfin_fast.version": _version(),
+            "msfin_fast.preset": _preset_of(reference),
+            "msfin_fast.scale": str(reference.config.scale),
+            "msfin_fast.value_range": f"{float(value_range):g}",
+            "msfin_fast.dtype": str(dtype).removeprefix("torch."),
+            "msfin_fast.layout": "NCHW RGB, output unclamped",
+        }
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(proto, str(tmp))
+        if check:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
