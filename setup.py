@@ -227,6 +227,8 @@ setup(
         # ONNX export (the dynamo exporter writes through onnxscript) and ONNX Runtime to run it;
         # onnx 1.23, onnxscript 0.7 and onnxruntime 1.32 are tested.
         "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        # spandrel (chaiNNer's model loader): msfin_fast.spandrel_arch.install() registers MSFIN.
+        "spandrel": ["spandrel>=0.4"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

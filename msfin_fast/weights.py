@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from .config import PRESETS, get_config
+from .config import PRESETS, MSFINConfig, get_config
 from .errors import WeightsError
 from .fileio import atomic_write
 from .model import MSFIN
@@ -246,6 +246,50 @@ def check_values(named_tensors, source: str) -> None:
                 f"{source}: tensor {name!r} holds {bad} {'/'.join(kinds)} value(s) of {tensor.numel()}; "
                 "the checkpoint is corrupt or came from a diverged training run"
             )
+
+
+def infer_config(state: Mapping[str, torch.Tensor], source: str = "the state_dict") -> MSFINConfig:
+    """The configuration a plain MSFIN state_dict was built with, read from its tensors' shapes.
+
+    ``n_feats`` is ``head.weight``'s output width, ``groups`` follows from the first grouped conv of
+    ``ds0_body`` (``n_feats / in-channels per group``), and ``reduction`` is the one value that gives
+    every channel attention its squeeze width (``C // reduction`` at C = n, 2n and 4n). The
+    recurrence (``num_steps``) and the scale leave no trace in the tensors: they come from the preset
+    with these shapes (MSFIN ×4: one extra step; MSFIN-S ×4: none), else from MSFINConfig's defaults
+    (one extra step, ×4) with a warning. Raises WeightsError when the keys are not MSFIN's.
+    """
+    expected = MSFIN(PRESETS["msfin-s-x4"]).state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys ({_names(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys ({_names(unexpected)})"] if unexpected else []
+        raise WeightsError(f"{source} is not an MSFIN state_dict: " + "; ".join(parts))
+    try:
+        n = int(state["head.weight"].shape[0])
+        per_group = int(state["ds0_body.body.0.weight"].shape[1])
+        groups = n // per_group if per_group and n % per_group == 0 else 0
+        squeezes = {c: int(state[f"{name}.body.5.conv_du.0.weight"].shape[0])
+                    for c, name in ((n, "ds0_body"), (2 * n, "ds2_rcab"), (4 * n, "ds4_rcab"))}
+    except (IndexError, TypeError):
+        raise WeightsError(f"{source}: tensors of the wrong rank for MSFIN") from None
+    reductions = [r for r in range(1, n + 1) if all(c // r == q for c, q in squeezes.items())]
+    if not groups or not reductions:
+        raise WeightsError(
+            f"{source}: shapes fit no MSFIN (n_feats {n}, {per_group} channels per group, "
+            f"channel-attention widths {sorted(squeezes.values())})"
+        )
+    shapes = dict(n_feats=n, groups=groups, reduction=reductions[0])
+    for preset in PRESETS.values():
+        if all(getattr(preset, k) == v for k, v in shapes.items()):
+            return preset
+    config = MSFINConfig(**shapes)
+    warnings.warn(
+        f"{source}: n_feats {n}, groups {groups}, reduction {reductions[0]} match no released preset; "
+        f"the recurrence and scale are not stored in the weights, so num_steps={config.num_steps} "
+        f"and ×{config.scale} are assumed"
+    )
+    check_state_dict(MSFIN(config), state, "inferred", source)
+    return config
 
 
 def load_pretrained(

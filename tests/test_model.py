@@ -114,3 +114,19 @@ def test_bad_inputs_raise_a_typed_error(x, message):
 def test_check_input_is_a_value_error():
     with pytest.raises(ValueError):
         check_input(torch.rand(1, 2, 3, 3))
+
+
+def test_infer_config_reads_the_shapes_of_both_released_files_and_of_other_widths(weights_dir):
+    from msfin_fast import WeightsError
+    from msfin_fast.config import PRESETS
+    from msfin_fast.weights import REGISTRY, infer_config, read_state_dict
+
+    for preset, entry in REGISTRY.items():
+        assert infer_config(read_state_dict(weights_dir / entry.filename)) == PRESETS[preset]
+    other = MSFINConfig(n_feats=20, groups=5, reduction=3, num_steps=2)
+    with pytest.warns(UserWarning, match="num_steps=1"):  # the recurrence is not in the tensors
+        assert infer_config(MSFIN(other).state_dict()) == other.replace(num_steps=1)
+    state = MSFIN("msfin-s-x4").state_dict()
+    state.pop("Fd21.weight")
+    with pytest.raises(WeightsError, match="missing keys .*Fd21.weight"):
+        infer_config(state)
