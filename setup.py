@@ -229,6 +229,8 @@ setup(
         "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
         # spandrel (chaiNNer's model loader): msfin_fast.spandrel_arch.install() registers MSFIN.
         "spandrel": ["spandrel>=0.4"],
+        # 16-bit colour PNG and TIFF, which Pillow reduces to 8 bits: OpenCV's unchanged mode.
+        "image16": ["opencv-python-headless>=4.8"],
     },
     entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
     ext_modules=cuda_extension(),

@@ -203,7 +203,7 @@ def evaluate_folder(
     result = SetScore(folder.name)
     start = time.perf_counter()
     for path in files:
-        hr = read_image(path).rgb
+        hr = read_image(path).as_8bit().rgb  # the paper's protocol is on 8-bit images
         hr, lr = hr_lr_pair(hr, scale)
         sr = upscale(lr)
         if sr.shape != hr.shape or sr.dtype != np.uint8:

@@ -1,4 +1,10 @@
-"""Reading and writing image files as uint8 RGB arrays (+ optional alpha), with typed errors.
+"""Reading and writing image files as RGB arrays (+ optional alpha), with typed errors.
+
+Pixels are uint8, or uint16 for 16-bit files. Pillow decodes everything it decodes exactly: 8-bit
+files of every format and 16-bit greyscale. It reads 16-bit colour (RGB, RGBA, grey + alpha) as 8
+bits, so those PNG and TIFF files are decoded, and 16-bit colour is encoded, with OpenCV's
+unchanged mode (``pip install 'msfin_fast[image16]'``); without OpenCV such a file is an error that
+says so, never a silently reduced picture.
 
 Writes are atomic: the image goes to a hidden temporary file beside the target, which is renamed
 over the target only once it is complete, so a failure never leaves a half-written file.
@@ -6,6 +12,7 @@ over the target only once it is complete, so a failure never leaves a half-writt
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,8 +46,8 @@ _NO_ALPHA_FORMATS = {"JPEG"}
 class Picture:
     """An image as the model sees it: uint8 RGB, plus what is needed to give it back its form.
 
-    rgb:   H×W×3 uint8.
-    alpha: H×W uint8, or None when the source had no transparency.
+    rgb:   H×W×3 uint8, or uint16 for a 16-bit source.
+    alpha: H×W of the same dtype, or None when the source had no transparency.
     grey:  the source was single-channel (it is replicated into ``rgb``; written back as grey).
     """
 
@@ -51,6 +58,23 @@ class Picture:
     @property
     def size(self) -> tuple[int, int]:
         return self.rgb.shape[1], self.rgb.shape[0]
+
+    @property
+    def depth(self) -> int:
+        """Bits per sample: 8 or 16."""
+        return 16 if self.rgb.dtype == np.uint16 else 8
+
+    def as_8bit(self) -> "Picture":
+        """The picture with 8-bit samples (16-bit ones rounded: v · 255 / 65535)."""
+        if self.depth == 8:
+            return self
+        alpha = None if self.alpha is None else to_8bit(self.alpha)
+        return Picture(to_8bit(self.rgb), alpha, self.grey)
+
+
+def to_8bit(values: np.ndarray) -> np.ndarray:
+    """uint16 samples → uint8, rounded to the nearest of the 256 levels."""
+    return np.round(values.astype(np.float32) * np.float32(255 / 65535)).astype(np.uint8)
 
 
 def list_files(folder: str | Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
@@ -82,18 +106,18 @@ def from_pil(img: Image.Image) -> Picture:
     elif mode == "PA":
         img = img.convert("RGBA")
     elif mode in ("I", "F") or mode.startswith("I;16"):
-        # 16-bit (or 32-bit) greyscale: the model works in 8 bits, so scale 0..65535 to 0..255.
+        # 16-bit (or 32-bit) greyscale, which Pillow reads exactly: kept as 16-bit samples.
         if mode == "F":
             raise ImageReadError("unsupported image mode 'F' (floating-point samples); save it as 8- or 16-bit")
-        values = np.asarray(img, dtype=np.float64)
+        values = np.asarray(img, dtype=np.int64)
         lo, hi = values.min(initial=0), values.max(initial=0)
         if lo < 0 or hi > 65535:
             # Refused rather than clipped: a clipped picture would be a different picture, silently.
             raise ImageReadError(
-                f"unsupported 32-bit grey samples from {lo:.0f} to {hi:.0f}; only 0–65535 (16-bit) "
+                f"unsupported 32-bit grey samples from {lo} to {hi}; only 0–65535 (16-bit) "
                 "grey is read, and out-of-range values are refused rather than clipped"
             )
-        img = Image.fromarray(np.round(values * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+        return picture_from_array(values.astype(np.uint16))
     elif mode == "1":
         img = img.convert("L")
     elif mode == "La":
@@ -107,10 +131,10 @@ def from_pil(img: Image.Image) -> Picture:
 
 
 def picture_from_array(arr: np.ndarray) -> Picture:
-    """uint8 H×W (grey), H×W×1, H×W×2 (grey + alpha), H×W×3 (RGB) or H×W×4 (RGBA) → Picture."""
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+    """uint8 or uint16 H×W (grey), H×W×1, H×W×2 (grey + alpha), H×W×3 (RGB) or H×W×4 (RGBA) → Picture."""
+    if not isinstance(arr, np.ndarray) or arr.dtype not in (np.uint8, np.uint16):
         raise InvalidInputError(
-            f"expected a uint8 image array, got {getattr(arr, 'dtype', type(arr).__name__)}; "
+            f"expected a uint8 or uint16 image array, got {getattr(arr, 'dtype', type(arr).__name__)}; "
             "for float data use a tensor [N, 3, h, w] with values in 0–255"
         )
     if arr.ndim == 2:
@@ -130,12 +154,90 @@ def picture_from_array(arr: np.ndarray) -> Picture:
 def picture_to_array(picture: Picture, channels: int) -> np.ndarray:
     """Inverse of picture_from_array: H×W when ``channels`` is 0, else H×W×channels."""
     if picture.grey:
-        colour = np.asarray(to_pil(Picture(picture.rgb, None, True)))[..., None]
+        colour = grey_of(picture.rgb)[..., None]
     else:
         colour = picture.rgb
     parts = [colour] if picture.alpha is None else [colour, picture.alpha[..., None]]
     out = np.concatenate(parts, axis=2) if len(parts) > 1 else colour
     return out[..., 0] if channels == 0 else out
+
+
+def grey_of(rgb: np.ndarray) -> np.ndarray:
+    """H×W×3 → H×W grey of the same dtype, with Pillow's "L" conversion (ITU-R 601-2 luma) for
+    uint8, and the same weights, rounded, for uint16."""
+    if rgb.dtype == np.uint8:
+        return np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"))
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.clip(np.round(luma), 0, 65535).astype(np.uint16)
+
+
+def _rawmode(img: Image.Image) -> str:
+    if not img.tile:
+        return ""
+    args = img.tile[0].args
+    return args if isinstance(args, str) else str(args[0]) if args else ""
+
+
+def _needs_16bit_decoder(img: Image.Image) -> bool:
+    """A 16-bit colour PNG or TIFF, which Pillow would read as 8 bits (its 16-bit grey is exact)."""
+    return img.format in ("PNG", "TIFF") and img.mode in ("RGB", "RGBA", "LA") and ";16" in _rawmode(img)
+
+
+def _cv2(purpose: str, error: type[MSFINError] = ImageReadError):
+    try:
+        import cv2
+    except ImportError:
+        raise error(
+            f"{purpose} needs OpenCV, which reads and writes 16-bit colour exactly (Pillow would reduce "
+            "it to 8 bits): pip install 'msfin_fast[image16]'"
+        ) from None
+    return cv2
+
+
+# EXIF orientation → numpy steps that make the pixels upright (as ImageOps.exif_transpose does).
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation from the header (a PNG's eXIf chunk is read only when it comes before
+    the pixels, which is where the specification puts it), without decoding any pixels."""
+    if img.format == "PNG":
+        raw = img.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1)
+    return img.getexif().get(0x0112, 1)
+
+
+def _decode_16bit(source, img: Image.Image, label: str) -> Picture:
+    """Decode the 16-bit colour file ``img`` (opened from ``source``) with OpenCV: RGB order, the
+    EXIF orientation applied."""
+    cv2 = _cv2(f"{label}: a 16-bit colour {img.format}")
+    grey = _rawmode(img).startswith("LA")
+    orientation = _orientation(img)
+    if isinstance(source, (str, Path)):
+        data = Path(source).read_bytes()
+    else:
+        source.seek(0)
+        data = source.read()
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16:
+        raise ImageReadError(f"{label}: OpenCV cannot decode this 16-bit {img.format} file")
+    if arr.ndim == 3 and arr.shape[2] >= 3:
+        arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) → RGB(A)
+    picture = picture_from_array(np.ascontiguousarray(_ORIENT.get(orientation, lambda a: a)(arr)))
+    picture.grey = picture.grey or grey  # OpenCV gives grey + alpha as BGRA
+    return picture
 
 
 def decode_image(source, label: str, check_size=None) -> Picture:
@@ -149,6 +251,8 @@ def decode_image(source, label: str, check_size=None) -> Picture:
         with Image.open(source, formats=READ_FORMATS) as img:
             if check_size is not None:
                 check_size(*img.size)
+            if _needs_16bit_decoder(img):
+                return _decode_16bit(source, img, label)
             img.load()
             img = ImageOps.exif_transpose(img)
             return from_pil(img)
@@ -229,8 +333,16 @@ def read_image(path: str | Path) -> Picture:
 
 
 def to_pil(picture: Picture) -> Image.Image:
-    """A Pillow image in the form of the source: L / LA for grey, RGB / RGBA otherwise."""
+    """A Pillow image in the form of the source: L / LA for grey, RGB / RGBA otherwise; a 16-bit
+    grey picture without alpha gives I;16 (Pillow has no other 16-bit mode)."""
     rgb, alpha = picture.rgb, picture.alpha
+    if picture.depth == 16 and picture.grey and alpha is None and rgb.ndim == 3:
+        return Image.fromarray(grey_of(rgb))
+    if picture.depth == 16:
+        raise InvalidInputError(
+            "Pillow has no 16-bit colour mode; write 16-bit colour with write_image (PNG or TIFF), "
+            "take it as a uint16 array, or reduce it with Picture.as_8bit()"
+        )
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise InvalidInputError(f"expected uint8 H×W×3 RGB, got {rgb.dtype} {rgb.shape}")
     img = Image.fromarray(rgb, mode="RGB")
@@ -282,17 +394,46 @@ def check_writable(path: str | Path, image: bool = True) -> None:
             break
 
 
+_16BIT_FORMATS = ("PNG", "TIFF")
+
+
+def encode_image(picture: Picture, fmt: str, label: str, **options) -> bytes:
+    """The picture as a file of Pillow format ``fmt`` (PNG, JPEG, BMP, WEBP, TIFF), in bytes.
+
+    A 16-bit picture stays 16-bit in PNG and TIFF (grey through Pillow, colour through OpenCV;
+    16-bit grey with alpha is written as RGBA, since neither library writes 16-bit grey + alpha);
+    other formats hold 8 bits, so it is rounded to 8 bits there, with a warning naming ``label``.
+    """
+    if picture.depth == 16 and fmt not in _16BIT_FORMATS:
+        warnings.warn(f"{label}: {fmt} holds 8 bits per sample; the 16-bit result is rounded to 8 bits "
+                      "(write PNG or TIFF to keep 16)")
+        picture = picture.as_8bit()
+    if picture.depth == 16 and not (picture.grey and picture.alpha is None):
+        cv2 = _cv2(f"{label}: writing 16-bit colour", ImageWriteError)
+        parts = [picture.rgb[..., ::-1]] + ([] if picture.alpha is None else [picture.alpha[..., None]])
+        params = [cv2.IMWRITE_PNG_COMPRESSION, min(int(options.get("compress_level", 6)), 9)] if fmt == "PNG" else []
+        ok, data = cv2.imencode(".png" if fmt == "PNG" else ".tif", np.ascontiguousarray(np.concatenate(parts, 2)), params)
+        if not ok:
+            raise ImageWriteError(f"{label}: OpenCV could not encode the 16-bit {fmt}")
+        return data.tobytes()
+    img = to_pil(picture)
+    if fmt in _NO_ALPHA_FORMATS and img.mode in ("RGBA", "LA"):
+        warnings.warn(f"{label}: {fmt} has no transparency; the alpha channel is dropped")
+        img = img.convert(img.mode[:-1])
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
 def write_image(path: str | Path, picture: Picture) -> None:
-    """Write atomically; the format follows the suffix (png, jpg, bmp, webp, tif)."""
+    """Write atomically; the format follows the suffix (png, jpg, bmp, webp, tif). 16-bit pictures
+    stay 16-bit in PNG and TIFF (:func:`encode_image`)."""
     path = Path(path)
     fmt, options = _output_format(path)
     check_writable(path)
-    img = to_pil(picture)
-    if fmt in _NO_ALPHA_FORMATS and img.mode in ("RGBA", "LA"):
-        warnings.warn(f"{path.name}: {fmt} has no transparency; the alpha channel is dropped")
-        img = img.convert(img.mode[:-1])
     try:
+        data = encode_image(picture, fmt, path.name, **options)
         with atomic_write(path) as f:
-            img.save(f, format=fmt, **options)
+            f.write(data)
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc.strerror or exc})") from None

@@ -31,21 +31,30 @@ from .tiling import (
 TILE_MODES = ("plain", "exact")
 
 
-def to_model_input(u8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [N, H, W, 3] → float [N, 3, H, W] with the same strides on every path (channels-last,
-    the faster layout for the reference on a CPU). Convolution libraries pick their algorithm by
-    layout, and a different algorithm may round a pixel the other way, so the API, the CLI and the
-    service all go through here to give byte-identical images."""
-    n, h, w, c = u8.shape
-    x = torch.empty((n, c, h, w), dtype=dtype, device=u8.device, memory_format=torch.channels_last)
-    return x.copy_(u8.permute(0, 3, 1, 2))
+# 16-bit samples run on the model's 0–255 scale: v · 255 / 65535, in float, and back.
+_U16_TO_255 = 255.0 / 65535.0
+
+
+def to_model_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 or uint16 [N, H, W, 3] → float [N, 3, H, W] on the 0–255 scale, with the same strides
+    on every path (channels-last, the faster layout for the reference on a CPU). Convolution
+    libraries pick their algorithm by layout, and a different algorithm may round a pixel the other
+    way, so the API, the CLI and the service all go through here to give byte-identical images.
+    16-bit values are scaled in fp32 before any cast (65535 is past fp16's largest value)."""
+    n, h, w, c = pixels.shape
+    x = torch.empty((n, c, h, w), dtype=dtype, device=pixels.device, memory_format=torch.channels_last)
+    if pixels.dtype == torch.uint16:
+        return x.copy_(pixels.permute(0, 3, 1, 2).float().mul_(_U16_TO_255))
+    return x.copy_(pixels.permute(0, 3, 1, 2))
 
 
 def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
-    """H×W uint8 alpha → (s·H)×(s·W) uint8, bicubic, computed on the CPU wherever the model runs
-    (so every path gives the same bytes)."""
+    """H×W uint8 or uint16 alpha → (s·H)×(s·W) of the same dtype, bicubic, computed on the CPU
+    wherever the model runs (so every path gives the same bytes)."""
     a = torch.from_numpy(np.ascontiguousarray(alpha)).float()[None, None]
     a = F.interpolate(a, scale_factor=scale, mode="bicubic", align_corners=False)
+    if alpha.dtype == np.uint16:
+        return a[0, 0].clamp_(0, 65535).round_().to(torch.uint16).numpy()
     return to_uint8(a[0, 0])
 
 
@@ -54,8 +63,10 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
     return quantize(t).cpu().numpy()
 
 
-def quantize(t: torch.Tensor) -> torch.Tensor:
-    """Float pixels in 0–255 → uint8 on the same device, clamped and rounded."""
+def quantize(t: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Float pixels in 0–255 → uint8 (or uint16: 0–65535) on the same device, clamped and rounded."""
+    if dtype == torch.uint16:
+        return t.float().mul_(1.0 / _U16_TO_255).clamp_(0, 65535).round_().to(torch.uint16)
     return t.float().clamp_(0, 255).round_().to(torch.uint8)
 
 

@@ -234,7 +234,7 @@ class UpscaleWorker:
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, (picture, _, _) in enumerate(decoded):
             if picture is not None:
-                groups[picture.rgb.shape].append(i)
+                groups[picture.rgb.shape, picture.rgb.dtype.str].append(i)
         writes = {}
         for indices in groups.values():
             start = time.perf_counter()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ImageReadError, InvalidInputError, MSFINError, QueueFullError
-from .images import Picture, decode_image, to_pil
+from .images import Picture, decode_image, encode_image
 from .policy import MIN_TILE, TILE_MODES, RunOptions, estimated_work, upscale_alpha
 from .serving import ServingUpscaler
 
@@ -205,10 +205,9 @@ def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None
 
 
 def encode_png(picture: Picture, rgb: np.ndarray, scale: int) -> bytes:
+    """The result as PNG bytes, in the upload's form: grey, alpha, and 16 bits stay."""
     alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, scale)
-    buffer = io.BytesIO()
-    to_pil(Picture(rgb, alpha, picture.grey)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    return encode_image(Picture(rgb, alpha, picture.grey), "PNG", "the result", compress_level=1)
 
 
 def _flag(value: str, name: str) -> bool:

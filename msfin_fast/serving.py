@@ -20,7 +20,7 @@ from .errors import InvalidInputError, QueueFullError
 from .model import MSFIN
 from .policy import RunOptions, model_config, non_finite_error, quantize, run_forward, to_model_input, unchecked
 from .tiling import DEFAULT_TILE_PAD, available_memory, fits, prepare_exact
-from .upscaler import Upscaler, _check_uint8_image
+from .upscaler import Upscaler, check_rgb
 
 # ---------------------------------------------------------------------------------------------
 # Serving
@@ -35,7 +35,7 @@ class _Request:
 
     @property
     def key(self) -> tuple:
-        return self.rgb.shape, self.options
+        return self.rgb.shape, self.rgb.dtype, self.options
 
 
 @dataclass
@@ -114,15 +114,16 @@ class ServingUpscaler:
                           self.default_options.auto_tile)
 
     def submit(self, rgb: np.ndarray, options: RunOptions | None = None) -> Future:
-        """Queue one H×W×3 uint8 image; the Future gives the (s·H)×(s·W)×3 uint8 result."""
+        """Queue one H×W×3 uint8 (or uint16) image; the Future gives the (s·H)×(s·W)×3 result of the
+        same dtype."""
         return self.submit_many([rgb], options)[0]
 
     def submit_many(self, images: list[np.ndarray], options: RunOptions | None = None) -> list[Future]:
-        """Queue several H×W×3 uint8 images at once: the worker sees them all together, so those of
-        one shape run as batches of up to ``max_batch`` (``submit`` one at a time may be taken
+        """Queue several H×W×3 uint8 (or uint16) images at once: the worker sees them all together, so
+        those of one shape and dtype run as batches of up to ``max_batch`` (``submit`` one at a time may be taken
         before the next arrives when ``batch_window`` is 0). All or none are queued."""
         for rgb in images:
-            _check_uint8_image(rgb)
+            check_rgb(rgb)
         options = options or self.default_options
         if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
             raise InvalidInputError(
@@ -244,8 +245,8 @@ class ServingUpscaler:
 
 
 class BatchRunner:
-    """Runs batches of same-shape uint8 H×W×3 images through an :class:`Upscaler`'s model, giving
-    uint8 (s·H)×(s·W)×3 images and a finite flag per image. Used by one thread at a time (the
+    """Runs batches of same-shape uint8 (or uint16) H×W×3 images through an :class:`Upscaler`'s
+    model, giving (s·H)×(s·W)×3 images of the same dtype and a finite flag per image. Used by one thread at a time (the
     serving worker, the video pipeline's compute stage).
 
     On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
@@ -264,18 +265,18 @@ class BatchRunner:
         self._on_graph = on_graph or (lambda hit: None)
 
     @torch.inference_mode()
-    def _infer(self, x_u8: torch.Tensor, options: RunOptions,
+    def _infer(self, pixels: torch.Tensor, options: RunOptions,
                whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 NHWC on the device → (uint8 NHWC, a bool per image: finite) on the device.
-        ``whole``: the graphed path, no tiles and no host sync (uint8 input is finite)."""
-        x = to_model_input(x_u8, self.dtype)
+        """uint8/uint16 NHWC on the device → (NHWC of that dtype, a bool per image: finite) on the
+        device. ``whole``: the graphed path, no tiles and no host sync (integer input is finite)."""
+        x = to_model_input(pixels, self.dtype)
         if whole:
             model = unchecked(self.model)
             y = run_self_ensemble(model, x) if options.self_ensemble else model(x)
         else:
             y = run_forward(self.model, x, options)
         finite = torch.isfinite(y).flatten(1).all(1)
-        return quantize(y).permute(0, 2, 3, 1).contiguous(), finite
+        return quantize(y, pixels.dtype).permute(0, 2, 3, 1).contiguous(), finite
 
     def run(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
         if not self._cuda:
@@ -288,12 +289,13 @@ class BatchRunner:
                 outs.append(out.numpy()[0])
                 flags.append(bool(finite[0]))
             return np.stack(outs), np.array(flags)
-        host_in = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
+        dtype = torch.from_numpy(images[:0]).dtype
+        host_in = torch.empty(images.shape, dtype=dtype, pin_memory=True)
         host_in.numpy()[...] = images
         n, h, w, c = images.shape
-        host_out = torch.empty((n, h * self.scale, w * self.scale, c), dtype=torch.uint8, pin_memory=True)
+        host_out = torch.empty((n, h * self.scale, w * self.scale, c), dtype=dtype, pin_memory=True)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            entry = self._graph_for(images.shape, options)
+            entry = self._graph_for(images.shape, dtype, options)
             if entry is not None:
                 static_out, static_finite = entry.replay(host_in)
                 host_out.copy_(static_out, non_blocking=True)
@@ -304,11 +306,11 @@ class BatchRunner:
             self._stream.synchronize()
         return host_out.numpy(), finite.cpu().numpy()
 
-    def _graph_for(self, shape: tuple[int, ...], options: RunOptions) -> CapturedGraph | None:
+    def _graph_for(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph | None:
         """The cached graph for this batch, capturing it on a miss; None when it cannot be graphed."""
         if not self._graph_cache or options.tile is not None:
             return None
-        key = (shape, options)
+        key = (shape, dtype, options)
         entry = self.graphs.get(key)
         if entry is not None:
             self._on_graph(True)
@@ -319,7 +321,7 @@ class BatchRunner:
                 config, self.dtype, (batch, 3, shape[1], shape[2]), available_memory(self.device)):
             return None
         try:
-            entry = self._capture(shape, options)
+            entry = self._capture(shape, dtype, options)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None
@@ -327,8 +329,8 @@ class BatchRunner:
         self._on_graph(False)
         return entry
 
-    def _capture(self, shape: tuple[int, ...], options: RunOptions) -> CapturedGraph:
-        static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+    def _capture(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph:
+        static_in = torch.zeros(shape, dtype=dtype, device=self.device)
         # Two warm-ups (kernel selection, lazy init) outside the capture, on the serving stream.
         return CapturedGraph(lambda x: self._infer(x, options, whole=True), (static_in,), warmup=2,
                              stream=self._stream)

@@ -231,7 +231,7 @@ def _cache_one(path: Path, scale: int, cache_dir: Path, min_hr: int) -> CachedPa
         size = None
     if size is None:
         try:
-            rgb = read_image(path).rgb
+            rgb = read_image(path).as_8bit().rgb  # training crops are 8-bit; 16-bit sources are rounded
         except ImageReadError as exc:
             return str(exc)
         h, w = rgb.shape[:2]

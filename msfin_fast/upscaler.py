@@ -16,7 +16,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InvalidInputError
 from .images import Picture, from_pil, picture_from_array, picture_to_array, read_image, to_pil, write_image
 from .model import MSFIN, check_input
-from .policy import RunOptions, check_output, prepare, run_forward, to_model_input, to_uint8, upscale_alpha
+from .policy import RunOptions, check_output, prepare, quantize, run_forward, to_model_input, upscale_alpha
 from .tiling import DEFAULT_TILE_PAD
 from .weights import check_values, load_pretrained
 
@@ -27,8 +27,9 @@ class Upscaler:
     >>> up = Upscaler("msfin-x4", device="auto")       # doctest: +SKIP
     >>> big = up.upscale(Image.open("photo.png"))        # PIL in, PIL out  # doctest: +SKIP
 
-    ``upscale`` keeps the kind of its input: PIL → PIL, numpy uint8 (H×W, H×W×1, H×W×2, H×W×3 or
-    H×W×4) → numpy uint8, float tensor [N, 3, h, w] in 0–255 → float tensor (unclamped).
+    ``upscale`` keeps the kind of its input: PIL → PIL, numpy uint8 or uint16 (H×W, H×W×1, H×W×2,
+    H×W×3 or H×W×4) → numpy of the same dtype (16-bit runs on the 0–255 scale in float and is
+    rounded back to 16 bits), float tensor [N, 3, h, w] in 0–255 → float tensor (unclamped).
     Greyscale stays greyscale; an alpha channel is upscaled bicubically beside the colour.
 
     ``tile``/``tile_pad``/``tile_mode``/``self_ensemble``/``auto_tile`` are the fields of
@@ -109,10 +110,11 @@ class Upscaler:
 
     @torch.inference_mode()
     def upscale_rgb(self, rgb: np.ndarray) -> np.ndarray:
-        """H×W×3 uint8 RGB → (s·H)×(s·W)×3 uint8."""
-        _check_uint8_image(rgb)
-        x = to_model_input(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device), self.dtype)
-        return to_uint8(self._forward(x)[0].permute(1, 2, 0))
+        """H×W×3 uint8 RGB → (s·H)×(s·W)×3 uint8; uint16 → uint16 (run on the 0–255 scale in float)."""
+        check_rgb(rgb)
+        pixels = torch.from_numpy(np.ascontiguousarray(rgb))
+        x = to_model_input(pixels[None].to(self.device), self.dtype)
+        return quantize(self._forward(x)[0].permute(1, 2, 0), pixels.dtype).cpu().numpy()
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
@@ -129,7 +131,7 @@ class Upscaler:
         if isinstance(image, torch.Tensor):
             return self.upscale_tensor(image)
         raise InvalidInputError(
-            f"cannot upscale a {type(image).__name__}; pass a PIL image, a uint8 numpy array "
+            f"cannot upscale a {type(image).__name__}; pass a PIL image, a uint8 or uint16 numpy array "
             "or a float tensor [N, 3, h, w]"
         )
 
@@ -141,10 +143,11 @@ class Upscaler:
         return picture.size, result.size
 
 
-def _check_uint8_image(rgb: np.ndarray) -> None:
-    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+def check_rgb(rgb: np.ndarray) -> None:
+    """Raise InvalidInputError unless ``rgb`` is a non-empty uint8 or uint16 H×W×3 array."""
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype in (np.uint8, np.uint16) and rgb.ndim == 3
             and rgb.shape[2] == 3 and rgb.size):
         raise InvalidInputError(
-            "expected a non-empty uint8 H×W×3 RGB array, got "
+            "expected a non-empty uint8 or uint16 H×W×3 RGB array, got "
             f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
         )

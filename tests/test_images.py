@@ -63,12 +63,13 @@ def test_palette_with_and_without_transparency(tmp_path):
     assert read_image(_save(tmp_path, p, "pt.png")).alpha is not None
 
 
-def test_sixteen_bit_grey_is_scaled_to_eight_bit(tmp_path):
-    values = np.array([[0, 257, 65535]], dtype=np.uint16)
+def test_sixteen_bit_grey_is_kept_and_as_8bit_rounds(tmp_path):
+    values = np.array([[0, 257, 384, 65535]], dtype=np.uint16)
     path = tmp_path / "g16.png"
     Image.fromarray(values).save(path)
     pic = read_image(path)
-    assert pic.grey and pic.rgb[0, :, 0].tolist() == [0, 1, 255]
+    assert pic.grey and pic.depth == 16 and pic.rgb[0, :, 0].tolist() == [0, 257, 384, 65535]
+    assert pic.as_8bit().rgb[0, :, 0].tolist() == [0, 1, 1, 255]  # 384 · 255 / 65535 = 1.49
 
 
 def test_cmyk_and_one_bit(tmp_path):
@@ -186,7 +187,7 @@ def test_thirty_two_bit_grey_out_of_range_is_refused_not_wrapped(tmp_path):
     with pytest.raises(ImageReadError, match="from 0 to 70000"):
         read_image(path)
     Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(path)
-    assert read_image(path).rgb[0, :, 0].tolist() == [0, 255]
+    assert read_image(path).rgb[0, :, 0].tolist() == [0, 65535]  # in range: kept as 16-bit
 
 
 def test_float_images_are_refused(tmp_path):

@@ -109,7 +109,7 @@ def test_a_failing_batch_fails_only_its_requests():
 def test_bad_requests_are_refused_at_submit(image):
     gate = Gate()
     with ServingUpscaler(gate, device="cpu") as up:
-        with pytest.raises(InvalidInputError, match="uint8 H×W×3"):
+        with pytest.raises(InvalidInputError, match="uint8 or uint16 H×W×3"):
             up.submit(image)
 
 
