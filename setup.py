@@ -219,7 +219,7 @@ setup(
         "triton": ["triton>=3.0"],
         "build": ["pybind11>=2.10", "ninja"],
         "test": ["pytest>=7"],
-        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.17"],
         # Ray Data (batch jobs) and Ray Serve (replicated service); 2.60 is the version tested.
         "scale": ["ray[data,serve]>=2.60"],
         # PyAV: FFmpeg in-process, its wheels bundle the codecs (x264, x265, VP9, SVT-AV1); 18 is tested.

@@ -10,8 +10,8 @@ Endpoints:
                   other decoder is run) → the ×4 image as PNG. Query: ``self_ensemble=1``,
                   ``tile=N`` (N ≥ 8), ``tile_mode=exact``.
   GET  /healthz   JSON: status, model, device.
-  GET  /metrics   Prometheus text: requests by status, refusals by reason, latency quantiles,
-                  batch sizes, queue depth.
+  GET  /metrics   Prometheus text (prometheus-client): requests by status, refusals by reason,
+                  the latency histogram, batch sizes, queue depth.
 
 Every refusal is answered by this module and counted in /metrics (see :class:`Limits`):
   400  not an image, a format not listed, too many pixels, too much work, a bad query
@@ -27,9 +27,7 @@ connection is closed after it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import io
-import threading
 import time
 from dataclasses import dataclass
 
@@ -40,8 +38,7 @@ from .images import Picture, decode_image, encode_image
 from .policy import MIN_TILE, TILE_MODES, RunOptions, estimated_work, upscale_alpha
 from .serving import ServingUpscaler
 
-LATENCY_WINDOW = 1024
-_NEEDS_EXTRA = "serving needs starlette and uvicorn: pip install 'msfin_fast[serve]'"
+_NEEDS_EXTRA = "serving needs starlette, uvicorn and prometheus-client: pip install 'msfin_fast[serve]'"
 REFUSAL_REASONS = ("header_timeout", "body_timeout", "too_many_connections", "no_body_slot", "queue_full",
                    "body_too_large", "too_many_pixels", "too_much_work", "bad_request", "client_gone")
 
@@ -98,77 +95,73 @@ def _client_gone() -> _Refused:
     return _Refused(499, "the client went away", "client_gone")
 
 
+# Upscale latency buckets (seconds): from a small image on a GPU to a large one on a CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class Metrics:
-    """Request counts by status, refusals by reason, latencies of the last ``LATENCY_WINDOW``."""
+    """The service's Prometheus metrics, in a registry of its own (``prometheus_client``).
+
+    Recorded as they happen: requests by status, refusals by reason, and the upscale latency as a
+    histogram (buckets :data:`LATENCY_BUCKETS`), so that replicas' latencies add up in PromQL
+    (``histogram_quantile`` over ``sum by (le)``). Read from the upscaler at each scrape: images,
+    cancellations, CUDA-graph hits, queue depth, and batch sizes as a histogram.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.by_status: collections.Counter = collections.Counter()
-        self.refused: collections.Counter = collections.Counter()
-        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
-        self.latency_sum = 0.0
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("msfin_requests", "Upscale requests answered, by HTTP status (499: the client left).",
+                                ["status"], registry=self.registry)
+        self.refused = Counter(
+            "msfin_refused", "Requests and connections refused, by reason (header_timeout and too_many_connections "
+            "are answered before /upscale is reached, so they are not in requests_total).",
+            ["reason"], registry=self.registry)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)  # every reason is shown, from 0
+        self.latency = Histogram("msfin_request_latency_seconds", "Upscale latency, receipt to answer.",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._upscaler: ServingUpscaler | None = None
+        self.registry.register(self)
 
     def record(self, status: int, seconds: float) -> None:
-        with self._lock:
-            self.by_status[status] += 1
-            self.latencies.append(seconds)
-            self.latency_sum += seconds
+        self.requests.labels(status=str(status)).inc()
+        self.latency.observe(seconds)
 
     def refuse(self, reason: str) -> None:
-        with self._lock:
-            self.refused[reason] += 1
+        self.refused.labels(reason=reason).inc()
 
-    def quantiles(self, qs=(0.5, 0.9, 0.99)) -> dict[float, float]:
-        with self._lock:
-            window = np.array(self.latencies, dtype=np.float64)
-        if not window.size:
-            return {q: float("nan") for q in qs}
-        return {q: float(np.quantile(window, q)) for q in qs}
+    def collect(self):
+        """prometheus_client's collector protocol: the upscaler's own counters, read at scrape time."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    def render(self, upscaler: ServingUpscaler) -> str:
+        upscaler = self._upscaler
+        if upscaler is None:
+            return
         stats = upscaler.snapshot()
-        with self._lock:
-            by_status, total, latency_sum = dict(self.by_status), sum(self.by_status.values()), self.latency_sum
-            refused = dict(self.refused)
-        lines = [
-            "# HELP msfin_requests_total Upscale requests answered, by HTTP status (499: the client left).",
-            "# TYPE msfin_requests_total counter",
-            *(f'msfin_requests_total{{status="{code}"}} {n}' for code, n in sorted(by_status.items())),
-            "# HELP msfin_refused_total Requests and connections refused, by reason (header_timeout and",
-            "# too_many_connections are answered before /upscale is reached, so they are not in requests_total).",
-            "# TYPE msfin_refused_total counter",
-            *(f'msfin_refused_total{{reason="{r}"}} {refused.get(r, 0)}' for r in REFUSAL_REASONS),
-            f"# HELP msfin_request_latency_seconds Upscale latency; quantiles over the last {LATENCY_WINDOW}.",
-            "# TYPE msfin_request_latency_seconds summary",
-            *(f'msfin_request_latency_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self.quantiles().items()),
-            f"msfin_request_latency_seconds_sum {latency_sum:.6f}",
-            f"msfin_request_latency_seconds_count {total}",
-            "# HELP msfin_batch_size Images per model run.",
-            "# TYPE msfin_batch_size histogram",
-        ]
         bounds = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < upscaler.max_batch} | {upscaler.max_batch})
-        batches = stats.batch_sizes
-        for bound in bounds:
-            lines.append(f'msfin_batch_size_bucket{{le="{bound}"}} '
-                         f"{sum(n for size, n in batches.items() if size <= bound)}")
-        lines += [
-            f'msfin_batch_size_bucket{{le="+Inf"}} {sum(batches.values())}',
-            f"msfin_batch_size_sum {sum(size * n for size, n in batches.items())}",
-            f"msfin_batch_size_count {sum(batches.values())}",
-            "# HELP msfin_queue_depth Requests waiting for the model.",
-            "# TYPE msfin_queue_depth gauge",
-            f"msfin_queue_depth {upscaler.queue_depth}",
-            "# HELP msfin_images_total Images upscaled.",
-            "# TYPE msfin_images_total counter",
-            f"msfin_images_total {stats.images}",
-            "# HELP msfin_cancelled_total Queued requests dropped before they ran (their client left).",
-            "# TYPE msfin_cancelled_total counter",
-            f"msfin_cancelled_total {stats.cancelled}",
-            "# HELP msfin_cuda_graph_hits_total Batches replayed from a cached CUDA graph.",
-            "# TYPE msfin_cuda_graph_hits_total counter",
-            f"msfin_cuda_graph_hits_total {stats.graph_hits}",
-        ]
-        return "\n".join(lines) + "\n"
+        sizes = stats.batch_sizes
+        buckets = [(str(b), sum(n for size, n in sizes.items() if size <= b)) for b in bounds]
+        yield HistogramMetricFamily("msfin_batch_size", "Images per model run.",
+                                    buckets=buckets + [("+Inf", sum(sizes.values()))],
+                                    sum_value=sum(size * n for size, n in sizes.items()))
+        yield GaugeMetricFamily("msfin_queue_depth", "Requests waiting for the model.", value=upscaler.queue_depth)
+        yield CounterMetricFamily("msfin_images", "Images upscaled.", value=stats.images)
+        yield CounterMetricFamily("msfin_cancelled", "Queued requests dropped before they ran (their client left).",
+                                  value=stats.cancelled)
+        yield CounterMetricFamily("msfin_cuda_graph_hits", "Batches replayed from a cached CUDA graph.",
+                                  value=stats.graph_hits)
+
+    def describe(self):
+        return []  # the upscaler's metrics exist only once one is attached: nothing to check at registration
+
+    def render(self, upscaler: ServingUpscaler) -> bytes:
+        """The Prometheus text exposition of everything above."""
+        from prometheus_client import generate_latest
+
+        self._upscaler = upscaler
+        return generate_latest(self.registry)
 
 
 def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None) -> Picture:
@@ -235,8 +228,9 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
         from starlette.requests import ClientDisconnect
-        from starlette.responses import JSONResponse, PlainTextResponse, Response
+        from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
+        import prometheus_client  # noqa: F401  (Metrics)
     except ImportError:
         raise MSFINError(_NEEDS_EXTRA) from None
 
@@ -351,8 +345,9 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
                              "scale": upscaler.scale, "queue_depth": upscaler.queue_depth})
 
     async def metrics_endpoint(request):
-        return PlainTextResponse(metrics.render(upscaler),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(upscaler), media_type=CONTENT_TYPE_LATEST)
 
     app = Starlette(routes=[
         Route("/upscale", upscale, methods=["POST"]),
