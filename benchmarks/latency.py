@@ -15,7 +15,9 @@ replaying a CUDA graph per shape), engine-fp16-fused[-graph] (one launch per RRC
 in L2) and engine-fp16-cudnn-graph (the layers between blocks through cuDNN instead of
 kernels/conv.py); cuda-fp16[-graph] / cuda-fp32 (the RRCAB passes by the CUDA C++ kernel of csrc/);
 auto-fp16-graph (what backend="auto" picks); cpu-fp32 (the cpu backend: the whole network in fp32
-channels_last, what auto runs on a CPU).
+channels_last, what auto runs on a CPU); onnxruntime-cpu-fp32 (the CPU peer: the model exported by
+``msfin_fast.export_onnx``, dynamic shapes, run by ONNX Runtime's CPU provider with its default
+graph optimisations and threads; the export, once per model, is not timed).
 On a GPU each number is the median of CUDA-event timings after warm-up, with cuDNN's benchmark
 mode on (the peers' best case for fixed shapes). Each (backend, shape) gets a fresh callable and its
 "peak MiB" is what it allocated beyond the model and input: arena, graphs, workspaces and outputs.
@@ -50,8 +52,10 @@ from msfin_fast.engine import plan as P  # noqa: E402
 
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-max-autotune", "engine-fp16",
             "engine-fp32", "engine-fp16-graph", "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph",
-            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "cpu-fp32"]
+            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "cpu-fp32",
+            "onnxruntime-cpu-fp32"]
 SLOW = ("compile-max-autotune",)  # left out unless named
+NOT_QUICK = ("compile", "compile-max-autotune", "onnxruntime-cpu-fp32")  # minutes to build, or an export
 SIZES = ["64x64", "180x320", "270x480"]
 QUICK_CPU_SIZE = (64, 64)  # --quick without a GPU: the smallest of SIZES (HR 256x256)
 
@@ -118,6 +122,31 @@ class Graphed:
         return static_y
 
 
+_ONNX_FILES: dict = {}  # MSFINConfig → exported file, shared by every shape of a run
+
+
+def onnxruntime_peer(model: msfin_fast.MSFIN):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "ONNX Runtime is not installed (pip install 'msfin_fast[onnx]')", None
+    import tempfile
+
+    path = _ONNX_FILES.get(model.config)
+    if path is None:
+        try:
+            path = Path(tempfile.mkdtemp(prefix="msfin-onnx-")) / "model.onnx"
+            msfin_fast.export_onnx(model, path, check=False)
+        except (msfin_fast.MSFINError, ImportError) as exc:
+            return f"export failed ({exc})", None
+        _ONNX_FILES[model.config] = path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def call(x):
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    return call, torch.float32
+
+
 def build(backend: str, model: msfin_fast.MSFIN):
     """A callable for ``backend`` and the dtype its input takes, or a reason it cannot run here."""
     cuda = model.head.weight.is_cuda
@@ -135,6 +164,8 @@ def build(backend: str, model: msfin_fast.MSFIN):
         def call(x):  # no input NaN test: a host sync per call, and not capturable in a CUDA graph
             return m(x.contiguous(memory_format=torch.channels_last), check_finite=False)
         return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
+    if backend == "onnxruntime-cpu-fp32":
+        return ("ONNX Runtime is the CPU peer", None) if cuda else onnxruntime_peer(model)
     if backend == "cpu-fp32":
         if cuda:
             return "the cpu backend runs on the CPU", None
@@ -270,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s the floor assumes (H100 copy)")
     ap.add_argument("--quick", action="store_true",
-                    help="defaults to 180x320, batch 1, no torch.compile, 10 iterations; on a CPU 64x64, 3 iterations")
+                    help="defaults to 180x320, batch 1, no torch.compile and no ONNX Runtime, 10 iterations; "
+                         "on a CPU 64x64, 3 iterations")
     ap.add_argument("--check", action="store_true",
                     help="also record each backend's max |Δ| against the true-fp32 reference")
     ap.add_argument("--warm-only", action="store_true",
@@ -292,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(quick_note, flush=True)
     args.sizes = args.sizes or defaults["sizes"]
     args.batch = args.batch or defaults["batch"]
-    backends = args.backends or [b for b in defaults["backends"] if not (args.quick and b.startswith("compile"))]
+    backends = args.backends or [b for b in defaults["backends"] if not (args.quick and b in NOT_QUICK)]
     if any(b < 1 for b in args.batch):
         ap.error("--batch values must be >= 1")
     if args.iters < 1 or args.warmup < 0:

@@ -121,3 +121,19 @@ def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
     assert all(row["size"] == "64x64" and row["median_ms"] > 0 for row in timed)
     assert len(data["results"]) > len(timed)
     assert "--quick on the CPU" in (tmp_path / "q.md").read_text()
+
+
+def test_onnxruntime_is_the_cpu_peer(tmp_path, capsys):
+    """The CPU run times ONNX Runtime on the exported graph beside the reference, and --check shows
+    it computes the same image (the export's own tolerance, 1e-3 on 0–255)."""
+    from conftest import require_module
+
+    require_module("onnxruntime")
+    latency = load_latency()
+    assert latency.main(["--models", "msfin-s-x4", "--sizes", "8x12", "--batch", "2", "--device", "cpu",
+                         "--backends", "ref-fp32", "onnxruntime-cpu-fp32", "--iters", "2", "--warmup", "1",
+                         "--check", "--out-dir", str(tmp_path), "--name", "o"]) == 0
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "o.json").read_text())["results"]}
+    assert "skipped" not in rows["onnxruntime-cpu-fp32"], rows["onnxruntime-cpu-fp32"]
+    assert rows["onnxruntime-cpu-fp32"]["median_ms"] > 0 and rows["onnxruntime-cpu-fp32"]["max_abs_err"] <= 1e-3
+    assert rows["ref-fp32"]["max_abs_err"] == 0
