@@ -44,7 +44,7 @@ _NO_ALPHA_FORMATS = {"JPEG"}
 
 @dataclass
 class Picture:
-    """An image as the model sees it: uint8 RGB, plus what is needed to give it back its form.
+    """An image as the model sees it: RGB samples, plus what is needed to give it back its form.
 
     rgb:   H×W×3 uint8, or uint16 for a 16-bit source.
     alpha: H×W of the same dtype, or None when the source had no transparency.
@@ -410,7 +410,8 @@ def encode_image(picture: Picture, fmt: str, label: str, **options) -> bytes:
         picture = picture.as_8bit()
     if picture.depth == 16 and not (picture.grey and picture.alpha is None):
         cv2 = _cv2(f"{label}: writing 16-bit colour", ImageWriteError)
-        parts = [picture.rgb[..., ::-1]] + ([] if picture.alpha is None else [picture.alpha[..., None]])
+        colour = np.repeat(grey_of(picture.rgb)[..., None], 3, 2) if picture.grey else picture.rgb[..., ::-1]
+        parts = [colour] + ([] if picture.alpha is None else [picture.alpha[..., None]])
         params = [cv2.IMWRITE_PNG_COMPRESSION, min(int(options.get("compress_level", 6)), 9)] if fmt == "PNG" else []
         ok, data = cv2.imencode(".png" if fmt == "PNG" else ".tif", np.ascontiguousarray(np.concatenate(parts, 2)), params)
         if not ok:
