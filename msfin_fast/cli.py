@@ -499,7 +499,24 @@ def cmd_info(args) -> int:
         print(f"video: PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}")
     except ImportError:
         print("video: not installed (pip install 'msfin_fast[video]')")
+    for label, modules, extra in (("onnx export", ("onnx", "onnxscript", "onnxruntime"), "onnx"),
+                                  ("16-bit colour images", ("cv2",), "image16")):
+        versions = _versions(modules)
+        print(f"{label}: " + (", ".join(versions) if versions else f"not installed (pip install 'msfin_fast[{extra}]')"))
     return 0
+
+
+def _versions(modules: tuple[str, ...]) -> list[str] | None:
+    """``name version`` for each module, or None when one of them is missing."""
+    import importlib
+
+    found = []
+    for name in modules:
+        try:
+            found.append(f"{'OpenCV' if name == 'cv2' else name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            return None
+    return found
 
 
 def _parse_static(spec: str) -> tuple[int, int, int]:

@@ -126,6 +126,13 @@ def test_info(weights_dir, capsys):
     assert "682,159 parameters" in out and "351,851 parameters" in out
     assert f"{weights_dir / 'MSFIN_X4.pt'} (SHA-256 ok)" in out
     assert "reference (PyTorch)" in out and "triton" in out
+    onnx_line = next(line for line in out.splitlines() if line.startswith("onnx export: "))
+    try:
+        import onnx, onnxruntime, onnxscript  # noqa: E401, F401
+
+        assert f"onnx {onnx.__version__}" in onnx_line
+    except ImportError:
+        assert "pip install 'msfin_fast[onnx]'" in onnx_line
 
 
 def test_console_entry_point_runs_without_traceback(tmp_path):
