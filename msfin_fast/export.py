@@ -72,7 +72,7 @@ class ExportGraph(nn.Module):
 
 def export_graph(model: MSFIN, dtype: torch.dtype, value_range: float) -> ExportGraph:
     """A copy of ``model`` in ``dtype``, ready to export (fp16: channel attention in fp32)."""
-    graph_model = copy.deepcopy(model).float().eval()
+    graph_model = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is
     if dtype == torch.float16:
         graph_model = graph_model.half()
         parents = dict(graph_model.named_modules())
@@ -143,7 +143,7 @@ def export_onnx(
     except ImportError:
         raise ExportError("ONNX export needs onnx and onnxscript: pip install 'msfin_fast[onnx]'") from None
 
-    graph = export_graph(reference.cpu(), dtype, float(value_range))
+    graph = export_graph(reference, dtype, float(value_range))
     # Dynamic sizes are traced from a 2-image example so that no dimension specialises to 1.
     example = torch.rand(2 if dynamic else batch, 3, h, w, dtype=dtype) * float(value_range)
     dynamic_shapes = None
