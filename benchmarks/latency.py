@@ -123,6 +123,7 @@ class Graphed:
 
 
 _ONNX_FILES: dict = {}  # MSFINConfig → exported file, shared by every shape of a run
+_ONNX_DIR = None  # a TemporaryDirectory, removed when the process ends
 
 
 def onnxruntime_peer(model: msfin_fast.MSFIN):
@@ -132,10 +133,12 @@ def onnxruntime_peer(model: msfin_fast.MSFIN):
         return "ONNX Runtime is not installed (pip install 'msfin_fast[onnx]')", None
     import tempfile
 
+    global _ONNX_DIR
     path = _ONNX_FILES.get(model.config)
     if path is None:
+        _ONNX_DIR = _ONNX_DIR or tempfile.TemporaryDirectory(prefix="msfin-onnx-")
         try:
-            path = Path(tempfile.mkdtemp(prefix="msfin-onnx-")) / "model.onnx"
+            path = Path(_ONNX_DIR.name) / f"model-{len(_ONNX_FILES)}.onnx"
             msfin_fast.export_onnx(model, path, check=False)
         except (msfin_fast.MSFINError, ImportError) as exc:
             return f"export failed ({exc})", None

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import __version__
+from .config import PRESETS
 from .devices import resolve_dtype
 from .errors import ConfigError, InvalidInputError, MSFINError
 from .fileio import commit, temporary_beside
@@ -99,8 +101,6 @@ def _resolve_model(model) -> MSFIN:
 
 
 def _preset_of(model: MSFIN) -> str:
-    from .config import PRESETS
-
     return next((name for name, cfg in PRESETS.items() if cfg == model.config), "custom")
 
 
@@ -168,7 +168,7 @@ def export_onnx(
 
         proto = program.model_proto
         metadata = {
-            "msfin_fast.version": _version(),
+            "msfin_fast.version": __version__,
             "msfin_fast.preset": _preset_of(reference),
             "msfin_fast.scale": str(reference.config.scale),
             "msfin_fast.value_range": f"{float(value_range):g}",
@@ -186,10 +186,4 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 

@@ -108,7 +108,7 @@ class Metrics:
     cancellations, CUDA-graph hits, queue depth, and batch sizes as a histogram.
     """
 
-    def __init__(self):
+    def __init__(self, upscaler: ServingUpscaler | None = None):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -122,7 +122,7 @@ class Metrics:
             self.refused.labels(reason=reason)  # every reason is shown, from 0
         self.latency = Histogram("msfin_request_latency_seconds", "Upscale latency, receipt to answer.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._upscaler: ServingUpscaler | None = None
+        self.upscaler = upscaler  # whose counters are read at each scrape (create_app sets it)
         self.registry.register(self)
 
     def record(self, status: int, seconds: float) -> None:
@@ -136,7 +136,7 @@ class Metrics:
         """prometheus_client's collector protocol: the upscaler's own counters, read at scrape time."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        upscaler = self._upscaler
+        upscaler = self.upscaler
         if upscaler is None:
             return
         stats = upscaler.snapshot()
@@ -156,11 +156,10 @@ class Metrics:
     def describe(self):
         return []  # the upscaler's metrics exist only once one is attached: nothing to check at registration
 
-    def render(self, upscaler: ServingUpscaler) -> bytes:
+    def render(self) -> bytes:
         """The Prometheus text exposition of everything above."""
         from prometheus_client import generate_latest
 
-        self._upscaler = upscaler
         return generate_latest(self.registry)
 
 
@@ -235,6 +234,7 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
         raise MSFINError(_NEEDS_EXTRA) from None
 
     metrics = metrics or Metrics()
+    metrics.upscaler = upscaler
     body_slots = asyncio.Semaphore(limits.max_bodies)
 
     def options_from(query) -> RunOptions:
@@ -347,7 +347,7 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
     async def metrics_endpoint(request):
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.render(upscaler), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app = Starlette(routes=[
         Route("/upscale", upscale, methods=["POST"]),

@@ -31,16 +31,14 @@ from spandrel import (
     StateDict,
 )
 
-from .config import PRESETS
 from .model import MSFIN
-from .weights import infer_config
+from .weights import infer_config, state_dict_keys
 
 ARCH_ID = "MSFIN"
-_KEYS = frozenset(MSFIN(PRESETS["msfin-s-x4"]).state_dict())
 
 
 def _detect(state_dict: StateDict) -> bool:
-    return _KEYS == state_dict.keys()
+    return state_dict_keys() == state_dict.keys()
 
 
 def _call(model: MSFIN, image: torch.Tensor) -> torch.Tensor:

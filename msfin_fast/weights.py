@@ -10,6 +10,7 @@ A file found by name must match the registered SHA-256. Files are loaded with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -248,6 +249,12 @@ def check_values(named_tensors, source: str) -> None:
             )
 
 
+@functools.cache
+def state_dict_keys() -> frozenset[str]:
+    """The state_dict keys of every MSFIN (the names do not depend on the configuration)."""
+    return frozenset(MSFIN(PRESETS["msfin-s-x4"]).state_dict())
+
+
 def infer_config(state: Mapping[str, torch.Tensor], source: str = "the state_dict") -> MSFINConfig:
     """The configuration a plain MSFIN state_dict was built with, read from its tensors' shapes.
 
@@ -258,8 +265,8 @@ def infer_config(state: Mapping[str, torch.Tensor], source: str = "the state_dic
     with these shapes (MSFIN ×4: one extra step; MSFIN-S ×4: none), else from MSFINConfig's defaults
     (one extra step, ×4) with a warning. Raises WeightsError when the keys are not MSFIN's.
     """
-    expected = MSFIN(PRESETS["msfin-s-x4"]).state_dict()
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    expected = state_dict_keys()
+    missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
         parts = [f"{len(missing)} missing keys ({_names(missing)})"] if missing else []
         parts += [f"{len(unexpected)} unexpected keys ({_names(unexpected)})"] if unexpected else []
