@@ -160,6 +160,41 @@ def test_arenas_are_kept_for_the_most_recent_shapes_only():
         optimize(model, backend="emulate", max_graphs=0)
 
 
+@pytest.mark.parametrize("backend", ["emulate", "cpu"])
+@pytest.mark.parametrize("first, then", [(torch.inference_mode, torch.no_grad),
+                                         (torch.no_grad, torch.inference_mode)])
+def test_an_engine_serves_calls_in_and_out_of_inference_mode(backend, first, then):
+    """Upscaler and serving call under inference_mode, other code under no_grad: an arena (or packed
+    weights) made in the first mode is reused in the second, in place, for the same shape."""
+    model = random_model("msfin-s-x4")
+    x = lr_batch(2, 4, 5)
+    with torch.no_grad():
+        want = model(x)
+    with first():
+        engine = optimize(model, dtype=torch.float32, backend=backend)
+    outputs = []
+    for mode in (first, then, first, then):
+        with mode():
+            outputs.append(engine(x).clone())
+    for got in outputs:
+        assert (got - want).abs().max().item() <= ENGINE_FP32_CPU
+    if engine.has_arena:
+        (arena,) = engine._arenas.values()
+        assert not any(t.is_inference() for t in [*arena.tensors, arena.sums_flat])
+
+
+def test_a_captured_graph_replays_in_and_out_of_inference_mode():
+    """The graph's static inputs outlive the call that captured it; the CPU stand-in below captures
+    by running ``fn`` and replays by running it again (the copy into the inputs is the real code)."""
+    from fakes import EagerGraph
+
+    with torch.inference_mode():
+        graph = EagerGraph(lambda x: x * 2, (torch.ones(3),))
+    with torch.no_grad():
+        assert torch.equal(graph.replay(torch.full((3,), 4.0)), torch.full((3,), 8.0))
+    assert not graph.inputs[0].is_inference()
+
+
 def test_poisoning_reaches_every_buffer_and_the_plan_rewrites_them():
     engine = optimize(random_model("msfin-x4"), dtype=torch.float32, backend="emulate", fuse_rrcab=True)
     x = lr_batch(1, 4, 6)

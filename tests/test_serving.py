@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msfin_fast import MSFIN, InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
+from msfin_fast.policy import RunOptions
 
 RNG = np.random.default_rng(0)
 
@@ -139,6 +140,82 @@ def test_cuda_graphs_match_eager_and_the_cache_is_bounded():
         assert stats.graph_captures == 4 and stats.graph_hits == 4  # 8 evicted by 16, captured again
         ensemble = up.upscale(image, up.options(self_ensemble=True), timeout=60)
         assert close_enough(ensemble, Upscaler(model, device="cuda", self_ensemble=True).upscale(image))
+
+
+def test_every_cached_graph_keeps_alive_the_arenas_it_replays_into(monkeypatch):
+    """Serving captures the engine's eager call, so its graph replays into the engine's arena of that
+    shape and the engine's packed weights. The engine keeps 4 arenas, serving 8 graphs, and a
+    self-ensemble batch runs 2 shapes: past 4 shapes the engine drops an arena a cached graph still
+    replays into (on a GPU: an illegal address, or another tensor overwritten). Here on the CPU, with
+    a stand-in capture: after 7 shapes every arena that any cached graph's capture ran over is alive."""
+    import gc
+    import weakref
+
+    from fakes import EagerGraph
+
+    from msfin_fast import serving
+    from msfin_fast.engine.executor import Executor
+
+    recording: list | None = None
+    real_run = Executor.run
+
+    def run(self, x, arena, out):
+        if recording is not None:
+            recording.append(weakref.ref(arena))
+        return real_run(self, x, arena, out)
+
+    class Recording(EagerGraph):
+        def _record(self, fn, stream):
+            nonlocal recording
+            recording = []
+            try:
+                return super()._record(fn, stream)
+            finally:
+                self.arenas_run_over, recording = recording, None
+
+    monkeypatch.setattr(Executor, "run", run)
+    monkeypatch.setattr(serving, "CapturedGraph", Recording)
+    torch.manual_seed(0)
+    model = MSFIN("msfin-s-x4").eval()
+    upscaler = Upscaler(model, device="cpu", backend="emulate")
+    runner = serving.BatchRunner(upscaler, graph_cache=8)
+    runner._graph_cache = 8  # as on CUDA (the CPU path runs no graphs)
+    plain, ensemble = RunOptions(), RunOptions(self_ensemble=True)
+    requests = [((1, 4, 5, 3), plain), ((1, 5, 6, 3), ensemble), ((2, 4, 5, 3), plain),
+                ((1, 6, 7, 3), ensemble), ((1, 3, 4, 3), plain)]  # 7 arena shapes, 5 graphs
+    for shape, options in requests:
+        assert runner._graph_for(shape, torch.uint8, options) is not None
+    gc.collect()
+    graphs = list(runner.graphs.values())
+    assert len(graphs) == len(requests) and len(upscaler.model._arenas) == 4
+    assert sum(len(g.arenas_run_over) for g in graphs) == 7
+    dead = [i for i, g in enumerate(graphs) for ref in g.arenas_run_over if ref() is None]
+    assert not dead, f"graphs {dead} would replay into freed arenas"
+    for (shape, options), graph in zip(requests, graphs):  # and what they replay is still right
+        images = RNG.integers(0, 256, shape, dtype=np.uint8)
+        out, _ = graph.replay(torch.from_numpy(images))
+        reference = Upscaler(model, device="cpu", self_ensemble=options.self_ensemble)
+        for image, got in zip(images, out.numpy()):
+            assert close_enough(got, reference.upscale(image))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_engine_graphs_replay_after_many_shapes(dtype):
+    """The same on a GPU for real: more shapes than the engine keeps arenas, then replay the first."""
+    torch.manual_seed(0)
+    model = MSFIN("msfin-s-x4").eval()
+    direct = Upscaler(model, device="cuda", dtype=dtype, backend="triton")
+    with ServingUpscaler(model, device="cuda", dtype=dtype, backend="triton", batch_window=0.0) as up:
+        images = [RNG.integers(0, 256, (8 + i, 12 - i, 3), dtype=np.uint8) for i in range(6)]
+        for image in images + images[:2]:
+            assert close_enough(up.upscale(image, timeout=120), direct.upscale(image))
+        ensemble = up.upscale(images[0], up.options(self_ensemble=True), timeout=120)
+        assert close_enough(ensemble, Upscaler(model, device="cuda", dtype=dtype, backend="triton",
+                                               self_ensemble=True).upscale(images[0]))
+        stats = up.snapshot()
+    assert stats.graph_captures == 7 and stats.graph_hits == 2
 
 
 class HalfBroken(nn.Module):

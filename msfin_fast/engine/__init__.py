@@ -149,7 +149,7 @@ class Engine(nn.Module):
         if version == self._version:
             return
         m = self.source
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # the packed weights outlive this call
             packed = self.impl.pack(m, self.plan, self.dtype)
             for launch in self.plan.launches:
                 module = launch.torch_weights(m, self.dtype)
@@ -231,7 +231,8 @@ class Engine(nn.Module):
         if entry is None:
             n, _, h, w = x.shape
             arena = self.executor.arena(n, self.scale * h, self.scale * w, x.device)
-            out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
+            with torch.inference_mode(False):  # the graph's output outlives this call, as its arena does
+                out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
             entry = CapturedGraph(lambda static_x: self.executor.run(static_x, arena, out), (x,), state=arena)
             self.graphs.put(key, entry)
         return entry.replay(x).clone()

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import torch
 
+from . import graphs
 from . import plan as P
 from .backends import Operand
 
@@ -160,7 +161,12 @@ class Executor:
         return max((self._scratch(launch, n, H, W, device) for launch in self.plan.fused_passes), default=0)
 
     def arena(self, n: int, H: int, W: int, device: torch.device) -> Arena:
-        return Arena(self.plan, self.assignment, n, H, W, self.dtype, device, self.scratch_numel(n, H, W, device))
+        """A new arena for output size N×H×W. It outlives the call that asks for it, so it is made
+        outside inference mode: made inside, its tensors would be inference tensors, and a later
+        call outside inference mode could not zero or fill them in place."""
+        with torch.inference_mode(False):
+            return Arena(self.plan, self.assignment, n, H, W, self.dtype, device,
+                         self.scratch_numel(n, H, W, device))
 
     def _release(self, t: Tensors, i: int, launch: P.Launch) -> None:
         for buf in launch.reads():
@@ -169,6 +175,7 @@ class Executor:
 
     def run(self, x: torch.Tensor, arena: Arena, out: torch.Tensor) -> torch.Tensor:
         """Eagerly: ``x`` LR NCHW contiguous in the engine dtype; ``out`` [N, 3, H, W] NCHW, written."""
+        graphs.hold(self, arena)  # a CUDA graph captured around this call replays into both
         t = Tensors(self.packed, arena.values, arena.scratch)
         t.local[P.LR], t.local[P.SR] = x, out
         arena.sums_flat.zero_()
