@@ -22,9 +22,18 @@ On a GPU each number is the median of CUDA-event timings after warm-up, with cuD
 mode on (the peers' best case for fixed shapes). Each (backend, shape) gets a fresh callable and its
 "peak MiB" is what it allocated beyond the model and input: arena, graphs, workspaces and outputs.
 "floor" is the time to move each RRCAB pass's activation once in and once out at the card's copy
-bandwidth (``--bandwidth``), the bound the kernels are written against; "% floor" = floor / median.
-``--check`` also records each backend's max |Δ| against the true-fp32 reference (TF32 off), in grey
-levels, so a fast but wrong variant shows next to its time.
+bandwidth (``--bandwidth``; on a GPU measured at the start by a 1 GiB device-to-device copy), the
+bound the kernels are written against; "% floor" = floor / median. ``--check`` also records each
+backend's max |Δ| against the true-fp32 reference (TF32 off), in grey levels, so a fast but wrong
+variant shows next to its time. On a GPU the clocks, temperature and power are recorded before and
+after the run.
+
+A run returns what it measured whatever fails: the JSON and the markdown are rewritten (atomically)
+after every entry and say how far the run got; an entry that raises records its error in its row
+and the run goes on (after an error that leaves the CUDA context unusable, the remaining rows say
+so); SIGTERM or SIGINT ends the run with the files saying which entry was cut short; the
+``torch.compile`` entries, minutes each when cold, run after all the others. Exit status: 0, 1 if
+an entry raised, 128 + the signal if stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,6 +65,8 @@ BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-
             "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "cpu-fp32",
             "onnxruntime-cpu-fp32"]
 SLOW = ("compile-max-autotune",)  # left out unless named
+COMPILERS = ("compile", "compile-max-autotune")  # run after every other entry (see ordered())
+DEFAULT_BANDWIDTH = 2.95e12  # H100 device-to-device copy, read + write; a GPU run measures its own
 NOT_QUICK = ("compile", "compile-max-autotune", "onnxruntime-cpu-fp32")  # minutes to build, or an export
 SIZES = ["64x64", "180x320", "270x480"]
 QUICK_CPU_SIZE = (64, 64)  # --quick without a GPU: the smallest of SIZES (HR 256x256)
@@ -246,12 +258,20 @@ def environment(device: str, argv: list[str]) -> dict:
     return env
 
 
+def cell(text: str) -> str:
+    """``text`` inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| model | LR size | batch | backend | median ms | p10–p90 ms | peak MiB | floor ms | % floor | max abs err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | error: {cell(r['error'])} | | | | |")
+            continue
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {cell(r['skipped'])} | | | | |")
             continue
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "—"
         err = f"{r['max_abs_err']:.3g}" if r.get("max_abs_err") is not None else "—"
@@ -292,6 +312,136 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
+class Stopped(BaseException):
+    """A signal (the GPU script's time limit sends SIGTERM) ends the run between two entries' files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def ordered(matrix: list[tuple]) -> list[tuple]:
+    """``torch.compile`` entries last: a cold compile takes minutes per shape, and a run stopped
+    during one keeps every other row."""
+    return sorted(matrix, key=lambda entry: entry[1] in COMPILERS)  # stable: the rest keep their order
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a table cell: the exception's type and the first line of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def context_error(cuda: bool) -> str | None:
+    """Why the CUDA context can no longer run anything, or None (always None on a CPU). After an
+    illegal address or a launch failure every later CUDA call fails with the same (sticky) error; a
+    failure of one backend's own (a Triton compile error, a wrong shape) leaves the context usable."""
+    if not cuda:
+        return None
+    try:
+        torch.cuda.synchronize()
+        (torch.ones(1, device="cuda") + 1).item()
+    except Exception as exc:  # noqa: BLE001 — whatever the driver raises, the context is gone
+        return describe(exc)
+    return None
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write (the floor's
+    unit): the median of ``iters`` copies of ``nbytes`` after two warm-up copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(iters + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def resolve_bandwidth(value: str | None, cuda: bool) -> tuple[float, str]:
+    """(bytes/s, where it came from) for ``--bandwidth``: a number, a file holding one (what
+    ``gpu_check.py``'s environment stage writes), or nothing (measured here on a GPU)."""
+    if value is not None:
+        try:
+            return float(value), "given"
+        except ValueError:
+            pass
+        path = Path(value)
+        try:
+            return float(path.read_text().split()[0]), f"measured by the environment stage ({path.name})"
+        except (OSError, ValueError, IndexError) as exc:
+            print(f"--bandwidth {value}: not a number nor a file holding one ({exc}); measuring instead",
+                  file=sys.stderr, flush=True)
+    if cuda:
+        return copy_bandwidth(), "measured here (device-to-device copy of 1 GiB)"
+    return DEFAULT_BANDWIDTH, "assumed (H100 copy bandwidth; the floor is a GPU figure)"
+
+
+def gpu_clocks() -> str:
+    """What nvidia-smi says of the clocks, temperature, power and throttling right now."""
+    import subprocess
+
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit"
+    for extra in (",clocks_event_reasons.active", ",clocks_throttle_reasons.active", ""):
+        try:
+            p = subprocess.run(["nvidia-smi", f"--query-gpu={fields}{extra}", "--format=csv"],
+                               capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unavailable: {exc}"
+        if p.returncode == 0:
+            return p.stdout.strip().replace("\n", " / ")
+    return f"unavailable: {(p.stdout + p.stderr).strip()[:200]}"
+
+
+def write_results(out_dir: Path, stem: str, env: dict, results: list[dict], progress: dict,
+                  quick_note: str | None) -> None:
+    """Both files, each replaced atomically, with signals held off while they are written: a run
+    stopped or killed at any moment leaves valid files holding every row finished before."""
+    import signal
+
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = {"environment": env, "progress": progress, "results": results}
+        _atomic(out_dir / f"{stem}.json", json.dumps(data, indent=1))
+        _atomic(out_dir / f"{stem}.md",
+                f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
+                f"Command: `python benchmarks/{env['command']}`\n\n" + (f"{quick_note}\n\n" if quick_note else "")
+                + f"Floor at {env['bandwidth'] / 1e12:.2f} TB/s ({env['bandwidth_source']}).\n\n"
+                + progress_line(progress) + "\n\n" + markdown(results))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def progress_line(progress: dict) -> str:
+    done, total, state = progress["done"], progress["total"], progress["state"]
+    if state == "finished":
+        return f"All {total} entries done."
+    if state == "running":
+        return (f"{done} of {total} entries done; running {progress['current']} when this was written "
+                "(if the run is over, it was killed there).")
+    return f"{done} of {total} entries done; {state}."
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = default_matrix()
@@ -302,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s the floor assumes (H100 copy)")
+    ap.add_argument("--bandwidth", default=None, metavar="BYTES_PER_S|FILE",
+                    help="bytes/s the floor assumes, or a file holding it (default: measured on a GPU, "
+                         f"{DEFAULT_BANDWIDTH:.3g} on a CPU)")
     ap.add_argument("--quick", action="store_true",
                     help="defaults to 180x320, batch 1, no torch.compile and no ONNX Runtime, 10 iterations; "
                          "on a CPU 64x64, 3 iterations")
@@ -332,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch values must be >= 1")
     if args.iters < 1 or args.warmup < 0:
         ap.error("--iters must be >= 1 and --warmup >= 0")
-    matrix = [(preset, backend, (h, w), n) for preset in args.models for backend in backends
-              for h, w in args.sizes for n in args.batch]
+    matrix = ordered([(preset, backend, (h, w), n) for preset in args.models for backend in backends
+                      for h, w in args.sizes for n in args.batch])
     if args.dry_run:
         for preset, backend, (h, w), n in matrix:
             print(f"would {'warm' if args.warm_only else 'time'} {preset} {h}x{w} b{n} {backend}")
@@ -343,72 +495,117 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    env = environment("cuda" if cuda else args.device, sys.argv[1:] if argv is None else argv)
-    results = []
+    import signal
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run(args, matrix, cuda, quick_note, sys.argv[1:] if argv is None else argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: list[str]) -> int:
+    """Time every entry of ``matrix``, rewriting the JSON and the markdown after each one. An entry
+    that raises records its error and the run goes on; after an error that leaves the CUDA context
+    unusable, the remaining rows say so; a signal ends the run with the files saying where."""
+    env = environment("cuda" if cuda else args.device, argv)
+    env["bandwidth"], env["bandwidth_source"] = resolve_bandwidth(args.bandwidth, cuda)
     env["weights"] = {}
     if quick_note:
         env["note"] = quick_note
-    for preset in args.models:
-        model, env["weights"][preset] = load_model(preset, args.device)
-        for backend in backends:
-            for h, w in args.sizes:
-                for n in args.batch:
-                    row = {"model": preset, "size": f"{h}x{w}", "batch": n, "backend": backend}
-                    results.append(row)
-                    fn, dtype = build(backend, model)  # fresh per shape: its memory is its own
-                    if dtype is None:
-                        row["skipped"] = fn
-                        print(f"{preset} {h}x{w} b{n} {backend}: skipped ({fn})", flush=True)
-                        continue
-                    g = torch.Generator(device=args.device).manual_seed(h * w + n)
-                    x = (torch.rand(n, 3, h, w, device=args.device, generator=g) * 255).to(dtype)
-                    try:
-                        if args.warm_only:
-                            t0 = time.perf_counter()
-                            with torch.no_grad():
-                                fn(x)
-                            if cuda:
-                                torch.cuda.synchronize()
-                            row["skipped"] = f"warm-up only ({time.perf_counter() - t0:.1f} s)"
-                            print(f"{preset} {h}x{w} b{n} {backend}: {row['skipped']}", flush=True)
-                            continue
-                        times, peak = time_it(fn, x, args.warmup, args.iters)
-                        if args.check:
-                            with true_fp32(), torch.no_grad():
-                                want = model(x.float())
-                            row["max_abs_err"] = max_error(fn, x, want)
-                            del want
-                    except torch.cuda.OutOfMemoryError:
-                        row["skipped"] = "out of memory"
-                        print(f"{preset} {h}x{w} b{n} {backend}: out of memory", flush=True)
-                        continue
-                    finally:
-                        del fn, x
-                        gc.collect()
-                        if cuda:
-                            torch.cuda.empty_cache()
-                    elem = 2 if dtype == torch.float16 else 4
-                    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-                    row.update(
-                        median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], peak_bytes=peak,
-                        floor_ms=floor_bytes(model, n, h, w, elem) / args.bandwidth * 1e3,
-                    )
-                    err = f", max |Δ| {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""
-                    peak_text = f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""
-                    print(f"{preset} {h}x{w} b{n} {backend}: {row['median_ms']:.3f} ms{peak_text}{err}", flush=True)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        env["clocks_before"] = gpu_clocks()
     stem = args.name or f"latency-{args.device}-{env['date'][:10]}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    results: list[dict] = []
+    progress = {"done": 0, "total": len(matrix), "state": "running", "current": None}
+    models: dict = {}
+    dead: str | None = None  # why the CUDA context cannot run anything more
+    status = 0
+    save = lambda: write_results(args.out_dir, stem, env, results, progress, quick_note)  # noqa: E731
+    try:
+        for preset, backend, (h, w), n in matrix:
+            label = f"{preset} {h}x{w} b{n} {backend}"
+            row = {"model": preset, "size": f"{h}x{w}", "batch": n, "backend": backend}
+            progress["current"] = label
+            save()  # a run killed during this entry says which one it was
+            results.append(row)
+            if dead is not None:
+                row["skipped"] = f"not run: the CUDA context failed earlier ({dead})"
+            else:
+                try:
+                    said = measure(args, row, preset, backend, h, w, n, models, env, cuda)
+                except Stopped:
+                    raise
+                except Exception as exc:  # noqa: BLE001 — one backend's failure is that row's result
+                    if cuda and isinstance(exc, torch.cuda.OutOfMemoryError):
+                        row["skipped"] = "out of memory"
+                    else:
+                        row["error"] = describe(exc)
+                        traceback.print_exc()  # the whole story goes to the log, one line to the table
+                        status = 1
+                        dead = context_error(cuda)
+                finally:
+                    gc.collect()
+                    if cuda and dead is None:
+                        torch.cuda.empty_cache()
+            if "error" in row or "skipped" in row:
+                said = f"error: {row['error']}" if "error" in row else f"skipped ({row['skipped']})"
+            print(f"{label}: {said}", flush=True)
+            progress["done"] += 1
+            progress["current"] = None
+        progress.update(state="finished", current=None)
+    except Stopped as stop:
+        row = results[-1] if results and progress["current"] else None
+        if row is not None and "median_ms" not in row and "skipped" not in row and "error" not in row:
+            row["error"] = f"stopped by signal {stop.signum} during this entry"
+        progress["state"] = f"stopped by signal {stop.signum}" + (
+            f" during {progress['current']}" if progress["current"] else " between two entries")
+        print(f"latency.py: {progress['state']}", file=sys.stderr, flush=True)
+        status = 128 + stop.signum
+    if cuda:
+        env["clocks_after"] = gpu_clocks() if dead is None else f"not read: {dead}"
+    save()
     table = markdown(results)
-    (args.out_dir / f"{stem}.md").write_text(
-        f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
-        f"Command: `python benchmarks/{env['command']}`\n\n" + (f"{quick_note}\n\n" if quick_note else "") + table
-    )
-    plotted = not args.warm_only and plot(results, args.out_dir / f"{stem}.png")
+    plotted = progress["state"] == "finished" and not args.warm_only and plot(results, args.out_dir / f"{stem}.png")
     print(table)
     print(f"wrote {args.out_dir / stem}.json, .md" + (", .png" if plotted else ""))
-    return 0
+    return status
+
+
+def measure(args, row: dict, preset: str, backend: str, h: int, w: int, n: int, models: dict, env: dict,
+            cuda: bool) -> str | None:
+    """Fill ``row`` for one entry (its timings, peak memory, floor and, with ``--check``, max |Δ|),
+    or say in it why the entry was skipped; return the line to print for a timed entry."""
+    if preset not in models:
+        models[preset], env["weights"][preset] = load_model(preset, args.device)
+    model = models[preset]
+    fn, dtype = build(backend, model)  # fresh per shape: its memory is its own
+    if dtype is None:
+        row["skipped"] = fn
+        return None
+    g = torch.Generator(device=args.device).manual_seed(h * w + n)
+    x = (torch.rand(n, 3, h, w, device=args.device, generator=g) * 255).to(dtype)
+    if args.warm_only:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+        row["skipped"] = f"warm-up only ({time.perf_counter() - t0:.1f} s)"
+        return None
+    times, peak = time_it(fn, x, args.warmup, args.iters)
+    if args.check:
+        with true_fp32(), torch.no_grad():
+            want = model(x.float())
+        row["max_abs_err"] = max_error(fn, x, want)
+    elem = 2 if dtype == torch.float16 else 4
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    row.update(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], peak_bytes=peak,
+               floor_ms=floor_bytes(model, n, h, w, elem) / env["bandwidth"] * 1e3)
+    err = f", max |Δ| {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""
+    peak_text = f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""
+    return f"{row['median_ms']:.3f} ms{peak_text}{err}"
 
 
 if __name__ == "__main__":

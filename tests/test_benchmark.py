@@ -137,3 +137,143 @@ def test_onnxruntime_is_the_cpu_peer(tmp_path, capsys):
     assert "skipped" not in rows["onnxruntime-cpu-fp32"], rows["onnxruntime-cpu-fp32"]
     assert rows["onnxruntime-cpu-fp32"]["median_ms"] > 0 and rows["onnxruntime-cpu-fp32"]["max_abs_err"] <= 1e-3
     assert rows["ref-fp32"]["max_abs_err"] == 0
+
+
+def failing_build(latency, fails: dict):
+    """``latency.build`` where the backends named in ``fails`` run a callable that raises that error."""
+    real = latency.build
+
+    def build(backend, model):
+        if backend in fails:
+            def call(x):
+                raise fails[backend]
+            return call, __import__("torch").float32
+        return real(backend, model)
+    return build
+
+
+def test_an_entry_that_raises_keeps_the_rows_before_it_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A Triton or Inductor error in one backend is that row's result, in both files at once, not the
+    end of the table; torch.compile entries run last."""
+    latency = load_latency()
+    seen = {}
+    real = failing_build(latency, {"cpu-fp32": RuntimeError("Triton compile failed | in rrcab_conv1\nline 2")})
+
+    def build(backend, model):
+        if backend == "onnxruntime-cpu-fp32":  # the entry after the failure looks at the files
+            seen["json"] = json.loads((tmp_path / "e.json").read_text())
+            seen["md"] = (tmp_path / "e.md").read_text()
+            return "looked at the files", None
+        return real(backend, model)
+
+    monkeypatch.setattr(latency, "build", build)
+    rc = latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--device", "cpu",
+                       "--backends", "compile", "ref-fp32", "cpu-fp32", "onnxruntime-cpu-fp32",
+                       "--iters", "2", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "e"])
+    assert rc == 1
+    ref, failed = seen["json"]["results"]
+    assert ref["backend"] == "ref-fp32" and ref["median_ms"] > 0
+    assert failed["backend"] == "cpu-fp32" and failed["error"] == "RuntimeError: Triton compile failed | in rrcab_conv1"
+    assert seen["json"]["progress"] == {"done": 2, "total": 4, "state": "running",
+                                        "current": "msfin-s-x4 4x6 b1 onnxruntime-cpu-fp32"}
+    assert "| ref-fp32 |" in seen["md"] and "error: RuntimeError: Triton compile failed \\| in rrcab_conv1" in seen["md"]
+    assert "2 of 4 entries done; running msfin-s-x4 4x6 b1 onnxruntime-cpu-fp32" in seen["md"]
+    final = json.loads((tmp_path / "e.json").read_text())
+    assert [r["backend"] for r in final["results"]] == ["ref-fp32", "cpu-fp32", "onnxruntime-cpu-fp32", "compile"]
+    assert final["progress"]["state"] == "finished" and "All 4 entries done." in (tmp_path / "e.md").read_text()
+
+
+def test_after_the_cuda_context_fails_the_remaining_rows_say_so(tmp_path, monkeypatch):
+    latency = load_latency()
+    monkeypatch.setattr(latency, "build", failing_build(latency, {
+        "cpu-fp32": RuntimeError("CUDA error: an illegal memory access was encountered")}))
+    probes = []
+
+    def context_error(cuda):
+        probes.append(cuda)
+        return "AcceleratorError: CUDA error: an illegal memory access was encountered"
+
+    monkeypatch.setattr(latency, "context_error", context_error)
+    rc = latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "3x3", "--batch", "1", "--device", "cpu",
+                       "--backends", "cpu-fp32", "ref-fp32", "--iters", "1", "--warmup", "0",
+                       "--out-dir", str(tmp_path), "--name", "p"])
+    assert rc == 1 and len(probes) == 1  # probed once, after the error; nothing ran after it
+    first, *rest = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert first["error"].startswith("RuntimeError: CUDA error: an illegal memory access")
+    assert len(rest) == 3 and all(r["skipped"].startswith("not run: the CUDA context failed earlier") for r in rest)
+
+
+def test_a_run_stopped_or_killed_part_way_leaves_valid_files(tmp_path):
+    """The GPU script stops a stage at its limit with SIGTERM (then SIGKILL): either way the files
+    hold every row done and say where the run was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import importlib.util, sys, time, torch
+        spec = importlib.util.spec_from_file_location("latency", {str(ROOT / 'benchmarks' / 'latency.py')!r})
+        latency = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(latency)
+        real = latency.build
+        def build(backend, model):
+            if backend == "cpu-fp32":
+                return (lambda x: time.sleep(120)), torch.float32
+            return real(backend, model)
+        latency.build = build
+        sys.exit(latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--device", "cpu",
+                               "--backends", "ref-fp32", "cpu-fp32", "--iters", "1", "--warmup", "0",
+                               "--out-dir", {str(tmp_path)!r}, "--name", sys.argv[1]]))
+    """))
+
+    def start_and_wait(name):
+        proc = subprocess.Popen([sys.executable, str(driver), name], cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                data = json.loads((tmp_path / f"{name}.json").read_text())
+            except (OSError, ValueError):
+                data = None
+            if data and data["progress"]["current"] == "msfin-s-x4 4x6 b1 cpu-fp32":
+                return proc
+            assert proc.poll() is None, f"the run ended early (rc {proc.returncode})"
+            time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("the second entry never started")
+
+    killed = start_and_wait("k")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert [r["backend"] for r in data["results"]] == ["ref-fp32"] and data["results"][0]["median_ms"] > 0
+    assert data["progress"]["state"] == "running"
+    assert "1 of 2 entries done; running msfin-s-x4 4x6 b1 cpu-fp32" in (tmp_path / "k.md").read_text()
+
+    stopped = start_and_wait("s")
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=60) == 128 + signal.SIGTERM
+    data = json.loads((tmp_path / "s.json").read_text())
+    ref, cut = data["results"]
+    assert ref["median_ms"] > 0 and cut["error"] == "stopped by signal 15 during this entry"
+    assert data["progress"]["state"] == "stopped by signal 15 during msfin-s-x4 4x6 b1 cpu-fp32"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file left
+
+
+def test_the_floor_uses_the_bandwidth_given_or_written_by_the_environment_stage(tmp_path):
+    latency = load_latency()
+    (tmp_path / "bandwidth.txt").write_text("4.3e12 bytes/s\n")
+    assert latency.resolve_bandwidth(str(tmp_path / "bandwidth.txt"), cuda=False)[0] == 4.3e12
+    assert latency.resolve_bandwidth("3e12", cuda=False) == (3e12, "given")
+    assert latency.resolve_bandwidth(str(tmp_path / "missing.txt"), cuda=False)[0] == latency.DEFAULT_BANDWIDTH
+    args = ["--models", "msfin-s-x4", "--sizes", "8x8", "--batch", "1", "--backends", "ref-fp32", "--device", "cpu",
+            "--iters", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    assert latency.main(args + ["--name", "a", "--bandwidth", "1e12"]) == 0
+    assert latency.main(args + ["--name", "b", "--bandwidth", str(tmp_path / "bandwidth.txt")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["results"][0]["floor_ms"] == pytest.approx(4.3 * b["results"][0]["floor_ms"])
+    assert b["environment"]["bandwidth_source"].startswith("measured by the environment stage")
+    assert "Floor at 4.30 TB/s" in (tmp_path / "b.md").read_text()
