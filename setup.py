@@ -28,13 +28,14 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CompileError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 DEFAULT_ARCHS = "80;86;89;90"
+DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
 
 
 def note(message):
@@ -50,6 +51,8 @@ def version():
 
 
 def find_nvcc():
+    """nvcc from ``CUDA_HOME``/``CUDA_PATH``, else PATH, else the toolkit's usual place (CUDA images
+    often leave ``/usr/local/cuda/bin`` off PATH)."""
     for env in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(env)
         if home:
@@ -57,7 +60,19 @@ def find_nvcc():
             if os.access(candidate, os.X_OK):
                 return candidate
             note(f"{env}={home} has no bin/nvcc; looking on PATH")
-    return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found is None and os.access(DEFAULT_NVCC, os.X_OK):
+        note(f"nvcc is not on PATH; using {DEFAULT_NVCC}")
+        found = DEFAULT_NVCC
+    return found
+
+
+def packages():
+    """Every package of the tree: msfin_fast and its subpackages, and kernels/ (with any
+    subpackages) installed as msfin_fast.kernels."""
+    found = find_packages(ROOT, include=["msfin_fast", "msfin_fast.*"])
+    found += ["msfin_fast." + p for p in find_packages(ROOT, include=["kernels", "kernels.*"])]
+    return sorted(found)
 
 
 def cuda_ext_mode():
@@ -205,35 +220,36 @@ def cuda_extension():
     return [CudaExtension("msfin_fast._C", sources, optional=mode != "1")]
 
 
-setup(
-    name="msfin_fast",
-    version=version(),
-    description="Inference engine for MSFIN / MSFIN-S lightweight image super-resolution (ICME 2021)",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["msfin_fast", "msfin_fast.engine", "msfin_fast.kernels"],
-    package_dir={"msfin_fast": "msfin_fast", "msfin_fast.kernels": "kernels"},
-    install_requires=["torch>=2.1", "numpy>=1.23", "pillow>=9.1"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "build": ["pybind11>=2.10", "ninja"],
-        "test": ["pytest>=7"],
-        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.17"],
-        # Ray Data (batch jobs) and Ray Serve (replicated service); 2.60 is the version tested.
-        "scale": ["ray[data,serve]>=2.60"],
-        # PyAV: FFmpeg in-process, its wheels bundle the codecs (x264, x265, VP9, SVT-AV1); 18 is tested.
-        "video": ["av>=18"],
-        # ONNX export (the dynamo exporter writes through onnxscript) and ONNX Runtime to run it;
-        # onnx 1.23, onnxscript 0.7 and onnxruntime 1.32 are tested.
-        "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
-        # spandrel (chaiNNer's model loader): msfin_fast.spandrel_arch.install() registers MSFIN.
-        "spandrel": ["spandrel>=0.4"],
-        # 16-bit colour PNG and TIFF, which Pillow reduces to 8 bits: OpenCV's unchanged mode.
-        "image16": ["opencv-python-headless>=4.8"],
-    },
-    entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
-    ext_modules=cuda_extension(),
-    cmdclass={"build_ext": NinjaBuildExt},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__ too; tests import it
+    setup(
+        name="msfin_fast",
+        version=version(),
+        description="Inference engine for MSFIN / MSFIN-S lightweight image super-resolution (ICME 2021)",
+        long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=packages(),
+        package_dir={"msfin_fast": "msfin_fast", "msfin_fast.kernels": "kernels"},
+        install_requires=["torch>=2.1", "numpy>=1.23", "pillow>=9.1"],
+        extras_require={
+            "triton": ["triton>=3.0"],
+            "build": ["pybind11>=2.10", "ninja"],
+            "test": ["pytest>=7", "pytest-timeout>=2"],
+            "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.17"],
+            # Ray Data (batch jobs) and Ray Serve (replicated service); 2.60 is the version tested.
+            "scale": ["ray[data,serve]>=2.60"],
+            # PyAV: FFmpeg in-process, its wheels bundle the codecs (x264, x265, VP9, SVT-AV1); 18 is tested.
+            "video": ["av>=18"],
+            # ONNX export (the dynamo exporter writes through onnxscript) and ONNX Runtime to run it;
+            # onnx 1.23, onnxscript 0.7 and onnxruntime 1.32 are tested.
+            "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+            # spandrel (chaiNNer's model loader): msfin_fast.spandrel_arch.install() registers MSFIN.
+            "spandrel": ["spandrel>=0.4"],
+            # 16-bit colour PNG and TIFF, which Pillow reduces to 8 bits: OpenCV's unchanged mode.
+            "image16": ["opencv-python-headless>=4.8"],
+        },
+        entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
+        ext_modules=cuda_extension(),
+        cmdclass={"build_ext": NinjaBuildExt},
+        zip_safe=False,
+    )

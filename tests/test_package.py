@@ -121,3 +121,35 @@ def test_layering_only_the_triton_backend_imports_kernels_and_only_the_cuda_back
     assert extension == {"msfin_fast/engine/backends/cuda.py"}, extension
     assert not any(m.startswith("msfin_fast.engine") for m in files["msfin_fast/weights.py"])
     assert not any(m.startswith("msfin_fast.upscaler") for m in files["msfin_fast/train.py"])
+
+
+def _setup_module():
+    """setup.py's functions, without running setup() (it runs only as __main__, as pip runs it)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+
+
+def test_every_package_of_the_tree_is_installed():
+    """The package list comes from the tree: a subpackage added later (engine/backends once was
+    left out of a hand-written list, and `pip install .` gave a package that could not import)."""
+    listed = set(_setup_module()["packages"]())
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "msfin_fast").rglob("__init__.py")}
+    tree |= {"msfin_fast." + ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert "msfin_fast.engine.backends" in tree and "msfin_fast.kernels" in tree
+    assert listed == tree
+
+
+def test_nvcc_off_path_is_found_in_the_toolkit_folder(tmp_path, monkeypatch):
+    setup = _setup_module()
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    setup["find_nvcc"].__globals__["DEFAULT_NVCC"] = str(nvcc)
+    assert setup["find_nvcc"]() == str(nvcc)
+    setup["find_nvcc"].__globals__["DEFAULT_NVCC"] = str(tmp_path / "none" / "nvcc")
+    assert setup["find_nvcc"]() is None
