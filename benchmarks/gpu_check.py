@@ -2,25 +2,32 @@
 
     python3 benchmarks/gpu_check.py OUT              # on the GPU machine, in the repository root
     python3 benchmarks/gpu_check.py OUT --dry-run    # anywhere: the same control flow, no GPU needed
+    python3 benchmarks/gpu_check.py --timeline       # the predicted start and end of every stage
 
 The GPU machine has no network and no ``../shared``: copy the released weights and the test images
 into the git-ignored ``shared/`` first (``mkdir -p shared && cp -r ../shared/weights ../shared/data
 shared/``); the stages read them from there. Everything comes back in OUT as at most five files:
 
-  summary.txt       one line per stage: status, exit code, wall time, limit, pytest tally
-  environment.txt   GPU, driver, clocks, free memory, versions of python/torch/triton/CUDA/nvcc
+  summary.txt       one line per stage: status, exit code, start, wall time, limit, pytest tally
+  environment.txt   GPU, driver, clocks, free memory, copy bandwidth, versions of python/torch/triton/
+                    CUDA, the nvcc found and whether Python.h exists
   logs.txt          every stage's output (long logs keep their head and tail)
-  latency.md        the latency tables
+  latency.md        the latency tables (rewritten after every entry of a latency run)
   artifacts.tar.gz  the whole work folder: raw logs, JUnit XML, latency JSON and plots
 
-Stages run as separate processes, in parallel where they are independent (Triton compiles spread
-over the cores, a CUDA fault stays in its stage), each under its own time limit; the latency stages
-run alone on an idle GPU. Once the overall budget (default 530 s) is spent, running stages are
-stopped and later ones skipped. OUT is re-packed whenever a stage starts or ends, so a run killed
-from outside still returns everything that finished and says what was running. ``--dry-run`` runs
-the same scheduler with commands that need no GPU (pytest selections are collected, latency
-matrices printed, install and build echoed), which is how CI checks this script. Exit status: 0
-when every stage passed, else 1.
+The stages run in order of value: set-up; a short warm-up (the CUDA extension's build, the kernel
+compiles the latency run needs, the engine's correctness tests beside them); the latency table
+alone on the machine, then the 4K run; the other correctness tests; the sanitizers last (memcheck,
+then racecheck and synccheck only if the budget allows). Stages are separate processes, in
+parallel where they are independent (a CUDA fault stays in its stage), each under its own time
+limit and with its share of the cores (OMP, MKL and Inductor's compile threads); pytest stages
+have a per-test time limit and list their slowest tests. Once the overall budget (default 530 s)
+is spent, running stages are stopped and later ones skipped. OUT is re-packed whenever a stage
+starts or ends, so a run killed from outside still returns everything that finished and says what
+was running. ``--dry-run`` runs the same scheduler with commands that need no GPU (pytest
+selections are collected, latency matrices printed, install and build echoed), which is how CI
+checks this script; ``--timeline`` plays the same scheduler on the predicted durations. Exit
+status: 0 when every stage passed, else 1.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import time
 from pathlib import Path
@@ -45,18 +53,31 @@ BUDGET_S = 530.0
 MIN_STAGE_S = 10.0  # a stage is not started with less of the budget left than this
 LOG_KEEP = (60_000, 140_000)  # bytes of a long log kept from its head and its tail in logs.txt
 OUT_FILES = ("summary.txt", "environment.txt", "logs.txt", "latency.md", "artifacts.tar.gz")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+CUDA_BIN = Path("/usr/local/cuda/bin")  # where the CUDA toolkit's tools are when they are not on PATH
 
-# The latency runs: MSFIN at 720p and 1080p output, batch 1, every engine variant next to its peers
-# (eager fp16 channels-last, the same under a CUDA graph, torch.compile's default mode); then 4K
-# output at batch 8 with its peak memory. compile-max-autotune takes minutes: not here.
+# The latency runs: MSFIN at 720p, 1080p and 256² output, batch 1, every engine variant next to its
+# peers (eager fp16 channels-last, the same under a CUDA graph, torch.compile's default mode, which
+# latency.py runs after everything else); then 4K output at batch 8 with its peak memory.
+# compile-max-autotune takes minutes: not here.
 LATENCY_RUNS = [
-    dict(name="latency", models=["msfin-x4"], sizes=[(180, 320), (270, 480)], batch=[1], warmup=5, iters=30,
-         backends=["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "engine-fp16", "engine-fp16-graph",
-                   "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph", "engine-fp32-graph",
-                   "cuda-fp16", "cuda-fp16-graph", "auto-fp16-graph"]),
+    dict(name="latency", models=["msfin-x4"], sizes=[(180, 320), (270, 480), (64, 64)], batch=[1], warmup=5,
+         iters=30, backends=["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "engine-fp16", "engine-fp16-graph",
+                             "engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph",
+                             "engine-fp32-graph", "cuda-fp16", "cuda-fp16-graph", "auto-fp16-graph", "compile"]),
     dict(name="latency-4k", models=["msfin-x4"], sizes=[(540, 960)], batch=[8], warmup=2, iters=5,
          backends=["engine-fp16-graph", "engine-fp16-fused-graph", "cuda-fp16-graph", "ref-fp16-cl"]),
 ]
+# The warm-up before them: every Triton kernel variant the latency runs launch, compiled once by
+# processes side by side (Triton's on-disk cache then serves the timed run). The kernels take no
+# shape specialisation (benchmarks/NOTES.md, "Compiles"), so one size warms every size; the cuda-*
+# backends launch the same Triton kernels around the extension's RRCAB kernel (built ahead). Not
+# warmed: torch.compile (latency.py runs it last, alone, with every core) and auto's choice
+# (measured in the timed run, on an idle GPU, not here beside other stages).
+WARM_RUNS = {
+    "warm-engine": ["engine-fp16", "engine-fp16-graph", "engine-fp32-graph"],
+    "warm-fused": ["engine-fp16-fused", "engine-fp16-fused-graph", "engine-fp16-cudnn-graph"],
+}
 
 
 @dataclasses.dataclass
@@ -64,15 +85,17 @@ class Stage:
     name: str
     command: list[str]
     timeout: float
-    predicted: float  # seconds of wall time predicted on an H100 (benchmarks/NOTES.md)
+    predicted: float  # seconds of wall time predicted on an H200 machine (benchmarks/NOTES.md)
     after: tuple[str, ...] = ()  # start once these have ended, whatever their outcome
     needs: tuple[str, ...] = ()  # ... and skip unless these passed
     exclusive: bool = False  # alone on the machine: after every earlier stage, nothing beside it
+    cores: int | None = None  # CPU threads it may use (OMP, MKL, Inductor's compile workers, ninja)
+    min_budget: float = 0.0  # skipped unless this much of the overall budget is left when it could start
     env: dict = dataclasses.field(default_factory=dict)
     dry: list[str] | None = None  # the command under --dry-run (default: the command itself)
     status: str = "pending"  # pending, running, passed, failed, timeout, skipped, killed
     returncode: int | None = None
-    started: float | None = None
+    started: float | None = None  # seconds after the run's start
     wall: float | None = None
     limit: float | None = None
     note: str = ""
@@ -82,52 +105,85 @@ class Stage:
         return self.status not in ("pending", "running")
 
 
-def pytest_cmd(*args: str) -> list[str]:
-    return [PY, "-m", "pytest", *args, "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-o", "addopts="]
+def pytest_cmd(*args: str, per_test: int = 120) -> list[str]:
+    """pytest with a per-test time limit (pytest-timeout: one hung test cannot eat its stage) and
+    the slowest tests listed (where the stage's time went)."""
+    return [PY, "-m", "pytest", *args, "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-o", "addopts=",
+            f"--timeout={per_test}", "--durations=15"]
 
 
-def latency_cmd(run: dict, work: Path, *extra: str, name: str | None = None) -> list[str]:
+def latency_cmd(run: dict, work: Path, *extra: str, name: str | None = None, backends: list[str] | None = None,
+                sizes: list[tuple[int, int]] | None = None) -> list[str]:
     return [PY, "benchmarks/latency.py", "--models", *run["models"],
-            "--sizes", *[f"{h}x{w}" for h, w in run["sizes"]], "--batch", *map(str, run["batch"]),
-            "--backends", *run["backends"], "--warmup", str(run["warmup"]), "--iters", str(run["iters"]),
+            "--sizes", *[f"{h}x{w}" for h, w in sizes or run["sizes"]], "--batch", *map(str, run["batch"]),
+            "--backends", *(backends or run["backends"]), "--warmup", str(run["warmup"]), "--iters", str(run["iters"]),
             "--out-dir", str(work), "--name", name or run["name"], *extra]
 
 
-def stages(work: Path) -> list[Stage]:
-    """The GPU run, in order of value. ``after``/``needs`` name earlier stages only."""
+def stages(work: Path, cpus: int | None = None) -> list[Stage]:
+    """The GPU run, in order of value: a short warm-up, the latency table, the 4K run, the
+    correctness tests, the sanitizers. ``after``/``needs`` name earlier stages only; predicted
+    seconds are for an H200 machine with 16 cores (benchmarks/NOTES.md has the timeline)."""
+    cpus = cpus or os.cpu_count() or 2
+    share = lambda n: max(1, cpus // n)  # noqa: E731 — cores each of n stages side by side gets
     junit = lambda name: f"--junitxml={work / (name + '.xml')}"  # noqa: E731
     engine = "tests/test_engine_gpu.py::test_engine_matches_reference"
     psnr = "tests/test_engine_gpu.py::test_engine_keeps_the_paper_psnr"
+    latency_cache = {"MSFIN_CACHE_DIR": str(work / "cache-latency")}  # auto measures its choice alone
+    bandwidth = str(work / "bandwidth.txt")  # written by the env stage
+    # Phase 1: set-up (env and install side by side).
     out = [
-        Stage("env", [PY, "benchmarks/gpu_check.py", "--environment", str(work / "environment.txt")], 60, 5),
+        Stage("env", [PY, "benchmarks/gpu_check.py", "--environment", str(work / "environment.txt")], 45, 10,
+              cores=share(2)),
         Stage("install", [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-q",
-                          "-e", "."], 150, 15, after=("env",), env={"MSFIN_CUDA_EXT": "0"}),
-        Stage("cuda-build", [PY, "setup.py", "-q", "build_ext", "--inplace", "-j", "8"], 240, 40,
-              after=("install",), env={"MSFIN_CUDA_EXT": "1"}),
+                          "-e", "."], 60, 15, env={"MSFIN_CUDA_EXT": "0"}, cores=share(2)),
     ]
+    # Phase 2: the warm-up, 7 stages side by side: the extension's build, the kernel compiles the
+    # latency run needs, and the engine's correctness tests (which compile most of the same kernels).
+    # Short limits: the latency table waits for all of them.
+    build = min(4, share(4))  # nvcc for 4 files, one target each
+    warm = max(1, (cpus - build) // 6)
+    out.append(Stage("cuda-build", [PY, "setup.py", "-q", "build_ext", "--inplace", "-j", str(build)], 120, 40,
+                     after=("install",), env={"MSFIN_CUDA_EXT": "1"}, cores=build))
+    for name, backends in WARM_RUNS.items():
+        out.append(Stage(name, latency_cmd(LATENCY_RUNS[0], work, "--warm-only", name=name, backends=backends,
+                                           sizes=[(180, 320)]), 90, 45, after=("install",), env=latency_cache,
+                         cores=warm))
     for preset in ("msfin-x4", "msfin-s-x4"):
         for dtype in ("fp16", "fp32"):
             name = f"engine-{preset.removesuffix('-x4')}-{dtype}"
             out.append(Stage(name, pytest_cmd(engine, "-k", f"{preset} and {dtype} and not cuda", junit(name)),
-                             300, 60, after=("install",)))
+                             120, 60, after=("install",), cores=warm))
+    # Phase 3: latency alone on the machine, then the 4K run. A stage stopped at its limit keeps its
+    # rows (latency.py rewrites its files after every entry, torch.compile's entries last).
     out += [
+        Stage("latency", latency_cmd(LATENCY_RUNS[0], work, "--check", "--bandwidth", bandwidth), 300, 190,
+              exclusive=True, env=latency_cache, cores=cpus),
+        Stage("latency-4k", latency_cmd(LATENCY_RUNS[1], work, "--bandwidth", bandwidth), 120, 45,
+              exclusive=True, env=latency_cache, cores=cpus),
+    ]
+    # Phase 4: the other correctness tests, 4 side by side, kernels mostly compiled by now.
+    tests = share(4)
+    out += [
+        Stage("psnr", pytest_cmd(psnr, "-k", "not cuda", junit("psnr"), per_test=240), 240, 150, cores=tests),
         Stage("kernels", pytest_cmd("tests/test_kernels.py", "tests/test_engine.py::test_triton_kernels_end_to_end",
-                                    junit("kernels")), 300, 90, after=("install",)),
-        Stage("psnr", pytest_cmd(psnr, "-k", "not cuda", junit("psnr")), 300, 150, after=("install",)),
-        Stage("latency-warm", latency_cmd(LATENCY_RUNS[0], work, "--warm-only", name="latency-warm"), 300, 180,
-              after=("install",)),
+                                    junit("kernels")), 200, 60, cores=tests),
         Stage("cuda-tests", pytest_cmd(
             "tests/test_cuda_ext.py", engine, psnr, "-k", "(test_cuda_ext and not compute_sanitizer and not host_sanitizers "
-            "and not on_the_cpu) or (test_engine_gpu and cuda)", junit("cuda-tests")), 240, 100, needs=("cuda-build",)),
+            "and not on_the_cpu) or (test_engine_gpu and cuda)", junit("cuda-tests")), 200, 60, needs=("cuda-build",),
+            cores=tests),
+        Stage("serving", pytest_cmd("tests/test_serving.py", "-m", "gpu", junit("serving")), 150, 30, cores=tests),
     ]
-    for tool in ("memcheck", "racecheck", "synccheck"):
+    # Phase 5: the sanitizers, memcheck first; racecheck and synccheck only if the budget allows.
+    # PyTorch's caching allocator hands out 2 MiB segments, inside which an out-of-bounds access is
+    # invisible to memcheck: every allocation goes to the driver instead.
+    for tool, after, predicted in (("memcheck", "cuda-tests", 45), ("racecheck", "sanitize-memcheck", 90),
+                                   ("synccheck", "sanitize-memcheck", 45)):
         out.append(Stage(f"sanitize-{tool}", pytest_cmd(f"tests/test_cuda_ext.py::test_compute_sanitizer_is_clean[{tool}]",
-                                                        junit(f"sanitize-{tool}")),
-                         200, 90 if tool == "racecheck" else 45, needs=("cuda-build",)))
-    out += [
-        Stage("latency", latency_cmd(LATENCY_RUNS[0], work, "--check"), 240, 90, exclusive=True),
-        Stage("latency-4k", latency_cmd(LATENCY_RUNS[1], work), 150, 45, exclusive=True),
-    ]
+                                                        junit(f"sanitize-{tool}"), per_test=190),
+                         200, predicted, after=(after,), needs=("cuda-build",), cores=tests,
+                         min_budget=0 if tool == "memcheck" else predicted + 15,
+                         env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
     return out
 
 
@@ -198,6 +254,15 @@ class Scheduler:
             return "an exclusive stage is running"
         return None
 
+    def stage_env(self, stage: Stage) -> dict:
+        """The stage's environment: the run's, its own, and its share of the cores for every pool
+        of threads it may start (so that stages side by side do not oversubscribe the CPU)."""
+        env = dict(self.env, **stage.env, PYTHONUNBUFFERED="1")
+        if stage.cores:
+            for var in THREAD_VARS:
+                env[var] = str(stage.cores)
+        return env
+
     def start(self, stage: Stage) -> None:
         remaining = self.budget - self.elapsed()
         stage.limit = min(stage.timeout, remaining)
@@ -205,8 +270,8 @@ class Scheduler:
         log = open(self.work / f"{stage.name}.log", "w")
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        env = dict(self.env, **stage.env, PYTHONUNBUFFERED="1")
-        stage.started, stage.status = time.monotonic(), "running"
+        env = self.stage_env(stage)
+        stage.started, stage.status = self.elapsed(), "running"
         try:
             self.procs[stage.name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                       stdin=subprocess.DEVNULL, start_new_session=True)
@@ -222,7 +287,7 @@ class Scheduler:
     def finish(self, stage: Stage, status: str, returncode: int | None, note: str = "") -> None:
         stage.status, stage.returncode, stage.note = status, returncode, note or stage.note
         if stage.started is not None:
-            stage.wall = time.monotonic() - stage.started
+            stage.wall = self.elapsed() - stage.started
         proc = self.procs.pop(stage.name, None)
         log = self.logs.pop(stage.name, None)
         if log is not None:
@@ -250,28 +315,36 @@ class Scheduler:
                 proc = self.procs[stage.name]
                 if proc.poll() is not None:
                     self.finish(stage, "passed" if proc.returncode == 0 else "failed", proc.returncode)
-                elif time.monotonic() - stage.started > stage.limit:
+                elif self.elapsed() - stage.started > stage.limit:
                     budget_hit = stage.limit < stage.timeout
                     self.stop(stage, "timeout",
                               "the overall budget was spent" if budget_hit else f"over its {stage.timeout:.0f} s limit")
-            for i, stage in enumerate(self.plan):
-                if stage.status != "pending":
-                    continue
-                why = self.blocked(i, stage)
-                if why is not None and why.startswith("skip: "):
-                    self.finish(stage, "skipped", None, why[6:])
-                    continue
-                if self.budget - self.elapsed() < self.min_stage:
-                    self.finish(stage, "skipped", None, f"the {self.budget:.0f} s budget was spent")
-                    continue
-                if why is None and len(self.procs) < self.max_parallel and self.stop_signal is None:
-                    self.start(stage)
+            self.admit()
             if self.changed:  # once per tick, however many stages started or ended in it
                 self.changed = False
                 self.pack()
             time.sleep(0.05 if self.dry_run else 0.2)
         self.pack(final=True)
         return 0 if all(s.status == "passed" for s in self.plan) else 1
+
+    def admit(self) -> None:
+        """Start every pending stage that may start now, in plan order; skip those that never will."""
+        for i, stage in enumerate(self.plan):
+            if stage.status != "pending":
+                continue
+            why = self.blocked(i, stage)
+            if why is not None and why.startswith("skip: "):
+                self.finish(stage, "skipped", None, why[6:])
+                continue
+            left = self.budget - self.elapsed()
+            if left < self.min_stage:
+                self.finish(stage, "skipped", None, f"the {self.budget:.0f} s budget was spent")
+                continue
+            if why is None and left < stage.min_budget:
+                self.finish(stage, "skipped", None, f"{left:.0f} s of the budget left, it needs {stage.min_budget:.0f}")
+                continue
+            if why is None and len(self.procs) < self.max_parallel and self.stop_signal is None:
+                self.start(stage)
 
     def abort(self, why: str) -> None:
         for name in list(self.procs):
@@ -288,13 +361,16 @@ class Scheduler:
         lines = [f"msfin_fast GPU check, {mode}; started {self.started_at.isoformat(timespec='seconds')}; "
                  f"elapsed {self.elapsed():.0f} s of a {self.budget:.0f} s budget"
                  + ("" if final else "; still running"),
-                 f"{'stage':<20} {'status':<8} {'rc':>4} {'wall s':>7} {'limit s':>7} {'pred s':>6}  tally / note"]
+                 f"{'stage':<20} {'status':<8} {'rc':>4} {'start s':>7} {'wall s':>7} {'limit s':>7} {'pred s':>6}  "
+                 "tally / note"]
         for s in self.plan:
             rc = "" if s.returncode is None else str(s.returncode)
+            start = "" if s.started is None else f"{s.started:.0f}"
             wall = "" if s.wall is None else f"{s.wall:.1f}"
             limit = "" if s.limit is None else f"{s.limit:.0f}"
             detail = "; ".join(x for x in (pytest_tally(self.work / f"{s.name}.log"), s.note) if x)
-            lines.append(f"{s.name:<20} {s.status:<8} {rc:>4} {wall:>7} {limit:>7} {s.predicted:>6.0f}  {detail}")
+            lines.append(f"{s.name:<20} {s.status:<8} {rc:>4} {start:>7} {wall:>7} {limit:>7} {s.predicted:>6.0f}  "
+                         f"{detail}")
         counts = {}
         for s in self.plan:
             counts[s.status] = counts.get(s.status, 0) + 1
@@ -326,6 +402,65 @@ class Scheduler:
                 if path.is_file() and path.stat().st_size < 8 << 20:
                     tar.add(path, arcname=f"gpu-check/{path.name}")
         os.replace(tmp, self.out / "artifacts.tar.gz")
+
+
+class Timeline(Scheduler):
+    """The scheduler's own decisions played on predicted durations instead of processes: when
+    each stage would start and end, and which would be skipped for want of budget."""
+
+    def __init__(self, plan: list[Stage], *, budget: float = BUDGET_S, max_parallel: int = 12):
+        copies = [dataclasses.replace(s, status="pending", returncode=None, started=None, wall=None, limit=None,
+                                      note="") for s in plan]
+        super().__init__(copies, Path(os.devnull), Path(os.devnull), budget=budget, max_parallel=max_parallel, env={})
+        self.now = 0.0
+
+    def elapsed(self) -> float:
+        return self.now
+
+    def start(self, stage: Stage) -> None:
+        stage.limit = min(stage.timeout, self.budget - self.now)
+        stage.started, stage.status = self.now, "running"
+        self.procs[stage.name] = None
+
+    def finish(self, stage: Stage, status: str, returncode: int | None, note: str = "") -> None:
+        stage.status, stage.returncode, stage.note = status, returncode, note
+        if stage.started is not None:
+            stage.wall = self.now - stage.started
+        self.procs.pop(stage.name, None)
+
+    def pack(self, final: bool = False) -> None:
+        pass
+
+    def play(self) -> list[Stage]:
+        """The plan with predicted ``started`` and ``wall``; a stage predicted past its limit times out."""
+        while any(not s.ended for s in self.plan):
+            self.admit()
+            running = [s for s in self.plan if s.status == "running"]
+            if not running:
+                for s in self.plan:
+                    if not s.ended:
+                        self.finish(s, "skipped", None, "never startable")
+                break
+            ends = {s.name: s.started + min(s.predicted, s.limit) for s in running}
+            self.now = min(ends.values())
+            for s in running:
+                if ends[s.name] <= self.now:
+                    self.finish(s, "passed" if s.predicted <= s.limit else "timeout", 0)
+        return self.plan
+
+    def table(self) -> str:
+        lines = ["| stage | starts after | cores | predicted start–end s | limit s | status |", "|---|---|---|---|---|---|"]
+        for i, s in enumerate(self.plan):
+            alone = [e.name for e in self.plan[:i] if e.exclusive]
+            waits = ", ".join(s.after + tuple(n for n in s.needs if n not in s.after) + tuple(alone)) or "—"
+            if s.exclusive:
+                waits = "every stage above; runs alone"
+            span = "—" if s.started is None else f"{s.started:.0f}–{s.started + s.wall:.0f}"
+            lines.append(f"| {s.name} | {waits} | {s.cores or '—'} | {span} | {s.timeout:.0f} | "
+                         f"{s.status}{': ' + s.note if s.note else ''} |")
+        end = max((s.started + s.wall for s in self.plan if s.started is not None), default=0.0)
+        lines.append(f"\nPredicted end: {end:.0f} s of the {self.budget:.0f} s budget.")
+        return "\n".join(lines) + "\n"
 
 
 def write(path: Path, data: bytes) -> None:
@@ -365,6 +500,15 @@ def pytest_tally(log: Path) -> str:
 # The environment report
 
 
+def find_tool(name: str) -> str | None:
+    """A CUDA toolkit program: on PATH, else in $CUDA_HOME/bin, else in /usr/local/cuda/bin."""
+    for candidate in (shutil.which(name), os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / name,
+                      CUDA_BIN / name):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 def environment_report(path: Path) -> int:
     def run(cmd: list[str]) -> str:
         try:
@@ -385,18 +529,31 @@ def environment_report(path: Path) -> int:
         "    print('device', p.name, 'sm', f'{p.major}.{p.minor}', 'SMs', p.multi_processor_count,\n"
         "          'L2 MB', getattr(p, 'L2_cache_size', 0) / 2**20)\n"
         "    print('memory free / total GiB', round(free / 2**30, 1), round(total / 2**30, 1))\n"
+        "    try:\n"
+        "        sys.path.insert(0, 'benchmarks')\n"
+        "        from latency import copy_bandwidth\n"
+        "        bandwidth = copy_bandwidth()\n"
+        "        open(sys.argv[1], 'w').write(f'{bandwidth:.4g} bytes/s, device-to-device copy of 1 GiB, read + write\\n')\n"
+        "        print(f'copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write; the floor of latency.py uses it)')\n"
+        "    except Exception as e:\n"
+        "        print('copy bandwidth not measured:', type(e).__name__, e, '(latency.py measures it itself)')\n"
         "else:\n"
         "    print('no CUDA device visible to torch')\n"
     )
+    nvcc = find_tool("nvcc")
+    include = Path(sysconfig.get_paths()["include"]) / "Python.h"
     sections = [
         ("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
         ("git", run(["git", "-C", str(ROOT), "log", "-1", "--format=%H %s"])),
         ("nvidia-smi", run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,"
                             "clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit", "--format=csv"])),
-        ("python / torch / triton / device", run([PY, "-c", probe])),
-        ("nvcc", run(["nvcc", "--version"]).splitlines()[-1] if shutil.which("nvcc") else "not on PATH"),
-        ("compute-sanitizer", run(["compute-sanitizer", "--version"]).splitlines()[-1]
-         if shutil.which("compute-sanitizer") else "not on PATH"),
+        ("python / torch / triton / device", run([PY, "-c", probe, str(path.parent / "bandwidth.txt")])),
+        ("nvcc", f"{nvcc}: {run([nvcc, '--version']).splitlines()[-1]}" if nvcc else
+         f"not found (PATH, CUDA_HOME, {CUDA_BIN}): the cuda-build stage will fail"),
+        ("Python.h", f"{include} " + ("exists" if include.is_file() else "MISSING: the extension cannot build")),
+        ("compute-sanitizer", f"{tool}: {run([tool, '--version']).splitlines()[-1]}"
+         if (tool := find_tool("compute-sanitizer")) else "not found"),
+        ("ncu", f"{tool}: {run([tool, '--version']).splitlines()[-1]}" if (tool := find_tool("ncu")) else "not found"),
         ("cpu", f"{os.cpu_count()} cores; " + run(["sh", "-c", "free -g | head -2 | tail -1"])),
         ("shared/", run(["sh", "-c", "ls shared/weights shared/data 2>&1 | tr '\\n' ' '"])),
     ]
@@ -413,10 +570,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="run just these stages (with nothing they wait for)")
     ap.add_argument("--max-parallel", type=int, default=None, help="stages at once (default 12; dry run: CPUs)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default build/gpu-check-<time>)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print the predicted timeline (the scheduler on predicted durations) and exit")
+    ap.add_argument("--cpus", type=int, default=None, help="cores to plan for (default: this machine's)")
     ap.add_argument("--environment", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.environment:
         return environment_report(args.environment)
+    if args.timeline:
+        timeline = Timeline(stages(Path("build/gpu-check"), args.cpus), budget=args.budget,
+                            max_parallel=args.max_parallel or 12)
+        timeline.play()
+        print(timeline.table(), end="")
+        return 0
     if args.out is None:
         ap.error("give the output folder")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -425,13 +591,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.out} already holds other files ({', '.join(stray[:5])}): give an empty folder")
     work = args.work or ROOT / "build" / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True, exist_ok=True)
-    plan = stages(work)
+    plan = stages(work, args.cpus)
     if args.only:
         unknown = set(args.only) - {s.name for s in plan}
         if unknown:
             ap.error(f"unknown stages {sorted(unknown)}; stages: {', '.join(s.name for s in plan)}")
         plan = [dataclasses.replace(s, after=(), needs=()) for s in plan if s.name in args.only]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    path = os.environ.get("PATH", "")
+    if shutil.which("nvcc") is None and CUDA_BIN.is_dir():  # nvcc, compute-sanitizer and ncu for every stage
+        path = os.pathsep.join(filter(None, [path, str(CUDA_BIN)]))
+    env = dict(os.environ, PATH=path,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                MSFIN_CUDA_ARCHS=os.environ.get("MSFIN_CUDA_ARCHS", "90"), MSFIN_OFFLINE="1",
                MSFIN_STRICT_TESTS="1",  # a missing file, module, tool or extension fails its test
                MSFIN_CACHE_DIR=str(work / "cache"))

@@ -421,6 +421,8 @@ def write_results(out_dir: Path, stem: str, env: dict, results: list[dict], prog
                 f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
                 f"Command: `python benchmarks/{env['command']}`\n\n" + (f"{quick_note}\n\n" if quick_note else "")
                 + f"Floor at {env['bandwidth'] / 1e12:.2f} TB/s ({env['bandwidth_source']}).\n\n"
+                + "".join(f"GPU {when}: {env[key]}\n\n" for when, key in (("before", "clocks_before"),
+                                                                          ("after", "clocks_after")) if key in env)
                 + progress_line(progress) + "\n\n" + markdown(results))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -8,6 +8,7 @@ collected, latency matrices printed), so a stage that would select nothing fails
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -286,3 +287,90 @@ def test_the_stage_commands_use_an_offline_install_and_one_cuda_target():
     assert all(s.timeout <= 300 for s in plan.values())
     assert all(s.timeout <= 200 for name, s in plan.items() if name.startswith("sanitize-"))
     assert [s.name for s in plan.values() if s.exclusive] == ["latency", "latency-4k"]
+    for stage in plan.values():
+        if stage.command[1:3] == ["-m", "pytest"]:  # a hung test cannot eat its stage; the log says where time went
+            assert any(a.startswith("--timeout=") for a in stage.command) and "--durations=15" in stage.command
+        if stage.name.startswith("sanitize-"):  # memcheck sees each allocation's own bounds
+            assert stage.env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+        if stage.name.startswith(("latency", "warm-")):  # auto's choice is measured by the timed run, alone
+            assert stage.env["MSFIN_CACHE_DIR"] == "/work/cache-latency"
+    for name in ("latency", "latency-4k"):
+        command = plan[name].command
+        assert command[command.index("--bandwidth") + 1] == "/work/bandwidth.txt"
+    assert plan["sanitize-racecheck"].min_budget > 0 and plan["sanitize-synccheck"].min_budget > 0
+
+
+def test_the_predicted_timeline_runs_latency_first_and_fits_the_budget():
+    """The scheduler played on the predicted durations for the H200 machine (16 cores): latency
+    right after the warm-up, then 4K, then the tests, the sanitizers last, all inside the budget,
+    and never more threads at once than cores."""
+    timeline = G.Timeline(G.stages(Path("/work"), cpus=16))
+    plan = {s.name: s for s in timeline.play()}
+    end = {name: s.started + s.wall for name, s in plan.items()}
+    assert all(s.status == "passed" for s in plan.values()), [(s.name, s.status, s.note) for s in plan.values()]
+    warm = [n for n in plan if n.startswith(("warm-", "engine-")) or n in ("env", "install", "cuda-build")]
+    assert plan["latency"].started == max(end[n] for n in warm) <= 100
+    assert plan["latency-4k"].started == end["latency"]
+    tests = ("psnr", "kernels", "cuda-tests", "serving")
+    assert all(plan[n].started == end["latency-4k"] for n in tests)
+    assert plan["sanitize-memcheck"].started >= end["cuda-tests"]
+    assert plan["sanitize-racecheck"].started >= end["sanitize-memcheck"]
+    assert plan["sanitize-synccheck"].started >= end["sanitize-memcheck"]
+    assert max(end.values()) <= G.BUDGET_S
+    for t in sorted({s.started for s in plan.values()}):
+        busy = [s for s in plan.values() if s.started <= t < s.started + s.wall]
+        assert sum(s.cores for s in busy) <= 16, (t, [(s.name, s.cores) for s in busy])
+    table = timeline.table()
+    assert f"| latency | every stage above; runs alone | 16 | {plan['latency'].started:.0f}–" in table
+    assert "Predicted end:" in table
+    # Even with every stage before it running to its limit, the latency table gets its whole limit.
+    worst = {s.name: s for s in G.Timeline([dataclasses.replace(s, predicted=s.timeout)
+                                            for s in G.stages(Path("/work"), cpus=16)]).play()}
+    assert worst["latency"].started is not None and worst["latency"].limit == worst["latency"].timeout
+
+
+def test_a_stage_that_needs_more_budget_than_is_left_is_skipped(tmp_path):
+    plan = [G.Stage("first", sleeper(1.5), 10, 1),
+            G.Stage("optional", py("print('ran')"), 10, 1, after=("first",), min_budget=20),
+            G.Stage("cheap", py("print('ran')"), 10, 1, after=("first",), min_budget=2)]
+    s, out = scheduler(tmp_path, plan, budget=8.0, min_stage=1.0)
+    assert s.run() == 1
+    assert plan[1].status == "skipped" and re.fullmatch(r"\d s of the budget left, it needs 20", plan[1].note)
+    assert plan[2].status == "passed"
+    assert "it needs 20" in (out / "summary.txt").read_text()
+
+
+def test_each_stage_gets_its_share_of_the_cores(tmp_path):
+    show = py("import os; print('threads', *(os.environ.get(v) for v in "
+              "('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'TORCHINDUCTOR_COMPILE_THREADS')))")
+    plan = [G.Stage("a", show, 10, 1, cores=3), G.Stage("b", show, 10, 1)]
+    s, _ = scheduler(tmp_path, plan, env={"OMP_NUM_THREADS": "99"})
+    assert s.run() == 0
+    assert "threads 3 3 3" in (tmp_path / "work" / "a.log").read_text()
+    assert "threads 99 None None" in (tmp_path / "work" / "b.log").read_text()  # no share: as the run's
+
+
+def test_the_environment_stage_reports_nvcc_and_python_h(tmp_path):
+    report = tmp_path / "environment.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--environment", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = report.read_text()
+    assert re.search(r"## Python.h\n\S+/Python.h (exists|MISSING)", text)
+    assert re.search(r"## nvcc\n(\S+/nvcc: .*|not found .*)\n", text)
+    if not __import__("torch").cuda.is_available():
+        assert not (tmp_path / "bandwidth.txt").exists()  # measured on a GPU only
+
+
+def test_toolkit_programs_are_found_off_path(tmp_path, monkeypatch):
+    """CUDA images often leave /usr/local/cuda/bin off PATH: nvcc, compute-sanitizer and ncu are
+    looked for there too (and the stages get it on their PATH)."""
+    bin_dir = tmp_path / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("nvcc", "ncu"):
+        (bin_dir / name).write_text("#!/bin/sh\necho fake\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(G, "CUDA_BIN", bin_dir)
+    assert G.find_tool("nvcc") == str(bin_dir / "nvcc") and G.find_tool("compute-sanitizer") is None
