@@ -501,9 +501,10 @@ def pytest_tally(log: Path) -> str:
 
 
 def find_tool(name: str) -> str | None:
-    """A CUDA toolkit program: on PATH, else in $CUDA_HOME/bin, else in /usr/local/cuda/bin."""
-    for candidate in (shutil.which(name), os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / name,
-                      CUDA_BIN / name):
+    """A CUDA toolkit program where setup.py looks for nvcc: $CUDA_HOME/bin or $CUDA_PATH/bin, else
+    PATH, else /usr/local/cuda/bin."""
+    homes = [Path(os.environ[var]) / "bin" / name for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    for candidate in (*homes, shutil.which(name), CUDA_BIN / name):
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
     return None

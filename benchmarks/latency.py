@@ -45,7 +45,9 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -391,8 +393,6 @@ def resolve_bandwidth(value: str | None, cuda: bool) -> tuple[float, str]:
 
 def gpu_clocks() -> str:
     """What nvidia-smi says of the clocks, temperature, power and throttling right now."""
-    import subprocess
-
     fields = "clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit"
     for extra in (",clocks_event_reasons.active", ",clocks_throttle_reasons.active", ""):
         try:
@@ -409,8 +409,6 @@ def write_results(out_dir: Path, stem: str, env: dict, results: list[dict], prog
                   quick_note: str | None) -> None:
     """Both files, each replaced atomically, with signals held off while they are written: a run
     stopped or killed at any moment leaves valid files holding every row finished before."""
-    import signal
-
     held = {signal.SIGTERM, signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
@@ -496,9 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.backends.cudnn.benchmark = True
-
-    import signal
-
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return run(args, matrix, cuda, quick_note, sys.argv[1:] if argv is None else argv)
@@ -556,7 +551,7 @@ def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: lis
             print(f"{label}: {said}", flush=True)
             progress["done"] += 1
             progress["current"] = None
-        progress.update(state="finished", current=None)
+        progress["state"] = "finished"
     except Stopped as stop:
         row = results[-1] if results and progress["current"] else None
         if row is not None and "median_ms" not in row and "skipped" not in row and "error" not in row:

@@ -371,6 +371,7 @@ def test_toolkit_programs_are_found_off_path(tmp_path, monkeypatch):
         (bin_dir / name).write_text("#!/bin/sh\necho fake\n")
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.delenv("CUDA_HOME", raising=False)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(G, "CUDA_BIN", bin_dir)
     assert G.find_tool("nvcc") == str(bin_dir / "nvcc") and G.find_tool("compute-sanitizer") is None

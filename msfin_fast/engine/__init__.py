@@ -29,7 +29,7 @@ from ..model import MSFIN, check_input
 from . import backends as B
 from . import library
 from . import plan as P
-from .executor import Executor, ShapeCache
+from .executor import Arena, Executor, ShapeCache
 from .graphs import CapturedGraph
 
 BACKENDS = ("auto",) + B.NAMES
@@ -220,7 +220,8 @@ class Engine(nn.Module):
         loudly instead of reusing what the previous call left behind."""
         captured = list(self.graphs.values())
         tensors = [g.outputs for g in captured]
-        for arena in [*self._arenas.values(), *(g.state for g in captured)]:
+        held = [a for g in captured for a in g.held if isinstance(a, Arena)]
+        for arena in [*self._arenas.values(), *held]:
             tensors += arena.tensors + ([arena.scratch] if arena.scratch is not None else [])
         for t in tensors:
             t.fill_(float("nan"))
@@ -233,7 +234,7 @@ class Engine(nn.Module):
             arena = self.executor.arena(n, self.scale * h, self.scale * w, x.device)
             with torch.inference_mode(False):  # the graph's output outlives this call, as its arena does
                 out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
-            entry = CapturedGraph(lambda static_x: self.executor.run(static_x, arena, out), (x,), state=arena)
+            entry = CapturedGraph(lambda static_x: self.executor.run(static_x, arena, out), (x,))
             self.graphs.put(key, entry)
         return entry.replay(x).clone()
 

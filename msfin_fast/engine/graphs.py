@@ -45,19 +45,18 @@ class CapturedGraph:
     """``fn(*inputs)`` captured on static copies of ``examples``; ``replay`` copies new inputs in.
 
     Warm-up runs (which compile kernels and pick algorithms) go on a side stream before the
-    capture, as CUDA graphs require. ``state`` keeps whatever the caller knows the graph's memory
-    belongs to alive with it; ``held`` is what the captured code declared through :func:`hold`.
-    ``fn`` must not synchronise with the host.
+    capture, as CUDA graphs require. ``held`` is what the captured code declared through
+    :func:`hold` (an engine's executor and arena), kept alive with the graph. ``fn`` must not
+    synchronise with the host.
 
     The static inputs are made outside inference mode whatever mode the caller is in: the graph
     outlives the call, and a later replay outside inference mode copies into them in place.
     """
 
     def __init__(self, fn: Callable, examples: tuple[torch.Tensor, ...], *, warmup: int = 1,
-                 stream: torch.cuda.Stream | None = None, state: object = None):
+                 stream: torch.cuda.Stream | None = None):
         with torch.inference_mode(False):
             self.inputs = tuple(e.clone() for e in examples)
-        self.state = state
         self.held: list = []
         self._warm_up(fn, warmup, stream)
         with holding(self.held):
