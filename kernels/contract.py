@@ -1,8 +1,14 @@
-"""The host-side shape of a deferred value, importable without Triton (see source.py)."""
+"""The host-side shape of a deferred value, importable without Triton (see source.py).
+
+``Source`` is the engine's one type for a deferred value (msfin_fast/engine/source.py); the kernels
+read its ``ca`` (the producer's :class:`CAWeights`).
+"""
 
 from typing import NamedTuple
 
 import torch
+
+from ..engine.source import Source  # noqa: F401  (the kernels' input type)
 
 # The one-launch RRCAB kernel (rrcab_fused.py) runs passes up to this many channels; wider passes
 # (quarter and half resolution) exceed the registers of a useful tile and keep two launches.
@@ -21,26 +27,3 @@ class CAWeights(NamedTuple):
     def padded(self) -> tuple[int, int]:
         """(CP, CRP): channels and squeezed channels, padded to powers of two."""
         return self.w1.shape[1], self.w1.shape[0]
-
-
-class Source(NamedTuple):
-    """``t + CA(u) + e1 + e2``: a value some kernel will finish while reading it."""
-
-    t: torch.Tensor
-    u: torch.Tensor | None = None
-    sums: torch.Tensor | None = None
-    ca: CAWeights | None = None
-    e1: torch.Tensor | None = None
-    e2: torch.Tensor | None = None
-
-    @property
-    def deferred(self) -> bool:
-        return self.u is not None
-
-    @property
-    def addends(self) -> list[torch.Tensor]:
-        return [e for e in (self.e1, self.e2) if e is not None]
-
-    @property
-    def is_plain(self) -> bool:
-        return self.u is None and self.e1 is None and self.e2 is None

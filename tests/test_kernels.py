@@ -29,7 +29,8 @@ from conftest import require_module
 
 require_module("triton")
 
-from msfin_fast.engine.backends import Operand, emulate, triton  # noqa: E402
+from msfin_fast.engine.backends import emulate, triton
+from msfin_fast.engine.source import Source  # noqa: E402
 from msfin_fast.model import RRCAB, MeanShift  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +113,7 @@ def run_rrcab_pass(width, dtype, n, h, w, deferred, n_add, write_x, fused, seed)
     results = {}
     for ops, packers in sides(fused):
         packed = packers.pack_block(block, dtype)
-        src = Operand(t, u_in, sums_in, packers.pack_block(made_by, dtype) if deferred else None,
+        src = Source(t, u_in, sums_in, packers.pack_block(made_by, dtype) if deferred else None,
                       adds[0] if n_add > 0 else None, adds[1] if n_add > 1 else None)
         out = Guarded(DEVICE)
         kernel_fused = fused and ops.name == "triton"
@@ -200,9 +201,9 @@ def test_rrcab_emulation_is_one_reference_step():
     x = torch.randn(2, 24, 6, 7, device=DEVICE) * 10
     t = x.permute(0, 2, 3, 1).contiguous()
     a, u, sums = torch.empty_like(t), torch.empty_like(t), torch.zeros(2, 24, device=DEVICE)
-    ops.rrcab_pass(Operand(t), packed, None, a, u, sums)
+    ops.rrcab_pass(Source(t), packed, None, a, u, sums)
     out = torch.empty_like(t)
-    ops.materialize(Operand(t, u, sums, packed), out)
+    ops.materialize(Source(t, u, sums, packed), out)
     with torch.no_grad():
         want = block(x)
     torch.testing.assert_close(out.permute(0, 3, 1, 2), want, rtol=1e-5, atol=1e-4)
@@ -214,7 +215,7 @@ def deferred_source(c, dtype, n, h, w, n_add, seed):
     adds = [nhwc(n, h, w, c, dtype, 3) for _ in range(n_add)]
     t, u, sums = nhwc(n, h, w, c, dtype, 10), nhwc(n, h, w, c, dtype, 5), torch.randn(n, c, device=DEVICE) * h * w
     made_by = producer(c, g, r, dtype, seed)
-    return lambda packers: Operand(t, u, sums, packers.pack_block(made_by, dtype), *(adds + [None, None])[:2])
+    return lambda packers: Source(t, u, sums, packers.pack_block(made_by, dtype), *(adds + [None, None])[:2])
 
 
 def check_materialize(c, dtype, n, hw, n_add):
@@ -299,12 +300,12 @@ def test_launchers_reject_mismatched_buffers():
     t = nhwc(1, 4, 4, 24, torch.float32)
     ops = triton.TritonBackend()
     with pytest.raises(ValueError, match="a_out"):
-        ops.rrcab_pass(Operand(t), packed, None, nhwc(1, 4, 5, 24, torch.float32), torch.empty_like(t),
+        ops.rrcab_pass(Source(t), packed, None, nhwc(1, 4, 5, 24, torch.float32), torch.empty_like(t),
                        torch.zeros(1, 24, device=DEVICE))
     with pytest.raises(ValueError, match="deferred source needs"):
-        ops.materialize(Operand(t, u=torch.empty_like(t)), torch.empty_like(t))
+        ops.materialize(Source(t, u=torch.empty_like(t)), torch.empty_like(t))
     with pytest.raises(ValueError, match="conv1 weight"):
-        ops.rrcab_pass(Operand(t.half()), packed, None, torch.empty_like(t.half()), torch.empty_like(t.half()),
+        ops.rrcab_pass(Source(t.half()), packed, None, torch.empty_like(t.half()), torch.empty_like(t.half()),
                        torch.zeros(1, 24, device=DEVICE))
 
 

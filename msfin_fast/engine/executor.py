@@ -21,7 +21,6 @@ import torch
 
 from . import graphs
 from . import plan as P
-from .backends import Operand
 
 
 def _units(buf: P.Buf) -> Fraction:
@@ -110,7 +109,7 @@ class Arena:
 
 class Tensors:
     """The tensors of one run (or of one launch, under the custom op), by plan value: buffers,
-    sums slots and the LR/SR images. ``operand`` turns a SourceRef into the backend's Operand."""
+    sums slots and the LR/SR images. ``operand`` binds a plan Source to its tensors and its producer's packed weights."""
 
     def __init__(self, packed: dict, bound: dict, scratch: torch.Tensor | None = None):
         self.packed = packed
@@ -133,9 +132,8 @@ class Tensors:
         else:
             target.copy_(tensor)
 
-    def operand(self, ref: P.SourceRef) -> Operand:
-        producer = self.packed[ref.block] if ref.u is not None else None
-        return Operand(self[ref.t], self.get(ref.u), self.get(ref.sums), producer, self.get(ref.e1), self.get(ref.e2))
+    def operand(self, ref: P.Source) -> P.Source:
+        return ref.bind(self.__getitem__, self.packed[ref.producer] if ref.deferred else None)
 
 
 class Executor:

@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from ..graph import trace_features
 from ..model import MSFIN, RRCAB, Down2, Down4, Up2
+from .source import Source
 
 
 @dataclass(frozen=True)
@@ -54,26 +55,6 @@ class SumsSlot:
 
     def shape(self, n: int, H: int, W: int) -> tuple[int, ...]:
         return (n, self.channels)
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """``t + CA_block(u) + e1 + e2`` (``block`` names the producer whose CA applies)."""
-
-    t: Buf
-    u: Buf | None = None
-    sums: SumsSlot | None = None
-    block: str | None = None
-    e1: Buf | None = None
-    e2: Buf | None = None
-
-    @property
-    def bufs(self) -> list[Buf]:
-        return [b for b in (self.t, self.u, self.e1, self.e2) if b is not None]
-
-    @property
-    def is_plain(self) -> bool:
-        return self.u is None and self.e1 is None
 
 
 @dataclass
@@ -118,8 +99,8 @@ class Image:
 LR, SR = Image("lr"), Image("sr")
 
 
-def _source_values(src: SourceRef) -> list:
-    return src.bufs + ([src.sums] if src.sums is not None else [])
+def _source_values(src: Source) -> list:
+    return src.parts + ([src.sums] if src.sums is not None else [])
 
 
 class Launch:
@@ -175,7 +156,7 @@ class Head(Launch):
 @dataclass
 class RRCABPass(Launch):
     block: str
-    src: SourceRef
+    src: Source
     x_out: Buf | None
     a: Buf | None  # conv1's output; None when the pass is one launch that keeps it on chip
     u: Buf
@@ -206,7 +187,7 @@ class RRCABPass(Launch):
 
 @dataclass
 class Materialize(Launch):
-    src: SourceRef
+    src: Source
     out: Buf
 
     def inputs(self):
@@ -262,7 +243,7 @@ class Conv(Launch):
     stride: int
     leaky: bool = False
     shuffle: bool = False
-    src: SourceRef | None = None  # a single deferred input, finished by the conv as it loads
+    src: Source | None = None  # a single deferred input, finished by the conv as it loads
     movable = True
 
     @property
@@ -287,7 +268,7 @@ class Conv(Launch):
 class Tail(Launch):
     """The tail conv with add_mean folded in: the last features → the SR image."""
 
-    src: SourceRef
+    src: Source
     weights = "tail"
 
     def inputs(self):
@@ -408,16 +389,16 @@ class Planner:
 
     # Values -----------------------------------------------------------------------------------
 
-    def source(self, value: Value) -> SourceRef:
+    def source(self, value: Value) -> Source:
         if isinstance(value, Plain):
-            return SourceRef(value.buf)
+            return Source(value.buf)
         if value.plain is not None:
-            return SourceRef(value.plain)
+            return Source(value.plain)
         if isinstance(value, Deferred):
-            return SourceRef(value.t, value.u, value.sums, value.block)
+            return Source(value.t, value.u, value.sums, value.block)
         base = self.source(value.base)
         extra = list(value.addends)
-        return SourceRef(base.t, base.u, base.sums, base.block, *(extra + [None, None])[:2])
+        return Source(base.t, base.u, base.sums, base.producer, *(extra + [None, None])[:2])
 
     def materialize(self, value: Value) -> Buf:
         if isinstance(value, Plain):
@@ -457,7 +438,7 @@ class Planner:
             a = None if fused else self.new_buf(div, channels)
             launch = RRCABPass(name, src, x_out, a, self.new_buf(div, channels), self.new_slot(channels))
             self.plan.launches.append(launch)
-            src = SourceRef(x_out or src.t, launch.u, launch.sums, name)
+            src = Source(x_out or src.t, launch.u, launch.sums, name)
         return Deferred(src.t, src.u, src.sums, name)
 
     def layer(self, name: str, module: nn.Module, values: list[Value]) -> Plain:

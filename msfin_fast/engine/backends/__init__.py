@@ -18,10 +18,12 @@ there. Each backend module imports what it alone needs: only ``triton`` imports 
 from __future__ import annotations
 
 import importlib
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from ..source import Source
 
 #: name → module of the backend class (imported on first use).
 MODULES = {
@@ -32,29 +34,6 @@ MODULES = {
     "reference": "pytorch",
 }
 NAMES = tuple(MODULES)
-
-
-class Operand(NamedTuple):
-    """A value some launch finishes while reading it: ``t + CA_producer(u) + e1 + e2`` (NHWC).
-
-    ``producer`` is the packed weights (in the reading backend's own format) of the block whose
-    channel attention applies to ``u``; ``sums`` are that block's channel sums, fp32 [N, C].
-    """
-
-    t: torch.Tensor
-    u: torch.Tensor | None = None
-    sums: torch.Tensor | None = None
-    producer: object = None
-    e1: torch.Tensor | None = None
-    e2: torch.Tensor | None = None
-
-    @property
-    def deferred(self) -> bool:
-        return self.u is not None
-
-    @property
-    def addends(self) -> list[torch.Tensor]:
-        return [e for e in (self.e1, self.e2) if e is not None]
 
 
 @runtime_checkable
@@ -77,18 +56,18 @@ class KernelBackend(Backend, Protocol):
     def head(self, x: torch.Tensor, packed, out: torch.Tensor) -> None:
         """LR NCHW image → first features, NHWC (bilinear ×4, sub_mean, head conv)."""
 
-    def rrcab_pass(self, src: Operand, packed, x_out: torch.Tensor | None, a: torch.Tensor | None,
+    def rrcab_pass(self, src: Source, packed, x_out: torch.Tensor | None, a: torch.Tensor | None,
                    u_out: torch.Tensor, sums: torch.Tensor, fused: bool = False) -> None:
         """One step of an RRCAB block: x_out (the finished input, when asked), u_out, sums += Σ u.
         ``a`` is conv1's output, or with ``fused`` the launch's scratch."""
 
-    def materialize(self, src: Operand, out: torch.Tensor) -> None:
+    def materialize(self, src: Source, out: torch.Tensor) -> None:
         """A deferred operand → a plain NHWC tensor."""
 
-    def conv(self, inputs: list[torch.Tensor] | Operand, packed, out: torch.Tensor, step) -> None:
+    def conv(self, inputs: list[torch.Tensor] | Source, packed, out: torch.Tensor, step) -> None:
         """A dense conv between blocks (``step``: the plan's Conv launch: ksize, stride, epilogue)."""
 
-    def tail(self, src: Operand, packed, out: torch.Tensor) -> None:
+    def tail(self, src: Source, packed, out: torch.Tensor) -> None:
         """A deferred operand → the SR image, NCHW (tail conv with add_mean folded in)."""
 
 

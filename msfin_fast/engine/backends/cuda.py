@@ -29,7 +29,8 @@ import torch
 from ...devices import resolve_dtype
 from ...errors import ConfigError, DeviceError, InvalidInputError
 from ...model import RRCAB
-from . import Operand, pack_plan
+from ..source import Source
+from . import pack_plan
 
 try:
     from ... import _C
@@ -425,7 +426,7 @@ class CudaBackend:
     def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
         return 0  # the kernel keeps conv1's output in shared memory
 
-    def rrcab_pass(self, src: Operand, p: CudaPacked, x_out, a, u_out, sums, fused: bool = False) -> None:
+    def rrcab_pass(self, src: Source, p: CudaPacked, x_out, a, u_out, sums, fused: bool = False) -> None:
         rrcab_pass(p.kernel, src.t, u=src.u, sums_in=src.sums, ca=src.producer.kernel.ca if src.deferred else None,
                    e1=src.e1, e2=src.e2, x_out=x_out, u_out=u_out, sums_out=sums)
 

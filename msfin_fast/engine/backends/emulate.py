@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...model import RRCAB
-from . import Operand, pack_plan
+from ..source import Source
+from . import pack_plan
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -91,14 +92,14 @@ class EmulateBackend:
         return 0
 
     @staticmethod
-    def ca_scale(src: Operand) -> torch.Tensor:
+    def ca_scale(src: Source) -> torch.Tensor:
         """[N, C] fp32 channel-attention scale of a deferred operand."""
         ca = src.producer.ca
         _, h, w, _ = src.t.shape
         z = torch.relu(src.sums / (h * w) @ ca.w1.t() + ca.b1)  # [N, CR]
         return torch.sigmoid(z @ ca.w2.t() + ca.b2)
 
-    def source(self, src: Operand) -> torch.Tensor:
+    def source(self, src: Source) -> torch.Tensor:
         """``t + CA(u) + e1 + e2`` in fp32, NHWC."""
         x = src.t.float()
         if src.deferred:
@@ -120,7 +121,7 @@ class EmulateBackend:
         y = F.conv2d(y, head.weight.detach().float(), head.bias.detach().float(), padding=1)
         out.copy_(_nhwc(y))
 
-    def rrcab_pass(self, src: Operand, p: EmulatedBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
+    def rrcab_pass(self, src: Source, p: EmulatedBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
         dt = p.dtype
         body = p.module.body
         x = self.source(src).to(dt)
@@ -134,17 +135,17 @@ class EmulateBackend:
         u_out.copy_(u)
         sums += u.sum(dim=(1, 2))
 
-    def materialize(self, src: Operand, out: torch.Tensor) -> None:
+    def materialize(self, src: Source, out: torch.Tensor) -> None:
         out.copy_(self.source(src))
 
-    def tail(self, src: Operand, p: EmulatedLayer, out: torch.Tensor) -> None:
+    def tail(self, src: Source, p: EmulatedLayer, out: torch.Tensor) -> None:
         tail, add_mean = p.modules
         x = self.source(src).to(p.dtype).float()
         y = _nchw(self._conv(x, tail, p.dtype))
         out.copy_(F.conv2d(y, add_mean.weight.detach().float(), add_mean.bias.detach().float()))
 
-    def conv(self, inputs: list[torch.Tensor] | Operand, p: EmulatedLayer, out: torch.Tensor, step) -> None:
-        if isinstance(inputs, Operand):
+    def conv(self, inputs: list[torch.Tensor] | Source, p: EmulatedLayer, out: torch.Tensor, step) -> None:
+        if isinstance(inputs, Source):
             inputs = [self.source(inputs).to(p.dtype)]
         x = torch.cat([_nchw(t).float() for t in inputs], dim=1)
         (m,) = p.modules

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights, Source
+from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights
 from ...model import RRCAB, ChannelAttention, MeanShift
-from . import Operand, pack_plan
+from ..source import Source
+from . import pack_plan
 
 CHUNK = 16
 
@@ -175,12 +176,6 @@ def pack_conv(conv: nn.Conv2d | nn.ConvTranspose2d, n_src: int, dtype: torch.dty
     return PackedConv(out_channels, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))
 
 
-def source(op: Operand) -> Source:
-    """The kernels' view of an operand: the producer's CA in the kernels' layout."""
-    ca = op.producer.ca if op.u is not None and op.producer is not None else None
-    return Source(op.t, op.u, op.sums, ca, op.e1, op.e2)
-
-
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
@@ -223,23 +218,21 @@ class TritonBackend:
     def head(self, x, p: PackedHead, out) -> None:
         self._head.head(x, p.scale, p.mean_w, p.mean_b, p.w, p.b, out)
 
-    def rrcab_pass(self, src: Operand, p: TritonBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
+    def rrcab_pass(self, src: Source, p: TritonBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
         """``a``: conv1's output buffer, or with ``fused`` the one-launch kernel's scratch."""
-        s = source(src)
         if fused:
-            self._fused.rrcab_fused(s, p.w1, p.b1, p.w2, p.b2, p.w3, p.b3, u_out, sums, a, x_out)
+            self._fused.rrcab_fused(src, p.w1, p.b1, p.w2, p.b2, p.w3, p.b3, u_out, sums, a, x_out)
             return
-        self._rrcab.rrcab_conv1(s, p.w1, p.b1, a, x_out)
+        self._rrcab.rrcab_conv1(src, p.w1, p.b1, a, x_out)
         self._rrcab.rrcab_conv2(a, p.w2, p.b2, p.w3, p.b3, u_out, sums)
 
-    def materialize(self, src: Operand, out) -> None:
-        self._materialize.materialize(source(src), out)
+    def materialize(self, src: Source, out) -> None:
+        self._materialize.materialize(src, out)
 
-    def tail(self, src: Operand, p: PackedTail, out) -> None:
-        self._tail.tail(source(src), p.w, p.b, out)
+    def tail(self, src: Source, p: PackedTail, out) -> None:
+        self._tail.tail(src, p.w, p.b, out)
 
     def conv(self, inputs, p: PackedConv, out, step) -> None:
-        inputs = source(inputs) if isinstance(inputs, Operand) else inputs
         self._conv.conv(inputs, p.w, p.b, out, ksize=step.ksize, stride=step.stride, leaky=step.leaky,
                         shuffle=step.shuffle)
 
