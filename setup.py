@@ -18,10 +18,17 @@ Built as a separate step after a Python-only install:
 
 ``MSFIN_CUDA_ARCHS`` (default ``80;86;89;90``) picks the GPU targets: machine code for each, plus
 PTX of the newest for GPUs after it; nvcc compiles the targets of a file in parallel (``--threads 0``).
+
+The CPU kernels in ``csrc/cpu/`` build into ``msfin_fast._cpu`` with the host compiler, pybind11 and
+ninja alone (no nvcc, no torch headers): ``kernels.cpp`` is compiled once per instruction set
+(AVX-512, AVX2+FMA and a portable build, only the portable one off x86-64) and the module picks one
+at run time. ``MSFIN_CPU_EXT`` works as ``MSFIN_CUDA_EXT`` (``auto``: build it, report a failure and
+install without it; ``0``: skip; ``1``: it must build).
 """
 
 import glob
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -75,13 +82,30 @@ def packages():
     return sorted(found)
 
 
+def ext_mode(variable):
+    mode = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"{variable} must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
 def cuda_ext_mode():
     if os.environ.get("MSFIN_NO_CUDA_EXT") == "1":
         return "0"
-    mode = os.environ.get("MSFIN_CUDA_EXT", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"MSFIN_CUDA_EXT must be auto, 0 or 1, got {mode!r}")
-    return mode
+    return ext_mode("MSFIN_CUDA_EXT")
+
+
+#: instruction set → compiler flags for csrc/cpu/kernels.cpp (x86-64; elsewhere only "portable").
+CPU_ISAS = {
+    "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma"],
+    "portable": [],
+}
+
+
+def cpu_isas():
+    machine = platform.machine().lower()
+    return list(CPU_ISAS) if machine in ("x86_64", "amd64") else ["portable"]
 
 
 def cuda_archs():
@@ -97,12 +121,18 @@ class CudaExtension(Extension):
     ``MSFIN_CUDA_EXT=1``: setuptools then reports a failed build and installs the rest."""
 
 
+class CpuExtension(Extension):
+    """The CPU kernels (csrc/cpu/): the host compiler only, ``kernels.cpp`` once per instruction set."""
+
+
 class NinjaBuildExt(build_ext):
     """Writes a build.ninja for csrc/ and runs ninja: nvcc for .cu, the host compiler for .cpp, and
     nvcc as the linker driver with the static CUDA runtime (the module then loads without a GPU or
     driver, and tells Python so when asked)."""
 
     def build_extension(self, ext):
+        if isinstance(ext, CpuExtension):
+            return self.build_cpu(ext)
         if not isinstance(ext, CudaExtension):
             return super().build_extension(ext)
         try:
@@ -170,6 +200,58 @@ class NinjaBuildExt(build_ext):
             self._fail(ext, f"building msfin_fast._C failed ({exc}); MSFIN_CUDA_EXT=1 python setup.py "
                             "build_ext --inplace builds it on its own and shows why")
 
+    def build_cpu(self, ext):
+        try:
+            import pybind11
+        except ImportError:
+            self._fail(ext, "building msfin_fast._cpu needs pybind11 and ninja: pip install pybind11 ninja "
+                            "(or set MSFIN_CPU_EXT=0 to install without the CPU kernels)")
+        ninja = self._ninja(ext)
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "msfin_fast_cpu"))
+        os.makedirs(build_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+        cpu = os.path.join(CSRC, "cpu")
+        isas = cpu_isas()
+        common = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi",
+                  f"-I{cpu}"]
+        have = [f"-DMSFIN_HAVE_{isa.upper()}" for isa in isas if isa != "portable"]
+        rules = [
+            "ninja_required_version = 1.3",
+            f"cxx = {cxx}",
+            "rule cxx",
+            "  command = $cxx $flags -MMD -MF $out.d -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = c++ $in ($isa)",
+            "rule link",
+            "  command = $cxx -shared $in -o $out -lpthread",
+            "  description = link $out",
+        ]
+        objects = []
+        for isa in isas:
+            obj = self._ninja_path(os.path.join(build_dir, f"kernels_{isa}.o"))
+            flags = common + [f"-DMSFIN_ISA={isa}"] + CPU_ISAS[isa]
+            rules += [f"build {obj}: cxx {self._ninja_path(os.path.join(cpu, 'kernels.cpp'))}",
+                      f"  flags = {' '.join(shlex.quote(f) for f in flags)}", f"  isa = {isa}"]
+            objects.append(obj)
+        obj = self._ninja_path(os.path.join(build_dir, "module.o"))
+        flags = common + have + [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        rules += [f"build {obj}: cxx {self._ninja_path(os.path.join(cpu, 'module.cpp'))}",
+                  f"  flags = {' '.join(shlex.quote(f) for f in flags)}", "  isa = dispatch"]
+        objects.append(obj)
+        rules.append(f"build {self._ninja_path(out)}: link {' '.join(objects)}")
+        rules.append(f"default {self._ninja_path(out)}")
+        with open(os.path.join(build_dir, "build.ninja"), "w") as f:
+            f.write("\n".join(rules) + "\n")
+        note(f"building msfin_fast._cpu (CPU kernels for {', '.join(isas)}) with {cxx}")
+        try:
+            subprocess.run([ninja, "-C", build_dir], check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            self._fail(ext, f"building msfin_fast._cpu failed ({exc}); MSFIN_CPU_EXT=1 python setup.py "
+                            "build_ext --inplace builds it on its own and shows why")
+
     @staticmethod
     def _fail(ext, message):
         """An optional extension's failure is a CompileError, which setuptools reports and skips."""
@@ -220,6 +302,15 @@ def cuda_extension():
     return [CudaExtension("msfin_fast._C", sources, optional=mode != "1")]
 
 
+def cpu_extension():
+    mode = ext_mode("MSFIN_CPU_EXT")
+    if mode == "0":
+        note("MSFIN_CPU_EXT=0: installing without the CPU kernels msfin_fast._cpu")
+        return []
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "cpu", "*")))
+    return [CpuExtension("msfin_fast._cpu", sources, optional=mode != "1")]
+
+
 if __name__ == "__main__":  # pip's build backend runs this file as __main__ too; tests import it
     setup(
         name="msfin_fast",
@@ -249,7 +340,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
             "image16": ["opencv-python-headless>=4.8"],
         },
         entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
-        ext_modules=cuda_extension(),
+        ext_modules=cuda_extension() + cpu_extension(),
         cmdclass={"build_ext": NinjaBuildExt},
         zip_safe=False,
     )

@@ -116,10 +116,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(precision="fp32")
     p.add_argument("--weights", type=Path, default=None,
                    help="your own checkpoint for the preset's architecture instead of the released file")
-    p.add_argument("--backend", default=None, choices=["cpu", "reference", "auto", "triton", "cuda"],
-                   help="default: cpu on a CPU (fp32 channels-last, the fastest CPU path; the reference "
-                        "for exact tiles), reference on a GPU; auto/triton/cuda: the fused GPU engine "
-                        "(msfin_fast.optimize; not yet verified on a GPU)")
+    p.add_argument("--backend", default=None, choices=["native", "cpu", "reference", "auto", "triton", "cuda"],
+                   help="default: auto on a CPU (native: the C++ CPU kernels, the fastest CPU path, else cpu: "
+                        "PyTorch fp32 channels-last; the reference for exact tiles), reference on a GPU; "
+                        "triton/cuda: the fused GPU engine (msfin_fast.optimize; not yet verified on a GPU)")
 
 
 def _backend(args) -> str:
@@ -128,8 +128,9 @@ def _backend(args) -> str:
         return args.backend
     from .devices import resolve_device
 
-    on_cpu = resolve_device(args.device).type == "cpu"
-    return "cpu" if on_cpu and getattr(args, "tile_mode", "plain") != "exact" else "reference"
+    from .engine import default_backend
+
+    return default_backend(resolve_device(args.device), getattr(args, "tile_mode", "plain"))
 
 
 def _positive_int(text: str) -> int:

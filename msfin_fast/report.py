@@ -21,6 +21,18 @@ def cuda_devices() -> list[str]:
     return [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
 
 
+def native_status() -> BackendStatus:
+    """The C++ CPU kernels: built or not, and the instruction set they run with here."""
+    from .engine.backends import native
+
+    name = "native (C++ CPU kernels, msfin_fast._cpu)"
+    if not native.available():
+        return BackendStatus(name, False, native.not_built_reason())
+    others = [i for i in native._cpu.isas() if i != native.isa()]
+    return BackendStatus(name, True, f"runs with {native.isa()}" + (f" (also built: {', '.join(others)})" if others else "")
+                         + f", {torch.get_num_threads()} threads; the default on a CPU (backend='auto')")
+
+
 def available_backends() -> list[BackendStatus]:
     gpus = cuda_devices()
     statuses = [
@@ -46,8 +58,9 @@ def available_backends() -> list[BackendStatus]:
                 f"triton {triton.__version__}; " + (f"runs on {device}" if reason is None else reason),
             )
         )
+    statuses.append(native_status())
     statuses.append(BackendStatus("cpu (PyTorch, fp32 channels-last)", True,
-                                  "the default on a CPU and what backend='auto' runs there"))
+                                  "what backend='auto' runs on a CPU where the native kernels cannot"))
     from .engine.auto import cache_path, load_choices
 
     choices = load_choices()

@@ -55,7 +55,7 @@ from .policy import RunOptions, upscale_alpha
 from .tiling import DEFAULT_TILE_PAD
 
 _NEEDS_EXTRA = "scale-out needs Ray: pip install 'msfin_fast[scale]'"
-BACKEND_CHOICES = ("cpu", "reference", "auto", "triton", "cuda")
+BACKEND_CHOICES = ("native", "cpu", "reference", "auto", "triton", "cuda")
 # Threads of the driver that check which outputs are complete (file headers: I/O-bound).
 CHECK_THREADS = 16
 
@@ -104,10 +104,13 @@ def _device_for(device: str, gpus: float, owner: str) -> str:
 
 
 def _default_backend(backend: str | None, device: str, tile_mode: str) -> str:
-    """As the CLI: the cpu backend on a CPU (the reference for exact tiles), the reference on a GPU."""
+    """As the CLI: auto on a CPU (the native kernels, else the cpu backend; the reference for exact
+    tiles), the reference on a GPU."""
+    from .engine import default_backend
+
     if backend is not None:
         return backend
-    return "cpu" if device == "cpu" and tile_mode != "exact" else "reference"
+    return default_backend("cpu" if device == "cpu" else "cuda", tile_mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class ServingUpscaler:
         graph_cache: int = 8,
         tile_pad: int = DEFAULT_TILE_PAD,
         auto_tile: bool = True,
-        backend: str = "reference",
+        backend: str | None = None,
     ):
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise InvalidInputError(f"max_batch must be an int >= 1, got {max_batch!r}")

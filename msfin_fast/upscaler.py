@@ -51,11 +51,16 @@ class Upscaler:
         tile_mode: str = "plain",
         self_ensemble: bool = False,
         auto_tile: bool = True,
-        backend: str = "reference",
+        backend: str | None = None,
     ):
         self.options = RunOptions(tile, tile_pad, tile_mode, self_ensemble, auto_tile)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        if backend is None:  # as the CLI: the engine on a CPU, the reference on a GPU and for exact tiles
+            from .engine import default_backend
+
+            custom = isinstance(model, torch.nn.Module) and not isinstance(model, MSFIN)
+            backend = "reference" if custom else default_backend(self.device, tile_mode)
         if self.dtype == torch.float16 and self.device.type == "cpu" and backend == "reference":
             warnings.warn("float16 on the CPU is slow and no more accurate; prefer float32 there")
         # The engine is built from the fp32 model and runs in self.dtype; the reference runs in it.

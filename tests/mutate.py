@@ -37,9 +37,12 @@ class Mutation:
     tests: tuple[str, ...]
     fault: str
     select: str = ""  # a pytest -k expression: which of the tests must already fail
+    build: bool = False  # C++ of csrc/cpu/: the extension is rebuilt with the mutation, then put back
 
 
 K = "tests/test_kernels.py"
+NATIVE = "tests/test_native.py"
+CPU_KERNELS = "csrc/cpu/kernels.cpp"
 CUDA_CPU = "tests/test_cuda_ext.py::test_kernel_source_matches_the_reference_on_the_cpu"
 
 MUTATIONS = [
@@ -124,6 +127,32 @@ MUTATIONS = [
              "mask=((r < H) & (c < W))[:, None] & (ci < 3)[None, :])",
              "mask=(c < W)[:, None] & (ci < 3)[None, :])",
              (f"{K}::test_tail",), "the tail stores the rows of its tiles below the image"),
+    # 5. the C++ CPU kernels (csrc/cpu/), each rebuilt with its fault
+    Mutation("native-halo-row", CPU_KERNELS, "for (int y = r0 - 2; y <= r0; ++y) make_x(y);",
+             "for (int y = r0 - 1; y <= r0; ++y) make_x(y);",
+             (f"{NATIVE}::test_rrcab_pass_over_strips_and_bands",),
+             "a band's first conv1 row reads a stale input row instead of the halo row above it", build=True),
+    Mutation("native-halo-column", CPU_KERNELS, "if (c1 == W)\n", "if (c1 == W + 1)\n",
+             (f"{NATIVE}::test_rrcab_pass",),
+             "conv1's output just right of the image is left as relu(bias), not the zero padding", build=True),
+    Mutation("native-sums-partial-block", CPU_KERNELS, "            rowsum[ov0 + v] += acc[p][v];",
+             "            if (PB > 1) rowsum[ov0 + v] += acc[p][v];",
+             (f"{NATIVE}::test_rrcab_pass",),
+             "the channel sums leave out the pixels of a row's partial block", build=True),
+    Mutation("native-ca-scale-of-sample-0", CPU_KERNELS,
+             "const float* scale = s.scale ? s.scale + (row / rows_per_sample) * C : nullptr;",
+             "const float* scale = s.scale ? s.scale : nullptr;",
+             (f"{NATIVE}::test_materialize",), "materialize applies sample 0's channel attention to the whole batch",
+             build=True),
+    Mutation("native-shuffle-swapped", CPU_KERNELS,
+             "const size_t at = ((size_t)(n * 2 * c.Ho + 2 * y + (q >> 1)) * 2 * c.Wo + 2 * (x0 + p) + (q & 1));",
+             "const size_t at = ((size_t)(n * 2 * c.Ho + 2 * y + (q & 1)) * 2 * c.Wo + 2 * (x0 + p) + (q >> 1));",
+             (f"{NATIVE}::test_every_conv_of_the_plan",),
+             "the pixel-shuffled store swaps the sub-pixel's row and column", build=True),
+    Mutation("native-x-out-unfinished", CPU_KERNELS, "if (own) store8(p.x_out + at + c, x);",
+             "if (own) store8(p.x_out + at + c, load8(p.src.t + at + c));",
+             (f"{NATIVE}::test_rrcab_pass",),
+             "x_out at a strip's edge pixels holds t, not the finished t + s·u + e1 + e2", build=True),
 ]
 
 
@@ -151,6 +180,16 @@ def run_tests(tests: tuple[str, ...], timeout: float, select: str = "") -> tuple
         return False, f"timed out after {timeout:.0f} s"
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     return proc.returncode == 0, "\n".join(lines[-4:])
+
+
+def build_cpu() -> tuple[bool, str]:
+    """Rebuild msfin_fast._cpu in place from the (mutated) sources, in a build folder of its own so
+    the usual one keeps its objects."""
+    with tempfile.TemporaryDirectory(prefix="mutate-build-") as temp:
+        env = dict(os.environ, MSFIN_CUDA_EXT="0", MSFIN_CPU_EXT="1")
+        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", temp],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+    return proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
 
 
 def apply(m: Mutation) -> tuple[Path, Path]:
@@ -196,11 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     survivors = []
     for m in chosen:
         t0 = time.time()
+        modules = [(so, Path(tempfile.mkdtemp(prefix="mutate-so-")) / so.name)
+                   for so in (ROOT / "msfin_fast").glob("_cpu*.so")] if m.build else []
+        for so, saved in modules:
+            shutil.copy2(so, saved)
         path, backup = apply(m)
         try:
+            ok, tail = build_cpu() if m.build else (True, "")
+            if not ok:
+                raise SystemExit(f"{m.name}: the mutated extension does not build:\n{tail}")
             ok, tail = run_tests(m.tests, args.timeout, m.select)
         finally:
             restore(path, backup)
+            for so, saved in modules:  # the unmutated module, byte for byte
+                restore(so, saved)
         verdict = "SURVIVED" if ok else "killed"
         print(f"{verdict:8s} {m.name} ({time.time() - t0:.0f} s): {m.fault}", flush=True)
         if ok:

@@ -68,16 +68,19 @@ def test_shape_classes():
     assert choice.shape_class(1, 1080, 1920) == "large, batch 1"
 
 
-def test_auto_on_a_cpu_is_the_cpu_backend_without_measuring(model, monkeypatch):
-    """One candidate on a CPU: no AutoEngine and nothing measured, even with the interpreter on."""
+def test_auto_on_a_cpu_takes_the_first_candidate_without_measuring(model, monkeypatch):
+    """On a CPU auto takes the native kernels (else the cpu backend) as they are: no AutoEngine and
+    nothing measured, even with the interpreter on."""
     import msfin_fast.engine
+    from msfin_fast.engine.backends import native
 
     monkeypatch.setattr(msfin_fast.engine, "_warned", set())
+    first = "native" if native.available() else "cpu"
     for interpret in ("0", "1"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         engine = optimize(model, dtype=torch.float32)
-        assert isinstance(engine, msfin_fast.engine.Engine) and engine.backend == "cpu"
-    assert list(msfin_fast.engine.variants(model)) == ["cpu"]
+        assert isinstance(engine, msfin_fast.engine.Engine) and engine.backend == first
+    assert list(msfin_fast.engine.variants(model)) == (["native", "cpu"] if native.available() else ["cpu"])
 
 
 def test_auto_measures_every_candidate_that_can_run(model, monkeypatch, tmp_path):
@@ -86,6 +89,7 @@ def test_auto_measures_every_candidate_that_can_run(model, monkeypatch, tmp_path
     from msfin_fast.engine import backends
 
     monkeypatch.setenv("MSFIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backends, "measures", lambda device: True)  # as on a GPU
     monkeypatch.setattr(backends, "candidates", lambda device: {
         "emulate": dict(name="emulate"), "emulate-fused": dict(name="emulate", fuse_rrcab=True),
         "cpu-channels-last": dict(name="cpu")})

@@ -243,22 +243,26 @@ def test_triton_kernels_end_to_end(fuse_rrcab):
     assert (engine(x) - want).abs().max().item() <= ENGINE_FP32_CPU
 
 
-def test_auto_on_a_cpu_is_the_cpu_backend():
-    """On a CPU ``auto`` runs the cpu backend (not the Triton interpreter, even where it is on),
-    which matches the fp32 reference within 0.05 at odd sizes, batch > 1, both presets."""
+def test_auto_on_a_cpu_runs_the_native_kernels_else_the_cpu_backend():
+    """On a CPU ``auto`` runs the native C++ kernels where they are built, else the cpu backend (not
+    the Triton interpreter, even where it is on); either matches the fp32 reference within 0.05 at
+    odd sizes, batch > 1, both presets."""
+    from msfin_fast.engine.backends import native
+
+    first = "native" if native.available() else "cpu"
     for preset in ("msfin-x4", "msfin-s-x4"):
         model = random_model(preset)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error" if first == "native" else "ignore")
             engine = optimize(model, dtype=torch.float32)
-        assert engine.backend == "cpu" and engine.fallback_reason is None
+        assert engine.backend == first and engine.fallback_reason is None
         x = lr_batch(2, 5, 7)
         with torch.no_grad():
             want = model(x)
         assert (engine(x) - want).abs().max().item() <= 0.05
         # In fp16 it still computes in fp32: the output is fp32's, rounded once to fp16.
         half = optimize(model, dtype=torch.float16)
-        assert half.backend == "cpu" and half(x).dtype == torch.float16
+        assert half.backend == first and half(x).dtype == torch.float16
         assert torch.equal(half(x), engine(x).half())
 
 

@@ -110,7 +110,7 @@ def reference(archive, tmp_path_factory, weights_dir) -> dict[str, bytes | str]:
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:  # a module fixture runs before the per-test environment
         mp.setenv("MSFIN_WEIGHTS_DIR", str(weights_dir))
-        upscaler = Upscaler(MODEL, device="cpu", backend="cpu")
+        upscaler = Upscaler(MODEL, device="cpu")
     out = tmp_path_factory.mktemp("reference")
     expected = {}
     for name in [*IMAGES, *BAD]:
@@ -219,7 +219,7 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, tmp_path, weights_di
     assert summary.skipped == len(done) and summary.images == len(names) - len(done) and not summary.failures
     assert {Path(r["path"]).name for r in rows} == set(names) - done
     assert not [p for p in out.iterdir() if p.suffix == ".part"]
-    upscaler = Upscaler(MODEL, device="cpu", backend="cpu")
+    upscaler = Upscaler(MODEL, device="cpu")
     for name in names:
         expected = tmp_path / "ref" / name
         upscaler.upscale_file(src / name, expected)
@@ -307,7 +307,7 @@ def test_service_in_local_testing_mode(archive, weights_dir):
     from msfin_fast.server import decode_upload, encode_png
 
     handle = serve.run(service(ServiceOptions(model=MODEL)), name="msfin-local", _local_testing_mode=True)
-    direct = ServingUpscaler(MODEL, device="cpu", backend="cpu")
+    direct = ServingUpscaler(MODEL, device="cpu")
     try:
         for name in ["a.png", "sub/rgba.png", "sub/grey_alpha.png"]:
             body = png_bytes(name, archive)
@@ -341,7 +341,7 @@ def test_service_over_http_with_two_replicas_answers_like_msfin_fast_serve(ray_c
         uploads.append(big.getvalue())
         with ThreadPoolExecutor(6) as pool:
             via_ray = list(pool.map(lambda body: request(port, "/upscale", body, timeout=120), uploads))
-        with ServingUpscaler(MODEL, device="cpu", backend="cpu") as local, Running(local, limits) as server:
+        with ServingUpscaler(MODEL, device="cpu") as local, Running(local, limits) as server:
             plain = [request(server.port, "/upscale", body, timeout=120) for body in uploads]
             health_plain = request(server.port, "/healthz")
         for (s1, h1, b1), (s2, h2, b2) in zip(via_ray, plain):

@@ -128,7 +128,7 @@ def test_concurrent_clients_all_get_their_image(model):
 
 
 def test_bad_uploads_are_refused_with_clear_messages(model):
-    up = ServingUpscaler(model, device="cpu")
+    up = ServingUpscaler(model, device="cpu", backend="reference")  # requests for exact tiles are served
     with Running(up, Limits(max_body=4000, max_pixels=600)) as srv:
         cases = {
             "not an image": request(srv.port, "/upscale", b"this is text, not a picture"),

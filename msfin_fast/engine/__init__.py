@@ -9,15 +9,17 @@ arena planned per input shape, optionally replaying a CUDA graph per shape.
 
 Backends (``backends/``, one module each): ``"triton"`` (kernels/, on CUDA, or on the CPU under
 ``TRITON_INTERPRET=1``), ``"cuda"`` (RRCAB passes by the CUDA C++ kernel of csrc/, the rest by
-Triton), ``"emulate"`` (the Triton plan computed by PyTorch ops — slow, for checking), ``"cpu"``
-(the whole network in fp32 ``channels_last``: the fastest CPU configuration measured),
-``"reference"`` (the model itself). ``"auto"`` takes ``backends.candidates(device)``: on a GPU it
-measures the kernel variants per shape class and runs the fastest; on a CPU it is ``cpu``. Where no
-candidate can run it falls back to the reference, saying so once.
+Triton), ``"emulate"`` (the Triton plan computed by PyTorch ops — slow, for checking), ``"native"``
+(the C++ CPU kernels of csrc/cpu/, fp32), ``"cpu"`` (the whole network in PyTorch fp32
+``channels_last``), ``"reference"`` (the model itself). ``"auto"`` takes
+``backends.candidates(device)``: on a GPU it measures the kernel variants per shape class and runs
+the fastest; on a CPU it is ``native``, else ``cpu`` (saying once why the native kernels cannot
+run when they are not built). Where no candidate can run it falls back to the reference, saying so once.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -65,6 +67,8 @@ def resolve(model: MSFIN, requested: str, fuse_rrcab: bool = False, conv_kernels
         except P.UnsupportedModel as exc:
             reason = str(exc)
         if reason is None:
+            if first_reason is not None and "not built" in first_reason:
+                _say_once(f"msfin_fast.optimize: running the {name} backend: {first_reason}")
             return backend, plan, None
         if requested != "auto":
             raise DeviceError(f"backend={requested!r} cannot run: {reason}")
@@ -75,9 +79,10 @@ def resolve(model: MSFIN, requested: str, fuse_rrcab: bool = False, conv_kernels
 class Engine(nn.Module):
     """MSFIN through one backend; same inputs and outputs as the reference module it was built from.
 
-    Not thread-safe: calls of one input shape share that shape's arena (ServingUpscaler gives an
-    engine a single worker thread). Arenas (eager calls) and captured graphs (``cuda_graphs``) are
-    kept per input shape, the ``max_arenas`` / ``max_graphs`` most recently used of each.
+    Safe to call from several threads: calls of one input shape share that shape's arena (and
+    graph), so eager calls take turns (a lock per engine; the kernels already use every core the
+    process allows). Arenas (eager calls) and captured graphs (``cuda_graphs``) are kept per input
+    shape, the ``max_arenas`` / ``max_graphs`` most recently used of each.
     """
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
@@ -94,6 +99,7 @@ class Engine(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.__dict__["source"] = model  # not a submodule: the engine holds packed copies, not the weights
+        self.__dict__["_lock"] = threading.RLock()  # eager calls share arenas and graphs
         self.dtype = dtype
         self.requested_backend = backend
         self.cuda_graphs = cuda_graphs
@@ -108,6 +114,9 @@ class Engine(nn.Module):
                       f"{self.fallback_reason}")
         elif backend == "reference":
             self.fallback_reason = "backend='reference' was requested"
+        # What activations are stored in: the engine's dtype, unless the backend has one of its own
+        # (the native CPU kernels are fp32; the output is then cast to ``dtype``).
+        self.storage_dtype = getattr(self.impl, "storage_dtype", lambda d: d)(dtype)
         self._key: int | None = None
         self._refresh()  # pack now: under torch.compile the forward must not pack
 
@@ -150,12 +159,12 @@ class Engine(nn.Module):
             return
         m = self.source
         with torch.inference_mode(False), torch.no_grad():  # the packed weights outlive this call
-            packed = self.impl.pack(m, self.plan, self.dtype)
+            packed = self.impl.pack(m, self.plan, self.storage_dtype)
             for launch in self.plan.launches:
-                module = launch.torch_weights(m, self.dtype)
+                module = launch.torch_weights(m, self.storage_dtype)
                 if module is not None:
                     packed[launch.weights] = module
-        self.executor = Executor(self.plan, self.impl, packed, self.dtype, self.scale)
+        self.executor = Executor(self.plan, self.impl, packed, self.storage_dtype, self.scale)
         if self._key is None:
             self._key = library.register(self, self.executor)
         else:
@@ -185,8 +194,6 @@ class Engine(nn.Module):
         check_input(x, check_finite=check_finite and not compiling)
         if x.device != self.device:
             raise DeviceError(f"input is on {x.device} but the engine's model is on {self.device}; move one of them")
-        if not compiling:  # a compiled engine keeps the weights it was packed with (call refresh())
-            self._refresh()
         n, _, h, w = x.shape
         widest = n * (self.scale * h) * (self.scale * w) * self.source.config.n_feats
         if widest >= 2**31 and not self.impl.whole_network:
@@ -195,15 +202,17 @@ class Engine(nn.Module):
                 "indexing; split the batch or run tiles (Upscaler(..., tile=512))"
             )
         if not self.impl.whole_network:  # a whole-network backend takes the input in its own dtype
-            x = x.to(self.dtype).contiguous()
-        with torch.no_grad():
-            if compiling:
+            x = x.to(self.storage_dtype).contiguous()
+        if compiling:
+            with torch.no_grad():
                 return self.executor.run_functional(x, self._key).to(self.dtype)
+        with self._lock, torch.no_grad():
+            self._refresh()  # a compiled engine keeps the weights it was packed with (call refresh())
             if self.cuda_graphs and x.is_cuda:
                 return self._replay(x)
             arena = self._arena(x)
-            out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
-            return self.executor.run(x, arena, out)
+            out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.storage_dtype, device=x.device)
+            return self.executor.run(x, arena, out).to(self.dtype)
 
     def _arena(self, x: torch.Tensor):
         key = tuple(x.shape)
@@ -233,14 +242,30 @@ class Engine(nn.Module):
             n, _, h, w = x.shape
             arena = self.executor.arena(n, self.scale * h, self.scale * w, x.device)
             with torch.inference_mode(False):  # the graph's output outlives this call, as its arena does
-                out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.dtype, device=x.device)
+                out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.storage_dtype, device=x.device)
             entry = CapturedGraph(lambda static_x: self.executor.run(static_x, arena, out), (x,))
             self.graphs.put(key, entry)
-        return entry.replay(x).clone()
+        return entry.replay(x).to(self.dtype, copy=True)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__["_lock"] = threading.RLock()
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}, "
                 f"conv_kernels={self.conv_kernels}, fuse_rrcab={self.fuse_rrcab}")
+
+
+def default_backend(device: torch.device | str, tile_mode: str = "plain") -> str:
+    """The backend every door (the CLI, ``Upscaler``, ``ServingUpscaler``, Ray jobs) runs when none is
+    named: ``auto`` on a CPU (the native C++ kernels, else the cpu backend), ``reference`` on a GPU
+    (the engine is not yet verified on one) and for exact tiles (which walk the reference's graph)."""
+    return "auto" if torch.device(device).type == "cpu" and tile_mode != "exact" else "reference"
 
 
 def variants(model: MSFIN) -> dict[str, dict]:
@@ -266,7 +291,7 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
     """
     engine = Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
                     conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab, max_arenas=max_arenas)
-    if backend != "auto" or engine.fallback_reason is not None:
+    if backend != "auto" or engine.fallback_reason is not None or not B.measures(model.head.weight.device):
         return engine
     found = variants(model)
     if len(found) < 2:

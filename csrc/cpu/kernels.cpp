@@ -1,0 +1,470 @@
+// One RRCAB pass on the CPU, streamed row by row over a column strip (see kernels.h for the
+// contract). Compiled once per instruction set (MSFIN_ISA: avx512, avx2, portable); the same
+// source, so every variant computes the same thing with wider or narrower vectors.
+//
+// A piece (sample n, rows [r0, r1), columns [c0, c1)) walks its rows top to bottom. Inside it the
+// activations are planar per row ([channel][column], so a vector holds V neighbouring pixels of
+// one channel and every multiply-add of a grouped conv is useful) in three small rings:
+//   x  rows y-1, y, y+1 of the finished input, columns c0-2 .. c1+2   (3 rows)
+//   a  rows y-1, y, y+1 of conv1's output,     columns c0-1 .. c1+1   (3 rows)
+//   h  row y of conv2's output,                 columns c0   .. c1
+// Each input row is finished once (t + s*u + e1 + e2, written to x_out where the piece owns it),
+// each conv1 row computed once; only the two halo columns each side and the two rows above a band
+// are computed twice. The 1x1 conv reads h planar and writes u in NHWC directly (a vector holds 8
+// channels of one pixel), adding its channel sums in the same loop.
+// No templates from the standard library here: this file is compiled once per instruction set into
+// one module, and an out-of-line instance of, say, std::vector<float> would be a weak symbol the
+// linker shares between the variants, so the portable code could end up calling AVX-512 code.
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+#ifndef MSFIN_ISA
+#error "build with -DMSFIN_ISA=avx512|avx2|portable"
+#endif
+
+#define MSFIN_CAT2(a, b) a##b
+#define MSFIN_CAT(a, b) MSFIN_CAT2(a, b)
+#define MSFIN_ISA_avx512 1
+#define MSFIN_ISA_avx2 2
+#define MSFIN_ISA_portable 3
+#define MSFIN_ISA_ID MSFIN_CAT(MSFIN_ISA_, MSFIN_ISA)
+
+namespace msfin_cpu {
+namespace MSFIN_ISA {
+namespace {
+
+#if MSFIN_ISA_ID == 1
+constexpr int V = 16;  // floats per vector (zmm)
+constexpr int R = 4;   // vectors of pixels per register block (32 registers: 4x4 accumulators)
+#elif MSFIN_ISA_ID == 2
+constexpr int V = 8;   // ymm, 16 registers: 4x3 accumulators, 3 inputs, 1 weight
+constexpr int R = 3;
+#else
+constexpr int V = 4;   // SSE2 / NEON
+constexpr int R = 2;
+#endif
+
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef float vfu __attribute__((vector_size(V * 4), aligned(4)));  // unaligned access
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
+inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store8(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+inline vf splat(float x) { return vf{} + x; }
+inline v8 splat8(float x) { return v8{} + x; }
+inline vf relu(vf x) { return x > 0 ? x : vf{}; }
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// out[o][q .. q + RR*V) for OB output channels o0 .. o0+OB of group g (CPG channels per group):
+// relu(b + sum over the group's inputs and the 3x3 taps). rows[ky] point at column 0 of the three
+// input rows; input column q + kx feeds output column q (the input row starts one column further
+// left than the output row).
+template <int CPG, int OB, int RR>
+inline void gconv_block(const float* const* rows, int s_in, int g, int o0, const float* w, const float* b,
+                        float* out, int s_out, int q) {
+    vf acc[OB][RR];
+    for (int o = 0; o < OB; ++o)
+        for (int r = 0; r < RR; ++r) acc[o][r] = splat(b[o0 + o]);
+    for (int i = 0; i < CPG; ++i) {
+        const int ci = g * CPG + i;
+        for (int ky = 0; ky < 3; ++ky) {
+            const float* src = rows[ky] + (size_t)ci * s_in + q;
+            for (int kx = 0; kx < 3; ++kx) {
+                vf x[RR];
+                for (int r = 0; r < RR; ++r) x[r] = loadu(src + kx + r * V);
+                for (int o = 0; o < OB; ++o) {
+                    const float wv = w[((o0 + o) * CPG + i) * 9 + ky * 3 + kx];
+                    for (int r = 0; r < RR; ++r) acc[o][r] += wv * x[r];
+                }
+            }
+        }
+    }
+    for (int o = 0; o < OB; ++o)
+        for (int r = 0; r < RR; ++r) storeu(out + (size_t)(o0 + o) * s_out + q + r * V, relu(acc[o][r]));
+}
+
+template <int CPG>
+void gconv_row(const float* const* rows, int s_in, int C, const float* w, const float* b, float* out,
+               int s_out, int nq) {
+    constexpr int OB = CPG < 4 ? CPG : 4;
+    for (int g = 0; g < C / CPG; ++g) {
+        for (int o0 = g * CPG; o0 < (g + 1) * CPG; o0 += OB) {
+            int q = 0;
+            for (; q + R * V <= nq; q += R * V) gconv_block<CPG, OB, R>(rows, s_in, g, o0, w, b, out, s_out, q);
+            for (; q < nq; q += V) gconv_block<CPG, OB, 1>(rows, s_in, g, o0, w, b, out, s_out, q);
+        }
+    }
+}
+
+void gconv(int cpg, const float* const* rows, int s_in, int C, const float* w, const float* b, float* out,
+           int s_out, int nq) {
+    switch (cpg) {
+        case 1: return gconv_row<1>(rows, s_in, C, w, b, out, s_out, nq);
+        case 2: return gconv_row<2>(rows, s_in, C, w, b, out, s_out, nq);
+        case 4: return gconv_row<4>(rows, s_in, C, w, b, out, s_out, nq);
+        case 8: return gconv_row<8>(rows, s_in, C, w, b, out, s_out, nq);
+        default: return gconv_row<16>(rows, s_in, C, w, b, out, s_out, nq);
+    }
+}
+
+// u[px][ov0*8 ...] for PB pixels from h planar: u = b3 + sum_i h[i][px] * w3t[i][:], stored NHWC;
+// the block's values are added to rowsum.
+template <int OVB, int PB>
+inline void pointwise_block(const float* h, int s_h, int C, const float* w3t, const float* b3, float* u,
+                            int px, int ov0, v8* rowsum) {
+    v8 acc[PB][OVB];
+    for (int v = 0; v < OVB; ++v) {
+        const v8 bias = load8(b3 + (ov0 + v) * 8);
+        for (int p = 0; p < PB; ++p) acc[p][v] = bias;
+    }
+    for (int i = 0; i < C; ++i) {
+        v8 wv[OVB];
+        for (int v = 0; v < OVB; ++v) wv[v] = load8(w3t + (size_t)i * C + (ov0 + v) * 8);
+        const float* hi = h + (size_t)i * s_h + px;
+        for (int p = 0; p < PB; ++p) {
+            const float hv = hi[p];
+            for (int v = 0; v < OVB; ++v) acc[p][v] += hv * wv[v];
+        }
+    }
+    for (int p = 0; p < PB; ++p)
+        for (int v = 0; v < OVB; ++v) {
+            store8(u + (size_t)(px + p) * C + (ov0 + v) * 8, acc[p][v]);
+            rowsum[ov0 + v] += acc[p][v];
+        }
+}
+
+template <int OVB>
+void pointwise_row(const float* h, int s_h, int C, const float* w3t, const float* b3, float* u, int width,
+                   v8* rowsum) {
+    constexpr int PB = 12 / OVB;  // 12 accumulators
+    for (int ov0 = 0; ov0 < C / 8; ov0 += OVB) {
+        int px = 0;
+        for (; px + PB <= width; px += PB) pointwise_block<OVB, PB>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
+        for (; px < width; ++px) pointwise_block<OVB, 1>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
+    }
+}
+
+// The finished input t + s*u + e1 + e2 at pixel index `pix` (NHWC), 8 channels from c.
+inline v8 finish8(const Source& s, size_t at, const float* scale, int c) {
+    v8 x = load8(s.t + at);
+    if (s.u) x += load8(scale + c) * load8(s.u + at);
+    if (s.e1) x += load8(s.e1 + at);
+    if (s.e2) x += load8(s.e2 + at);
+    return x;
+}
+
+#if defined(__clang__)
+#define MSFIN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int v8i __attribute__((vector_size(32)));
+#define MSFIN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// r[i][k] (pixel i, channel k) → r[k][i] (channel k, pixel i), in registers.
+inline void transpose8(v8* r) {
+    v8 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = MSFIN_SHUFFLE(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = MSFIN_SHUFFLE(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = MSFIN_SHUFFLE(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        s[i + 1] = MSFIN_SHUFFLE(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        s[i + 2] = MSFIN_SHUFFLE(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        s[i + 3] = MSFIN_SHUFFLE(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int k = 0; k < 4; ++k) {
+        r[k] = MSFIN_SHUFFLE(s[k], s[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[k + 4] = MSFIN_SHUFFLE(s[k], s[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+struct Scratch {
+    float* buf = nullptr;
+    size_t size = 0;
+    float* get(size_t n) {
+        if (size < n) {
+            std::free(buf);
+            buf = static_cast<float*>(std::calloc(n, sizeof(float)));  // zeroed: lanes past a row's end stay finite
+            size = buf ? n : 0;
+        }
+        return buf;
+    }
+    ~Scratch() { std::free(buf); }
+};
+thread_local Scratch scratch;
+
+inline int mod3(int y) { return ((y % 3) + 3) % 3; }
+
+}  // namespace
+
+int vector_width() { return V; }
+
+void finish_rows(const Source& s, int C, int W, int64_t row0, int64_t rows, int64_t rows_per_sample, float* out) {
+    for (int64_t row = row0; row < row0 + rows; ++row) {
+        const float* scale = s.scale ? s.scale + (row / rows_per_sample) * C : nullptr;
+        const size_t base = (size_t)row * W * C;
+        for (int px = 0; px < W; ++px)
+            for (int c = 0; c < C; c += 8) {
+                const size_t at = base + (size_t)px * C + c;
+                store8(out + at, finish8(s, at, scale, c));
+            }
+    }
+}
+
+bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
+    const int C = p.C, H = p.H, W = p.W, cpg = p.C / p.G;
+    const int n = piece.n, r0 = piece.r0, r1 = piece.r1, c0 = piece.c0, c1 = piece.c1;
+    const int tw = c1 - c0;
+    const int na = round_up(tw + 2, V), nh = round_up(tw, V);
+    const int sx = na + V, sa = na + V, sh = nh;  // floats per channel row (the +V: reads past the end)
+    float* base = scratch.get((size_t)3 * C * sx + (size_t)3 * C * sa + (size_t)C * sh);
+    if (!base) return false;  // out of memory: the caller raises
+    float* xring = base;
+    float* aring = xring + (size_t)3 * C * sx;
+    float* hrow = aring + (size_t)3 * C * sa;
+    const float* scale = p.src.scale ? p.src.scale + (size_t)n * C : nullptr;
+
+    auto xslot = [&](int y) { return xring + (size_t)mod3(y) * C * sx; };
+    auto aslot = [&](int y) { return aring + (size_t)mod3(y) * C * sa; };
+
+    auto make_x = [&](int y) {  // input row y, columns c0-2 .. c1+2, finished
+        float* xr = xslot(y);
+        if (y < 0 || y >= H) {
+            for (int c = 0; c < C; ++c) std::memset(xr + (size_t)c * sx, 0, sizeof(float) * (tw + 4));
+            return;
+        }
+        const bool own_row = p.x_out && y >= r0 && y < r1;
+        auto one = [&](int q) {  // a single pixel (the strip's ends)
+            const int col = c0 - 2 + q;
+            if (col < 0 || col >= W) {
+                for (int c = 0; c < C; ++c) xr[(size_t)c * sx + q] = 0.0f;
+                return;
+            }
+            const size_t at = ((size_t)(n * H + y) * W + col) * C;
+            const bool own = own_row && col >= c0 && col < c1;
+            for (int c = 0; c < C; c += 8) {
+                const v8 x = finish8(p.src, at + c, scale, c);
+                if (own) store8(p.x_out + at + c, x);
+                for (int k = 0; k < 8; ++k) xr[(size_t)(c + k) * sx + q] = x[k];
+            }
+        };
+        int q = 0;
+        for (; q < tw + 4 && c0 - 2 + q < 0; ++q) one(q);
+        // Blocks of 8 pixels inside the image: finished 8 channels at a time, transposed in
+        // registers and stored as 8 planar vectors (one per channel).
+        for (; q + 8 <= tw + 4 && c0 - 2 + q + 8 <= W; q += 8) {
+            const int col0 = c0 - 2 + q;
+            const size_t at0 = ((size_t)(n * H + y) * W + col0) * C;
+            for (int c = 0; c < C; c += 8) {
+                v8 r[8];
+                for (int i = 0; i < 8; ++i) {
+                    const size_t at = at0 + (size_t)i * C + c;
+                    r[i] = finish8(p.src, at, scale, c);
+                    if (own_row && col0 + i >= c0 && col0 + i < c1) store8(p.x_out + at, r[i]);
+                }
+                transpose8(r);
+                for (int k = 0; k < 8; ++k) store8(xr + (size_t)(c + k) * sx + q, r[k]);
+            }
+        }
+        for (; q < tw + 4; ++q) one(q);
+    };
+    auto make_a = [&](int y) {  // conv1 row y, columns c0-1 .. c1+1 (zero outside the image)
+        float* ar = aslot(y);
+        if (y < 0 || y >= H) {
+            for (int c = 0; c < C; ++c) std::memset(ar + (size_t)c * sa, 0, sizeof(float) * (tw + 2));
+            return;
+        }
+        const float* rows[3] = {xslot(y - 1), xslot(y), xslot(y + 1)};
+        gconv(cpg, rows, sx, C, p.w1, p.b1, ar, sa, na);
+        if (c0 == 0)
+            for (int c = 0; c < C; ++c) ar[(size_t)c * sa] = 0.0f;
+        if (c1 == W)
+            for (int c = 0; c < C; ++c) ar[(size_t)c * sa + tw + 1] = 0.0f;
+    };
+
+    v8 rowsum[16];
+    for (int y = r0 - 2; y <= r0; ++y) make_x(y);
+    make_a(r0 - 1);  // reads x rows r0-2 .. r0
+    make_x(r0 + 1);  // takes r0-2's slot
+    make_a(r0);
+    for (int y = r0; y < r1; ++y) {
+        make_x(y + 2);
+        make_a(y + 1);
+        const float* rows[3] = {aslot(y - 1), aslot(y), aslot(y + 1)};
+        gconv(cpg, rows, sa, C, p.w2, p.b2, hrow, sh, nh);
+        for (int v = 0; v < C / 8; ++v) rowsum[v] = v8{};
+        float* u = p.u_out + ((size_t)(n * H + y) * W + c0) * C;
+        if ((C / 8) % 3 == 0)
+            pointwise_row<3>(hrow, sh, C, p.w3t, p.b3, u, tw, rowsum);
+        else
+            pointwise_row<2>(hrow, sh, C, p.w3t, p.b3, u, tw, rowsum);
+        for (int v = 0; v < C / 8; ++v)
+            for (int k = 0; k < 8; ++k) sums[v * 8 + k] += rowsum[v][k];
+    }
+    return true;
+}
+
+}  // namespace MSFIN_ISA
+}  // namespace msfin_cpu
+
+// ---- dense convs -------------------------------------------------------------------------------
+// Output pixels in blocks of PB along a row, GEMM outputs in blocks of OVB vectors of 8: for every
+// tap and input channel, PB broadcasts of the input and OVB weight vectors feed PB*OVB
+// accumulators. An input pixel outside the image reads a row of zeros instead (no branches).
+
+namespace msfin_cpu {
+namespace MSFIN_ISA {
+namespace {
+
+alignas(64) const float kZeros[1024] = {};
+
+template <int OVB, int PB, int STORE>
+inline void conv_block(const Conv& c, int n, int y, int x0, int ov0, float* out_row) {
+    v8 acc[PB][OVB];
+    for (int v = 0; v < OVB; ++v) {
+        const v8 bias = load8(c.b + (ov0 + v) * 8);
+        for (int p = 0; p < PB; ++p) acc[p][v] = bias;
+    }
+    const int pad = c.ksize / 2;
+    for (int ky = 0; ky < c.ksize; ++ky) {
+        const int iy = y * c.stride + ky - pad;
+        if (iy < 0 || iy >= c.H) continue;
+        for (int kx = 0; kx < c.ksize; ++kx) {
+            const float* wt = c.w + (size_t)(ky * c.ksize + kx) * c.cin * c.K + ov0 * 8;
+            int cin0 = 0;
+            for (int k = 0; k < c.parts; ++k) {
+                const int ck = c.part_channels[k];
+                const float* row = c.part[k] + (size_t)(n * c.H + iy) * c.W * ck;
+                const float* xp[PB];
+                for (int p = 0; p < PB; ++p) {
+                    const int ix = (x0 + p) * c.stride + kx - pad;
+                    xp[p] = (ix >= 0 && ix < c.W) ? row + (size_t)ix * ck : kZeros;
+                }
+                const float* wk = wt + (size_t)cin0 * c.K;
+                for (int ci = 0; ci < ck; ++ci) {
+                    v8 wv[OVB];
+                    for (int v = 0; v < OVB; ++v) wv[v] = load8(wk + (size_t)ci * c.K + v * 8);
+                    for (int p = 0; p < PB; ++p) {
+                        const float xb = xp[p][ci];
+                        for (int v = 0; v < OVB; ++v) acc[p][v] += xb * wv[v];
+                    }
+                }
+                cin0 += ck;
+            }
+        }
+    }
+    for (int p = 0; p < PB; ++p)
+        for (int v = 0; v < OVB; ++v) {
+            v8 r = acc[p][v];
+            if (c.leaky) r = r > 0 ? r : r * 0.2f;
+            const int k = (ov0 + v) * 8;
+            if (STORE == kShuffle) {  // 8 outputs of one sub-pixel q (cout is a multiple of 8)
+                const int q = k / c.cout, co = k % c.cout;
+                const size_t at = ((size_t)(n * 2 * c.Ho + 2 * y + (q >> 1)) * 2 * c.Wo + 2 * (x0 + p) + (q & 1));
+                store8(c.out + at * c.cout + co, r);
+            } else {
+                store8(out_row + (size_t)(x0 + p) * c.K + k, r);
+            }
+        }
+}
+
+// OVB x PB = 12 accumulators (16 vector registers on AVX2: 12, the OVB weights and a broadcast;
+// 8 when K is a single vector).
+template <int OVB, int PB, int STORE>
+void conv_row(const Conv& c, int n, int y, float* out_row) {
+    for (int ov0 = 0; ov0 < c.K / 8; ov0 += OVB) {
+        int x = 0;
+        for (; x + PB <= c.Wo; x += PB) conv_block<OVB, PB, STORE>(c, n, y, x, ov0, out_row);
+        for (; x < c.Wo; ++x) conv_block<OVB, 1, STORE>(c, n, y, x, ov0, out_row);
+    }
+}
+
+template <int STORE>
+void conv_row_any(const Conv& c, int n, int y, float* row) {
+    const int vecs = c.K / 8;
+    if (vecs % 3 == 0)
+        conv_row<3, 4, STORE>(c, n, y, row);
+    else if (vecs % 4 == 0)
+        conv_row<4, 3, STORE>(c, n, y, row);
+    else if (vecs % 2 == 0)
+        conv_row<2, 6, STORE>(c, n, y, row);
+    else
+        conv_row<1, 8, STORE>(c, n, y, row);
+}
+
+struct RowBuffer {
+    float* buf = nullptr;
+    size_t size = 0;
+    float* get(size_t n) {
+        if (size < n) {
+            std::free(buf);
+            buf = static_cast<float*>(std::malloc(n * sizeof(float)));
+            size = buf ? n : 0;
+        }
+        return buf;
+    }
+    ~RowBuffer() { std::free(buf); }
+};
+thread_local RowBuffer conv_buffer;
+
+}  // namespace
+
+void conv_rows(const Conv& c, int64_t row0, int64_t rows) {
+    // kPlain and kShuffle store from the registers; kPlanar goes through one row of K values.
+    float* tmp = c.store == kPlanar ? conv_buffer.get((size_t)c.Wo * c.K) : nullptr;
+    if (c.store == kPlanar && !tmp) return;
+    for (int64_t r = row0; r < row0 + rows; ++r) {
+        const int n = (int)(r / c.Ho), y = (int)(r % c.Ho);
+        if (c.store == kPlain) {
+            conv_row_any<kPlain>(c, n, y, c.out + (size_t)r * c.Wo * c.K);
+        } else if (c.store == kShuffle) {
+            conv_row_any<kShuffle>(c, n, y, nullptr);
+        } else {
+            conv_row_any<kPlanar>(c, n, y, tmp);
+            for (int ch = 0; ch < c.cout; ++ch) {
+                float* dst = c.out + ((size_t)(n * c.cout + ch) * c.Ho + y) * c.Wo;
+                for (int x = 0; x < c.Wo; ++x) dst[x] = tmp[(size_t)x * c.K + ch];
+            }
+        }
+    }
+}
+
+// Bilinear upsampling by `scale` (align_corners=False, as torch's F.interpolate with scale_factor)
+// of an NCHW 3-channel image, then the 3x3 colour matrix and bias of sub_mean; out NHWC, 3 channels.
+void upsample_rows(const float* x, int N, int h, int w, int scale, const float* mean_w, const float* mean_b,
+                   int64_t row0, int64_t rows, float* out) {
+    const int H = h * scale, W = w * scale;
+    const float inv = 1.0f / scale;
+    for (int64_t r = row0; r < row0 + rows; ++r) {
+        const int n = (int)(r / H), Y = (int)(r % H);
+        float sy = (Y + 0.5f) * inv - 0.5f;
+        if (sy < 0) sy = 0;
+        const int y0 = (int)sy, y1 = y0 + (y0 < h - 1 ? 1 : 0);
+        const float ly1 = sy - y0, ly0 = 1.0f - ly1;
+        for (int X = 0; X < W; ++X) {
+            float sx = (X + 0.5f) * inv - 0.5f;
+            if (sx < 0) sx = 0;
+            const int x0 = (int)sx, x1 = x0 + (x0 < w - 1 ? 1 : 0);
+            const float lx1 = sx - x0, lx0 = 1.0f - lx1;
+            float v[3];
+            for (int ch = 0; ch < 3; ++ch) {
+                const float* plane = x + (size_t)(n * 3 + ch) * h * w;
+                v[ch] = ly0 * (lx0 * plane[y0 * w + x0] + lx1 * plane[y0 * w + x1]) +
+                        ly1 * (lx0 * plane[y1 * w + x0] + lx1 * plane[y1 * w + x1]);
+            }
+            float* o = out + ((size_t)r * W + X) * 3;
+            for (int ch = 0; ch < 3; ++ch)
+                o[ch] = mean_w[ch * 3 + 0] * v[0] + mean_w[ch * 3 + 1] * v[1] + mean_w[ch * 3 + 2] * v[2] + mean_b[ch];
+        }
+    }
+}
+
+}  // namespace MSFIN_ISA
+}  // namespace msfin_cpu

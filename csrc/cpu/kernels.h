@@ -1,0 +1,81 @@
+// The CPU kernels of msfin_fast (fp32, NHWC activations), declared once and compiled once per
+// instruction set: kernels.cpp is built three times, with MSFIN_ISA set to avx512, avx2 or
+// portable and the matching compiler flags, into namespaces of those names; module.cpp picks one
+// at run time from what the CPU reports. The contract is the engine's (kernels/rrcab.py, one pass):
+//
+//   x    = t + s[n, c] * u + e1 + e2          s = sigmoid(W2 relu(W1 sums_in / (H W) + b1) + b2)
+//   a    = relu(gconv3x3(x; w1, b1))          zero padding, G groups
+//   h    = relu(gconv3x3(a; w2, b2))
+//   u'   = conv1x1(h; w3t, b3)                written to u_out (NHWC), and sums_out[n, c] += sum u'
+//   x_out = x                                 when asked (the next pass's residual base)
+//
+// All in fp32. Weights: w1/w2 as torch stores a grouped conv, [C out][C/G in][3][3]; w3t the 1x1
+// transposed, [C in][C out]. Channel counts are multiples of 8 with C/G in {1, 2, 4, 8, 16}.
+#pragma once
+
+#include <cstdint>
+
+namespace msfin_cpu {
+
+struct Source {
+    const float* t = nullptr;
+    const float* u = nullptr;      // null: nothing deferred
+    const float* e1 = nullptr;
+    const float* e2 = nullptr;
+    const float* scale = nullptr;  // [N][C] channel-attention scale, with u
+};
+
+struct Pass {
+    Source src;
+    int N = 0, H = 0, W = 0, C = 0, G = 0;
+    const float* w1 = nullptr; const float* b1 = nullptr;
+    const float* w2 = nullptr; const float* b2 = nullptr;
+    const float* w3t = nullptr; const float* b3 = nullptr;
+    float* x_out = nullptr;  // may be null
+    float* u_out = nullptr;
+};
+
+// A dense conv as the engine's conv launches need it (NHWC in, several inputs read as one
+// concatenation). Weights [k*k taps][cin total][K] with K GEMM outputs (a multiple of 8), bias [K].
+// How the K outputs of conv pixel (y, x) are stored:
+//   kPlain    out[n][y][x][k]                                   (out has K channels)
+//   kShuffle  k = q*cout + c, q = 2i + j: out[n][2y+i][2x+j][c]  (a pixel shuffle by 2; a 2x2
+//             stride-2 transposed conv is a 1x1 conv stored this way)
+//   kPlanar   out[n][c][y][x] for c < cout                      (NCHW: the tail)
+enum Store { kPlain = 0, kShuffle = 1, kPlanar = 2 };
+constexpr int kMaxParts = 4;
+
+struct Conv {
+    const float* part[kMaxParts] = {};
+    int part_channels[kMaxParts] = {};
+    int parts = 0, cin = 0;
+    int N = 0, H = 0, W = 0;      // input
+    int Ho = 0, Wo = 0;           // conv output grid
+    int ksize = 3, stride = 1, K = 0, cout = 0, store = kPlain;
+    bool leaky = false;
+    const float* w = nullptr;
+    const float* b = nullptr;
+    float* out = nullptr;
+};
+
+// One piece of work: sample n, output rows [r0, r1), columns [c0, c1). Adds the piece's channel
+// sums of u to sums[C] (double, owned by the caller). False: its row buffers could not be allocated.
+struct Piece {
+    int n, r0, r1, c0, c1;
+};
+
+#define MSFIN_DECLARE_ISA(ns)                                                                  \
+    namespace ns {                                                                             \
+    bool rrcab_piece(const Pass& p, const Piece& piece, double* sums);                         \
+    void finish_rows(const Source& s, int C, int W, int64_t row0, int64_t rows, int64_t rows_per_sample, float* out); \
+    void conv_rows(const Conv& c, int64_t row0, int64_t rows);                                 \
+    void upsample_rows(const float* x, int N, int h, int w, int scale, const float* mean_w, const float* mean_b, \
+                       int64_t row0, int64_t rows, float* out);                                \
+    int vector_width();                                                                        \
+    }
+
+MSFIN_DECLARE_ISA(avx512)
+MSFIN_DECLARE_ISA(avx2)
+MSFIN_DECLARE_ISA(portable)
+
+}  // namespace msfin_cpu

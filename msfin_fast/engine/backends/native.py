@@ -1,0 +1,367 @@
+"""The ``native`` backend: the plan's launches by this project's C++ CPU kernels (``msfin_fast._cpu``,
+csrc/cpu/), fp32, NHWC.
+
+Each RRCAB pass is one call that streams the image row by row over column strips, keeping the
+finished input, conv1's output and conv2's output for a few rows in per-thread buffers (the
+whole grouped 3×3 → ReLU → grouped 3×3 → ReLU → 1×1 chain, the channel sums and the finishing
+of the deferred input in one sweep). Deferred values read by a dense conv are finished by the
+C++ ``materialize`` first. The dense convolutions between blocks (the head after its bilinear
+upsampling, down/up-sampling, the concatenations' 1×1s read as separate inputs, the transposed
+convs as 1×1s stored pixel-shuffled, the tail with add_mean folded in) are this module's too.
+Every call runs on the module's own threads, ``torch.get_num_threads()`` of them, which sleep
+between calls. (Mixing in PyTorch's convolutions cost up to 2× on a 2-core machine: after each of
+them PyTorch's OpenMP threads spin, taking the core the next kernel needs; benchmarks/NOTES.md.)
+
+Activations are fp32 whatever the engine's dtype (``storage_dtype``): the CPU kernels have no
+fp16 variant, and the output is cast to the engine's dtype as the ``cpu`` backend's is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...model import RRCAB
+from ..source import Source
+from . import pack_plan
+
+try:
+    from ... import _cpu
+    _IMPORT_ERROR = None
+except ImportError as exc:  # not built: the backend says so, auto passes it over
+    _cpu = None
+    _IMPORT_ERROR = str(exc)
+
+GROUP_SIZES = (1, 2, 4, 8, 16)  # channels per group the kernel has variants for
+MAX_CHANNELS = 128
+
+
+def available() -> bool:
+    return _cpu is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run with here (``avx512``, ``avx2`` or ``portable``)."""
+    return _cpu.isa() if _cpu is not None else None
+
+
+def not_built_reason() -> str:
+    return (f"the CPU kernels msfin_fast._cpu are not built ({_IMPORT_ERROR}); reinstall with "
+            "MSFIN_CPU_EXT=1 to see why, or build them with MSFIN_CPU_EXT=1 python setup.py build_ext --inplace")
+
+
+def block_configs(model: nn.Module) -> set[tuple[int, int]]:
+    return {(m.body[0].in_channels, m.body[0].groups) for m in model.modules() if isinstance(m, RRCAB)}
+
+
+def config_problem(channels: int, groups: int) -> str | None:
+    if channels % 8 or channels > MAX_CHANNELS or channels % groups or channels // groups not in GROUP_SIZES:
+        return (f"the CPU kernels need RRCAB channels a multiple of 8 up to {MAX_CHANNELS} with "
+                f"{GROUP_SIZES} channels per group (got {channels} channels in {groups} groups)")
+    return None
+
+
+# Packed weights ------------------------------------------------------------------------------------
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float32).contiguous()
+
+
+@dataclass
+class NativeCA:
+    """Channel attention: squeeze ``w1`` [CR, C], ``b1`` [CR], excite ``w2`` [C, CR], ``b2`` [C]."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+    @property
+    def squeezed(self) -> int:
+        return self.w1.shape[0]
+
+
+@dataclass
+class NativeBlock:
+    """An RRCAB for the kernel: ``w1``/``w2`` as torch stores grouped convs ([C, C/G, 3, 3]),
+    ``w3t`` the 1×1 transposed ([C in, C out]), biases fp32, and its CA for whoever reads its output."""
+
+    channels: int
+    groups: int
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    w3t: torch.Tensor
+    b3: torch.Tensor
+    ca: NativeCA
+
+
+def pack_block(block: RRCAB, dtype: torch.dtype) -> NativeBlock:
+    conv1, conv2, conv3, ca = block.body[0], block.body[2], block.body[4], block.body[5]
+    c = conv1.out_channels
+    down, up = ca.conv_du[0], ca.conv_du[2]
+    packed_ca = NativeCA(_f32(down.weight.reshape(down.out_channels, c)), _f32(down.bias),
+                         _f32(up.weight.reshape(c, down.out_channels)), _f32(up.bias))
+    return NativeBlock(c, conv1.groups, _f32(conv1.weight), _f32(conv1.bias), _f32(conv2.weight), _f32(conv2.bias),
+                       _f32(conv3.weight.reshape(c, c).t()), _f32(conv3.bias), packed_ca)
+
+
+STORE_PLAIN, STORE_SHUFFLE, STORE_PLANAR = 0, 1, 2  # kernels.h: how a conv stores its outputs
+
+
+@dataclass
+class NativeConv:
+    """A dense conv as csrc/cpu's conv runs it: ``w`` [k·k, C in, K], ``b`` [K] (K a multiple of 8),
+    stored ``store``-wise with ``cout`` channels; ``up`` is 2 when the store doubles the resolution."""
+
+    w: torch.Tensor
+    b: torch.Tensor
+    ksize: int
+    stride: int
+    cout: int
+    store: int
+
+    @property
+    def K(self) -> int:
+        return self.w.shape[2]
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in, k, k] → [k·k, in, out] (float64 for the folds)."""
+    o, i, k, _ = weight.shape
+    return weight.detach().double().permute(2, 3, 1, 0).reshape(k * k, i, o)
+
+
+def _native_conv(taps: torch.Tensor, bias: torch.Tensor | None, ksize: int, stride: int, cout: int,
+                 store: int) -> NativeConv:
+    kk, cin, k = taps.shape
+    kp = -(-k // 8) * 8
+    w = torch.zeros(kk, cin, kp, dtype=torch.float64)
+    w[:, :, :k] = taps
+    b = torch.zeros(kp, dtype=torch.float64)
+    if bias is not None:
+        b[:k] = bias.detach().double()
+    return NativeConv(w.float().contiguous(), b.float().contiguous(), ksize, stride, cout, store)
+
+
+def pack_conv(conv, n_src: int, dtype: torch.dtype, shuffle: bool = False) -> NativeConv:
+    """A Conv2d (with ``shuffle``: followed by PixelShuffle(2)) or a 2×2 stride-2 ConvTranspose2d."""
+    if isinstance(conv, nn.ConvTranspose2d):
+        w = conv.weight.detach().double()  # [in, out, 2, 2]
+        cin, cout = w.shape[:2]
+        taps = w.permute(0, 2, 3, 1).reshape(1, cin, 4 * cout)  # k = (2i + j)·out + c
+        bias = conv.bias.detach().double().repeat(4) if conv.bias is not None else None
+        return _native_conv(taps, bias, 1, 1, cout, STORE_SHUFFLE)
+    k = conv.kernel_size[0]
+    taps = _taps(conv.weight)
+    bias = conv.bias.detach().double() if conv.bias is not None else None
+    if not shuffle:
+        return _native_conv(taps, bias, k, conv.stride[0], conv.out_channels, STORE_PLAIN)
+    cout = conv.out_channels // 4
+    order = torch.tensor([c * 4 + q for q in range(4) for c in range(cout)])  # conv channel c·4 + q → q·cout + c
+    return _native_conv(taps[:, :, order], bias[order] if bias is not None else None, k, conv.stride[0], cout,
+                        STORE_SHUFFLE)
+
+
+@dataclass
+class NativeHead:
+    scale: int
+    mean_w: torch.Tensor
+    mean_b: torch.Tensor
+    conv: NativeConv
+
+
+def pack_head(sub_mean, head, scale: int) -> NativeHead:
+    return NativeHead(scale, _f32(sub_mean.weight.reshape(3, 3)), _f32(sub_mean.bias), pack_conv(head, 1, torch.float32))
+
+
+def pack_tail(tail, add_mean, dtype: torch.dtype) -> NativeConv:
+    """tail2 with add_mean folded in (``w' = M·w``, ``b' = M·b + b_mean``), stored NCHW."""
+    m = add_mean.weight.detach().double()[:, :, 0, 0]
+    w = torch.einsum("oc,cikl->oikl", m, tail.weight.detach().double())
+    b = m @ tail.bias.detach().double() + add_mean.bias.detach().double()
+    return _native_conv(_taps(w), b, 3, 1, 3, STORE_PLANAR)
+
+
+class _Packers:
+    """pack_plan's packers, each conv packed knowing whether its plan step ends in a pixel shuffle."""
+
+    def __init__(self, model, plan):
+        shuffled = {launch.module for launch in plan.launches if getattr(launch, "shuffle", False)}
+        self.shuffled = {id(model.get_submodule(name)) for name in shuffled}
+        self.pack_block, self.pack_head, self.pack_tail = pack_block, pack_head, pack_tail
+
+    def pack_conv(self, conv, n_src, dtype):
+        return pack_conv(conv, n_src, dtype, shuffle=id(conv) in self.shuffled)
+
+
+# Checks ----------------------------------------------------------------------------------------
+
+
+def _check(name: str, x: torch.Tensor | None, shape: tuple, required: bool = True) -> int:
+    """The address of ``x`` after checking it is a contiguous fp32 CPU tensor of ``shape`` (0: None)."""
+    if x is None:
+        if required:
+            raise ValueError(f"{name}: a tensor is required")
+        return 0
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{name}: the CPU kernels take float32 CPU tensors, got {x.dtype} on {x.device}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
+    return x.data_ptr()
+
+
+def _source_args(src: Source) -> tuple:
+    """(t, u, e1, e2, CaArgs) addresses of a Source, checked."""
+    t = src.t
+    if t.dim() != 4:
+        raise ValueError(f"source t: expected NHWC [N, H, W, C], got shape {tuple(t.shape)}")
+    n, h, w, c = t.shape
+    if c % 8:
+        raise ValueError(f"source t: the CPU kernels need a multiple of 8 channels, got {c}")
+    shape = tuple(t.shape)
+    if src.e1 is None and src.e2 is not None:
+        raise ValueError("e2 given without e1")
+    addresses = [_check("t", t, shape), _check("u", src.u, shape, False), _check("e1", src.e1, shape, False),
+                 _check("e2", src.e2, shape, False)]
+    if src.deferred:
+        ca = getattr(src.producer, "ca", None)
+        if not isinstance(ca, NativeCA):
+            raise ValueError(f"a deferred source needs its producer's NativeCA, got {type(ca).__name__}")
+        if ca.w1.shape[1] != c:
+            raise ValueError(f"CA weights for {ca.w1.shape[1]} channels, source has {c}")
+        cargs = _cpu.CaArgs(_check("sums", src.sums, (n, c)), ca.w1.data_ptr(), ca.b1.data_ptr(), ca.w2.data_ptr(),
+                            ca.b2.data_ptr(), ca.squeezed)
+    else:
+        cargs = _cpu.CaArgs(0, 0, 0, 0, 0, 0)
+    return (*addresses, cargs)
+
+
+def tiling(channels: int, w: int) -> int:
+    """Columns per strip. Wider strips recompute fewer halo columns; past 128 their planar rows
+    (3 input, 3 conv1, 1 conv2) leave L2 at 96 channels. Measured on a 2-core Zen (AVX2) at
+    16–96 channels: 64–256 columns within 5 % of each other, 32 up to 25 % slower (benchmarks/NOTES.md)."""
+    return max(1, min(w, 128))
+
+
+PIECES = 8  # pieces (strips × bands) each image is cut into, whatever the batch and the threads
+
+
+def band_rows(h: int, strips: int) -> int:
+    """Rows per band: enough bands that each image makes about ``PIECES`` pieces of work, at least 8
+    rows each (a band recomputes 2 rows of conv1 above it). It depends on the image's size alone, so
+    the pieces, and the order the channel sums are added in, are the same at any batch size and
+    thread count: an image gives the same bytes alone, in a batch and on any number of threads."""
+    bands = max(1, min(-(-PIECES // strips), h // 8))
+    return -(-h // bands)
+
+
+class NativeBackend:
+    """RRCAB passes and deferred values by the C++ CPU kernels; dense convs by oneDNN."""
+
+    name = "native"
+    whole_network = False
+    fused_max_channels = 1 << 30  # every pass is one call, conv1's output never leaves the strip
+
+    def __init__(self, fuse_rrcab: bool = False, tile_cols: int | None = None, band_rows: int | None = None):
+        self.tile_cols = tile_cols
+        self.band_rows = band_rows
+
+    def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32
+
+    def unavailable_reason(self, model) -> str | None:
+        device = model.head.weight.device
+        if device.type != "cpu":
+            return f"the native backend runs on the CPU (the model is on {device})"
+        if _cpu is None:
+            return not_built_reason()
+        for channels, groups in sorted(block_configs(model)):
+            problem = config_problem(channels, groups)
+            if problem:
+                return problem
+        return None
+
+    def pack(self, model, plan, dtype):
+        return pack_plan(model, plan, torch.float32, _Packers(model, plan))
+
+    def scratch_numel(self, device, channels: int, n: int, h: int, w: int) -> int:
+        return 0  # the kernel's row buffers are its own, per thread
+
+    @staticmethod
+    def threads() -> int:
+        return max(1, torch.get_num_threads())
+
+    def _finished(self, src: Source) -> torch.Tensor:
+        """The source as a plain NHWC tensor (``t`` itself when there is nothing to finish)."""
+        if src.is_plain:
+            return src.t
+        out = torch.empty_like(src.t)
+        self.materialize(src, out)
+        return out
+
+    # Launch operations -------------------------------------------------------------------------------
+
+    def rrcab_pass(self, src: Source, p: NativeBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
+        t, u, e1, e2, cargs = _source_args(src)
+        n, h, w, c = src.t.shape
+        if c != p.channels:
+            raise ValueError(f"the block has {p.channels} channels, the input {c}")
+        shape = tuple(src.t.shape)
+        x_addr = _check("x_out", x_out, shape, False)
+        u_addr = _check("u_out", u_out, shape)
+        s_addr = _check("sums", sums, (n, c))
+        cols = self.tile_cols or tiling(c, w)
+        threads = self.threads()
+        rows = self.band_rows or band_rows(h, -(-w // cols))
+        _cpu.rrcab_pass(t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
+                        p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
+                        threads, cols, rows)
+
+    def materialize(self, src: Source, out: torch.Tensor) -> None:
+        t, u, e1, e2, cargs = _source_args(src)
+        n, h, w, c = src.t.shape
+        _cpu.materialize(t, u, e1, e2, cargs, _check("out", out, tuple(src.t.shape)), n, h, w, c, self.threads())
+
+    def _conv(self, parts: list[torch.Tensor], p: NativeConv, out: torch.Tensor, leaky: bool = False) -> None:
+        n, h, w, _ = parts[0].shape
+        cin = sum(t.shape[3] for t in parts)
+        if p.w.shape[1] != cin:
+            raise ValueError(f"conv: weights for {p.w.shape[1]} input channels, inputs have {cin}")
+        pad = p.ksize // 2
+        ho, wo = (h + 2 * pad - p.ksize) // p.stride + 1, (w + 2 * pad - p.ksize) // p.stride + 1
+        if p.store == STORE_PLAIN:
+            expected = (n, ho, wo, p.K)
+        elif p.store == STORE_SHUFFLE:
+            expected = (n, 2 * ho, 2 * wo, p.cout)
+        else:
+            expected = (n, p.cout, ho, wo)
+        addresses = [_check(f"input {i}", t, (n, h, w, t.shape[3])) for i, t in enumerate(parts)]
+        _cpu.conv(addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout, p.store,
+                  leaky, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, expected), self.threads())
+
+    def head(self, x: torch.Tensor, p: NativeHead, out: torch.Tensor) -> None:
+        n, c, h, w = x.shape
+        if c != 3:
+            raise ValueError(f"head: expected an RGB image [N, 3, h, w], got {tuple(x.shape)}")
+        x = x.float().contiguous()
+        up = torch.empty(n, p.scale * h, p.scale * w, 3)
+        _cpu.upsample(x.data_ptr(), n, h, w, p.scale, p.mean_w.data_ptr(), p.mean_b.data_ptr(), up.data_ptr(),
+                      self.threads())
+        self._conv([up], p.conv, out)
+
+    def tail(self, src: Source, p: NativeConv, out: torch.Tensor) -> None:
+        self._conv([self._finished(src)], p, out)
+
+    def conv(self, inputs, p: NativeConv, out: torch.Tensor, step) -> None:
+        parts = [self._finished(inputs)] if isinstance(inputs, Source) else list(inputs)
+        self._conv(parts, p, out, leaky=step.leaky)
+
+
+BACKENDS = {"native": NativeBackend}
