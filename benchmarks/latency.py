@@ -14,10 +14,22 @@ engine-fp16 / engine-fp32 (the Triton engine), engine-fp16-graph / engine-fp32-g
 replaying a CUDA graph per shape), engine-fp16-fused[-graph] (one launch per RRCAB pass, conv1 kept
 in L2) and engine-fp16-cudnn-graph (the layers between blocks through cuDNN instead of
 kernels/conv.py); cuda-fp16[-graph] / cuda-fp32 (the RRCAB passes by the CUDA C++ kernel of csrc/);
-auto-fp16-graph (what backend="auto" picks); cpu-fp32 (the cpu backend: the whole network in fp32
-channels_last, what auto runs on a CPU); onnxruntime-cpu-fp32 (the CPU peer: the model exported by
-``msfin_fast.export_onnx``, dynamic shapes, run by ONNX Runtime's CPU provider with its default
-graph optimisations and threads; the export, once per model, is not timed).
+auto-fp16-graph (what backend="auto" picks); native-fp32 (the native backend: the C++ CPU kernels,
+what auto runs on a CPU); cpu-fp32 (the cpu backend: the whole network in PyTorch fp32
+channels_last); the CPU peers, each at its best settings (said in the output's "settings"):
+onnxruntime-cpu-fp32 (the model exported by ``msfin_fast.export_onnx``, dynamic shapes, ONNX
+Runtime's CPU provider, all graph optimisations, intra-op threads = torch's), openvino-cpu-fp32
+(the same ONNX file, reshaped to each input's static shape, compiled for the CPU with the LATENCY
+hint, torch's thread count and the f32 precision hint), openvino-cpu-default (the same without a
+precision hint: bf16 where the CPU computes it natively, f32 elsewhere; the precision it used is
+recorded), compile-cpu-fp32 (``torch.compile``, default mode, fp32 channels_last, static shapes).
+Exports and compiles are not timed.
+
+On a CPU the entries of one (model, size, batch) run interleaved (``--interleave``, the default
+there): every callable is built and warmed up, then each round calls each backend once untimed
+(which also absorbs threads another runtime left spinning) and once timed, so drift and neighbours
+on the machine weigh on every backend alike. ``--busy N`` runs N busy-looping processes beside the
+run (the under-load measurement). "GFLOP/s" counts the convolutions' multiply-adds as two FLOPs.
 On a GPU each number is the median of CUDA-event timings after warm-up, with cuDNN's benchmark
 mode on (the peers' best case for fixed shapes). Each (backend, shape) gets a fresh callable and its
 "peak MiB" is what it allocated beyond the model and input: arena, graphs, workspaces and outputs.
@@ -64,12 +76,15 @@ from msfin_fast.engine import plan as P  # noqa: E402
 
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-max-autotune", "engine-fp16",
             "engine-fp32", "engine-fp16-graph", "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph",
-            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "cpu-fp32",
-            "onnxruntime-cpu-fp32"]
+            "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "native-fp32",
+            "cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default", "compile-cpu-fp32"]
+CPU_ONLY = ("native-fp32", "cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default",
+            "compile-cpu-fp32")
 SLOW = ("compile-max-autotune",)  # left out unless named
-COMPILERS = ("compile", "compile-max-autotune")  # run after every other entry (see ordered())
+COMPILERS = ("compile", "compile-max-autotune", "compile-cpu-fp32")  # run after every other entry (see ordered())
 DEFAULT_BANDWIDTH = 2.95e12  # H100 device-to-device copy, read + write; a GPU run measures its own
-NOT_QUICK = ("compile", "compile-max-autotune", "onnxruntime-cpu-fp32")  # minutes to build, or an export
+NOT_QUICK = ("compile", "compile-max-autotune", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default",
+             "compile-cpu-fp32")  # minutes to build, or an export
 SIZES = ["64x64", "180x320", "270x480"]
 QUICK_CPU_SIZE = (64, 64)  # --quick without a GPU: the smallest of SIZES (HR 256x256)
 
@@ -99,6 +114,17 @@ def floor_bytes(model: msfin_fast.MSFIN, n: int, h: int, w: int, elem: int) -> i
             t = launch.src.t
             total += 2 * n * (H // t.div) * (W // t.div) * t.channels * elem
     return total
+
+
+def flops_per_pixel(model: msfin_fast.MSFIN) -> float:
+    """Convolution FLOPs (a multiply-add is two) per output pixel, counted by PyTorch on a small input
+    (the count is linear in the pixels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, 8, 8, device=model.head.weight.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.float()(x, check_finite=False)
+    return counter.get_total_flops() / (8 * model.config.scale) ** 2
 
 
 def load_model(preset: str, device: str) -> tuple[msfin_fast.MSFIN, str]:
@@ -140,11 +166,8 @@ _ONNX_FILES: dict = {}  # MSFINConfig → exported file, shared by every shape o
 _ONNX_DIR = None  # a TemporaryDirectory, removed when the process ends
 
 
-def onnxruntime_peer(model: msfin_fast.MSFIN):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "ONNX Runtime is not installed (pip install 'msfin_fast[onnx]')", None
+def onnx_file(model: msfin_fast.MSFIN) -> Path | str:
+    """The model exported once per run (a path), or why it could not be."""
     import tempfile
 
     global _ONNX_DIR
@@ -155,17 +178,77 @@ def onnxruntime_peer(model: msfin_fast.MSFIN):
             path = Path(_ONNX_DIR.name) / f"model-{len(_ONNX_FILES)}.onnx"
             msfin_fast.export_onnx(model, path, check=False)
         except (msfin_fast.MSFINError, ImportError) as exc:
-            return f"export failed ({exc})", None
+            return f"export failed ({exc})"
         _ONNX_FILES[model.config] = path
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return path
+
+
+class Peer:
+    """A peer's callable and the settings it runs with (recorded in the row)."""
+
+    def __init__(self, fn, settings: str):
+        self.fn, self.settings = fn, settings
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def onnxruntime_peer(model: msfin_fast.MSFIN):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "ONNX Runtime is not installed (pip install 'msfin_fast[onnx]')", None
+    path = onnx_file(model)
+    if isinstance(path, str):
+        return path, None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def call(x):
         return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    return call, torch.float32
+    settings = (f"ONNX Runtime {ort.__version__}, CPUExecutionProvider, {options.intra_op_num_threads} intra-op "
+                "threads, ORT_ENABLE_ALL, dynamic shapes, fp32")
+    return Peer(call, settings), torch.float32
 
 
-def build(backend: str, model: msfin_fast.MSFIN):
-    """A callable for ``backend`` and the dtype its input takes, or a reason it cannot run here."""
+def openvino_peer(model: msfin_fast.MSFIN, shape: tuple, precision: str | None):
+    """OpenVINO on the exported ONNX file, compiled for ``shape`` (static shapes are its best case)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return "OpenVINO is not installed (pip install openvino)", None
+    path = onnx_file(model)
+    if isinstance(path, str):
+        return path, None
+    core = ov.Core()
+    ov_model = core.read_model(str(path))
+    ov_model.reshape({ov_model.inputs[0].any_name: list(shape)})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(ov_model, "CPU", config)
+    request = compiled.create_infer_request()
+    used = compiled.get_property("INFERENCE_PRECISION_HINT")
+
+    def call(x):
+        return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
+    settings = (f"OpenVINO {ov.get_version().split('-')[0]}, CPU, LATENCY hint, {torch.get_num_threads()} threads, "
+                f"static shape {'x'.join(map(str, shape))}, precision hint {precision or 'default'} "
+                f"(runs in {used})")
+    return Peer(call, settings), torch.float32
+
+
+def native_isa() -> str:
+    from msfin_fast.engine.backends import native
+
+    return native.isa() or "none"
+
+
+def build(backend: str, model: msfin_fast.MSFIN, shape: tuple = (1, 3, 64, 64)):
+    """A callable for ``backend`` and the dtype its input takes, or a reason it cannot run here.
+    ``shape`` is the input's (for peers that compile per shape)."""
     cuda = model.head.weight.is_cuda
     if backend == "ref-fp32":
         return model.float(), torch.float32
@@ -181,13 +264,27 @@ def build(backend: str, model: msfin_fast.MSFIN):
         def call(x):  # no input NaN test: a host sync per call, and not capturable in a CUDA graph
             return m(x.contiguous(memory_format=torch.channels_last), check_finite=False)
         return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
+    if backend in CPU_ONLY and cuda:
+        return f"{backend} runs on the CPU", None
     if backend == "onnxruntime-cpu-fp32":
-        return ("ONNX Runtime is the CPU peer", None) if cuda else onnxruntime_peer(model)
-    if backend == "cpu-fp32":
-        if cuda:
-            return "the cpu backend runs on the CPU", None
-        engine = msfin_fast.optimize(model, dtype=torch.float32, backend="cpu")
-        return (lambda x: engine(x, check_finite=False)), torch.float32
+        return onnxruntime_peer(model)
+    if backend.startswith("openvino"):
+        return openvino_peer(model, shape, "f32" if backend.endswith("fp32") else None)
+    if backend == "compile-cpu-fp32":
+        m = torch.compile(copy.deepcopy(model).float().to(memory_format=torch.channels_last), dynamic=False)
+        settings = (f"torch.compile (default mode, inductor) of the reference, fp32 channels_last, static shapes, "
+                    f"{torch.get_num_threads()} threads")
+        return Peer(lambda x: m(x.contiguous(memory_format=torch.channels_last), check_finite=False), settings), torch.float32
+    if backend in ("cpu-fp32", "native-fp32"):
+        name = backend.split("-")[0]
+        try:
+            engine = msfin_fast.optimize(model, dtype=torch.float32, backend=name)
+        except msfin_fast.MSFINError as exc:
+            return f"cannot run here ({exc})", None
+        settings = (f"msfin_fast {name} backend, fp32, {torch.get_num_threads()} threads"
+                    + (f", {engine.impl.__module__.rsplit('.', 1)[-1]} kernels with {native_isa()}" if name == "native" else
+                       ", PyTorch (oneDNN) channels_last"))
+        return Peer(lambda x: engine(x, check_finite=False), settings), torch.float32
     dtype = torch.float16 if "fp16" in backend else torch.float32
     graphs = backend.endswith("-graph")
     if graphs and not cuda:
@@ -239,6 +336,23 @@ def max_error(fn, x: torch.Tensor, want: torch.Tensor) -> float:
         return (fn(x).float() - want).abs().max().item()
 
 
+def cpu_name() -> str:
+    """The CPU's model, cores and vector extensions (from /proc/cpuinfo where there is one)."""
+    model, flags = platform.processor() or "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("cpu", platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in flags]
+    return f"{model}, {os.cpu_count()} logical CPUs" + (f" ({', '.join(isa)})" if isa else "")
+
+
 def environment(device: str, argv: list[str]) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -246,7 +360,7 @@ def environment(device: str, argv: list[str]) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "msfin_fast": msfin_fast.__version__,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     try:
@@ -266,21 +380,25 @@ def cell(text: str) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | LR size | batch | backend | median ms | p10–p90 ms | peak MiB | floor ms | % floor | max abs err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | LR size | batch | backend | median ms | p10–p90 ms | peak MiB | floor ms | % floor | GFLOP/s | max abs err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | error: {cell(r['error'])} | | | | |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | error: {cell(r['error'])} | | | | | |")
             continue
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {cell(r['skipped'])} | | | | |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | — | skipped: {cell(r['skipped'])} | | | | | |")
             continue
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "—"
         err = f"{r['max_abs_err']:.3g}" if r.get("max_abs_err") is not None else "—"
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch']} | {r['backend']} | {r['median_ms']:.3f} | "
-            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {peak} | {r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['median_ms']:.0f}% | {err} |"
+            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {peak} | {r['floor_ms']:.3f} | {100 * r['floor_ms'] / r['median_ms']:.0f}% | "
+            f"{r.get('gflops', float('nan')):.1f} | {err} |"
         )
+    settings = {r["backend"]: r["settings"] for r in results if r.get("settings")}
+    if settings:
+        lines += ["", "Settings:", ""] + [f"- {b}: {text}" for b, text in settings.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -419,6 +537,8 @@ def write_results(out_dir: Path, stem: str, env: dict, results: list[dict], prog
                 f"# Latency ({env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']})\n\n"
                 f"Command: `python benchmarks/{env['command']}`\n\n" + (f"{quick_note}\n\n" if quick_note else "")
                 + f"Floor at {env['bandwidth'] / 1e12:.2f} TB/s ({env['bandwidth_source']}).\n\n"
+                + (f"Threads: {env['threads']}. Protocol: {env['protocol']}. Load: {env['load']}.\n\n"
+                   if "protocol" in env else "")
                 + "".join(f"GPU {when}: {env[key]}\n\n" for when, key in (("before", "clocks_before"),
                                                                           ("after", "clocks_after")) if key in env)
                 + progress_line(progress) + "\n\n" + markdown(results))
@@ -462,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also record each backend's max |Δ| against the true-fp32 reference")
     ap.add_argument("--warm-only", action="store_true",
                     help="compile and capture every entry once (fills Triton's and Inductor's caches); time nothing")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the backends of each (model, size, batch) interleaved, round by round "
+                         "(default: on a CPU; not with --warm-only)")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed calls before each timed one when interleaved (default 1)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="run N busy-looping processes beside the benchmark (the under-load measurement)")
     ap.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="file stem for the results (default: latency-<device>-<date>)")
@@ -492,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(matrix)} entries on {args.device}")
         return 0
     cuda = args.device.startswith("cuda")
+    if args.interleave is None:
+        args.interleave = not cuda and not args.warm_only
+    if args.interleave and (cuda or args.warm_only):
+        ap.error("--interleave times CPU backends (not with --warm-only or on a GPU)")
+    if args.settle < 0 or args.busy < 0:
+        ap.error("--settle and --busy must be >= 0")
     if cuda:
         torch.backends.cudnn.benchmark = True
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -509,6 +642,12 @@ def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: lis
     env = environment("cuda" if cuda else args.device, argv)
     env["bandwidth"], env["bandwidth_source"] = resolve_bandwidth(args.bandwidth, cuda)
     env["weights"] = {}
+    env["flops_per_pixel"] = {}
+    env["threads"] = torch.get_num_threads()
+    env["protocol"] = (f"interleaved: {args.warmup} warm-up calls each, then {args.iters} rounds of {args.settle} untimed "
+                       "+ 1 timed call of each backend" if args.interleave else
+                       f"one backend at a time: {args.warmup} warm-up + {args.iters} timed calls")
+    env["load"] = f"{args.busy} busy-looping processes beside the run" if args.busy else "none"
     if quick_note:
         env["note"] = quick_note
     if cuda:
@@ -520,7 +659,10 @@ def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: lis
     dead: str | None = None  # why the CUDA context cannot run anything more
     status = 0
     save = lambda: write_results(args.out_dir, stem, env, results, progress, quick_note)  # noqa: E731
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
+        if args.interleave:
+            return run_interleaved(args, matrix, env, results, progress, models, save, stem)
         for preset, backend, (h, w), n in matrix:
             label = f"{preset} {h}x{w} b{n} {backend}"
             row = {"model": preset, "size": f"{h}x{w}", "batch": n, "backend": backend}
@@ -560,6 +702,10 @@ def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: lis
             f" during {progress['current']}" if progress["current"] else " between two entries")
         print(f"latency.py: {progress['state']}", file=sys.stderr, flush=True)
         status = 128 + stop.signum
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
     if cuda:
         env["clocks_after"] = gpu_clocks() if dead is None else f"not read: {dead}"
     save()
@@ -570,17 +716,125 @@ def run(args, matrix: list[tuple], cuda: bool, quick_note: str | None, argv: lis
     return status
 
 
+def run_interleaved(args, matrix, env, results, progress, models, save, stem) -> int:
+    """The CPU protocol: the entries of each (model, size, batch) timed together (measure_group)."""
+    groups: dict = {}
+    for preset, backend, size, n in matrix:
+        groups.setdefault((preset, size, n), []).append(backend)
+    status = 0
+    try:
+        for (preset, (h, w), n), backends in groups.items():
+            rows = [{"model": preset, "size": f"{h}x{w}", "batch": n, "backend": b} for b in backends]
+            progress["current"] = f"{preset} {h}x{w} b{n} ({', '.join(backends)})"
+            save()
+            results.extend(rows)
+            try:
+                measure_group(args, rows, preset, h, w, n, models, env)
+            finally:
+                gc.collect()
+            for row in rows:
+                status = 1 if "error" in row else status
+                text = (said(row) if "median_ms" in row else f"error: {row['error']}" if "error" in row
+                        else f"skipped ({row['skipped']})")
+                print(f"{preset} {h}x{w} b{n} {row['backend']}: {text}", flush=True)
+            progress["done"] += len(rows)
+            progress["current"] = None
+        progress["state"] = "finished"
+    except Stopped as stop:
+        for row in results:
+            if "median_ms" not in row and "skipped" not in row and "error" not in row:
+                row["error"] = f"stopped by signal {stop.signum} during this entry"
+        progress["state"] = f"stopped by signal {stop.signum} during {progress['current']}"
+        print(f"latency.py: {progress['state']}", file=sys.stderr, flush=True)
+        status = 128 + stop.signum
+    save()
+    print(markdown(results))
+    plotted = progress["state"] == "finished" and plot(results, args.out_dir / f"{stem}.png")
+    print(f"wrote {args.out_dir / stem}.json, .md" + (", .png" if plotted else ""))
+    return status
+
+
+def finish(row: dict, times: list[float], peak, model, n: int, h: int, w: int, elem: int, env: dict) -> None:
+    """The row's statistics from its timings."""
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    median = statistics.median(times)
+    row.update(median_ms=median, p10_ms=q[0], p90_ms=q[-1], peak_bytes=peak,
+               floor_ms=floor_bytes(model, n, h, w, elem) / env["bandwidth"] * 1e3,
+               gflops=env["flops_per_pixel"][row["model"]] * n * 16 * h * w / (median * 1e-3) / 1e9)
+
+
+def said(row: dict) -> str:
+    err = f", max |Δ| {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""
+    peak_text = f", peak {row['peak_bytes'] / 2**20:.0f} MiB" if row.get("peak_bytes") is not None else ""
+    return f"{row['median_ms']:.3f} ms{peak_text}{err}"
+
+
+def measure_group(args, rows: list[dict], preset: str, h: int, w: int, n: int, models: dict, env: dict) -> None:
+    """The rows of one (model, size, batch) on a CPU, timed interleaved: build and warm up every
+    backend, then ``iters`` rounds of one untimed and one timed call of each. A backend that fails
+    to build or to run gets its error in its row; the others go on."""
+    if preset not in models:
+        models[preset], env["weights"][preset] = load_model(preset, args.device)
+        env["flops_per_pixel"][preset] = flops_per_pixel(models[preset])
+    model = models[preset]
+    g = torch.Generator(device=args.device).manual_seed(h * w + n)
+    x = torch.rand(n, 3, h, w, device=args.device, generator=g) * 255
+    live = {}
+    for row in rows:
+        try:
+            fn, dtype = build(row["backend"], model, (n, 3, h, w))
+            if dtype is None:
+                row["skipped"] = fn
+                continue
+            if isinstance(fn, Peer):
+                row["settings"] = fn.settings
+            xd = x.to(dtype)
+            with torch.no_grad():
+                for _ in range(max(1, args.warmup)):
+                    fn(xd)
+            live[row["backend"]] = (row, fn, xd, [])
+        except Stopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 — one backend's failure is that row's result
+            row["error"] = describe(exc)
+            traceback.print_exc()
+    with torch.no_grad():
+        for _ in range(args.iters):
+            for name, (row, fn, xd, times) in list(live.items()):
+                try:
+                    for _ in range(args.settle):
+                        fn(xd)
+                    t0 = time.perf_counter()
+                    fn(xd)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                except Stopped:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = describe(exc)
+                    traceback.print_exc()
+                    del live[name]
+    for row, fn, xd, times in live.values():
+        if args.check:
+            with true_fp32(), torch.no_grad():
+                want = model(x.float())
+            row["max_abs_err"] = max_error(fn, xd, want)
+        finish(row, times, None, model, n, h, w, 4, env)
+
+
 def measure(args, row: dict, preset: str, backend: str, h: int, w: int, n: int, models: dict, env: dict,
             cuda: bool) -> str | None:
     """Fill ``row`` for one entry (its timings, peak memory, floor and, with ``--check``, max |Δ|),
     or say in it why the entry was skipped; return the line to print for a timed entry."""
     if preset not in models:
         models[preset], env["weights"][preset] = load_model(preset, args.device)
+        env["flops_per_pixel"][preset] = flops_per_pixel(models[preset])
     model = models[preset]
-    fn, dtype = build(backend, model)  # fresh per shape: its memory is its own
+    fn, dtype = build(backend, model, (n, 3, h, w))  # fresh per shape: its memory is its own
     if dtype is None:
         row["skipped"] = fn
         return None
+    if isinstance(fn, Peer):
+        row["settings"] = fn.settings
     g = torch.Generator(device=args.device).manual_seed(h * w + n)
     x = (torch.rand(n, 3, h, w, device=args.device, generator=g) * 255).to(dtype)
     if args.warm_only:
@@ -597,12 +851,8 @@ def measure(args, row: dict, preset: str, backend: str, h: int, w: int, n: int, 
             want = model(x.float())
         row["max_abs_err"] = max_error(fn, x, want)
     elem = 2 if dtype == torch.float16 else 4
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    row.update(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], peak_bytes=peak,
-               floor_ms=floor_bytes(model, n, h, w, elem) / env["bandwidth"] * 1e3)
-    err = f", max |Δ| {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""
-    peak_text = f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""
-    return f"{row['median_ms']:.3f} ms{peak_text}{err}"
+    finish(row, times, peak, model, n, h, w, elem, env)
+    return said(row)
 
 
 if __name__ == "__main__":

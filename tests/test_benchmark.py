@@ -98,8 +98,8 @@ print(json.dumps({g: {m: sorted(map(repr, v)) for m, v in k.items()} for g, k in
 
 def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
     """--quick on a CPU times LR 64x64 with 1 + 3 calls (MSFIN at 180x320 with 3 + 10 took over
-    15 minutes on two cores), the reference next to the cpu backend, and says so in its output and
-    its files."""
+    15 minutes on two cores), the reference next to the native and cpu backends, and says so in its
+    output and its files."""
     import time
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CPU tests run: interpreted kernels are not timed
@@ -116,8 +116,8 @@ def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
     data = json.loads((tmp_path / "q.json").read_text())
     assert data["environment"]["note"].startswith("--quick on the CPU")
     timed = [row for row in data["results"] if "skipped" not in row]
-    # On a CPU: the reference and the cpu backend, side by side; everything else is skipped.
-    assert [row["backend"] for row in timed] == ["ref-fp32", "cpu-fp32"]
+    # On a CPU: the reference, the native kernels and the cpu backend, side by side; everything else is skipped.
+    assert [row["backend"] for row in timed] == ["ref-fp32", "native-fp32", "cpu-fp32"]
     assert all(row["size"] == "64x64" and row["median_ms"] > 0 for row in timed)
     assert len(data["results"]) > len(timed)
     assert "--quick on the CPU" in (tmp_path / "q.md").read_text()
@@ -143,12 +143,12 @@ def failing_build(latency, fails: dict):
     """``latency.build`` where the backends named in ``fails`` run a callable that raises that error."""
     real = latency.build
 
-    def build(backend, model):
+    def build(backend, model, *shape):
         if backend in fails:
             def call(x):
                 raise fails[backend]
             return call, __import__("torch").float32
-        return real(backend, model)
+        return real(backend, model, *shape)
     return build
 
 
@@ -159,17 +159,17 @@ def test_an_entry_that_raises_keeps_the_rows_before_it_and_the_run_goes_on(tmp_p
     seen = {}
     real = failing_build(latency, {"cpu-fp32": RuntimeError("Triton compile failed | in rrcab_conv1\nline 2")})
 
-    def build(backend, model):
+    def build(backend, model, *shape):
         if backend == "onnxruntime-cpu-fp32":  # the entry after the failure looks at the files
             seen["json"] = json.loads((tmp_path / "e.json").read_text())
             seen["md"] = (tmp_path / "e.md").read_text()
             return "looked at the files", None
-        return real(backend, model)
+        return real(backend, model, *shape)
 
     monkeypatch.setattr(latency, "build", build)
     rc = latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--device", "cpu",
                        "--backends", "compile", "ref-fp32", "cpu-fp32", "onnxruntime-cpu-fp32",
-                       "--iters", "2", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "e"])
+                       "--iters", "2", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "e", "--no-interleave"])
     assert rc == 1
     ref, failed = seen["json"]["results"]
     assert ref["backend"] == "ref-fp32" and ref["median_ms"] > 0
@@ -196,7 +196,7 @@ def test_after_the_cuda_context_fails_the_remaining_rows_say_so(tmp_path, monkey
     monkeypatch.setattr(latency, "context_error", context_error)
     rc = latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "3x3", "--batch", "1", "--device", "cpu",
                        "--backends", "cpu-fp32", "ref-fp32", "--iters", "1", "--warmup", "0",
-                       "--out-dir", str(tmp_path), "--name", "p"])
+                       "--out-dir", str(tmp_path), "--name", "p", "--no-interleave"])
     assert rc == 1 and len(probes) == 1  # probed once, after the error; nothing ran after it
     first, *rest = json.loads((tmp_path / "p.json").read_text())["results"]
     assert first["error"].startswith("RuntimeError: CUDA error: an illegal memory access")
@@ -220,13 +220,13 @@ def test_a_run_stopped_or_killed_part_way_leaves_valid_files(tmp_path):
         latency = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(latency)
         real = latency.build
-        def build(backend, model):
+        def build(backend, model, *shape):
             if backend == "cpu-fp32":
                 return (lambda x: time.sleep(120)), torch.float32
-            return real(backend, model)
+            return real(backend, model, *shape)
         latency.build = build
         sys.exit(latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--device", "cpu",
-                               "--backends", "ref-fp32", "cpu-fp32", "--iters", "1", "--warmup", "0",
+                               "--backends", "ref-fp32", "cpu-fp32", "--iters", "1", "--warmup", "0", "--no-interleave",
                                "--out-dir", {str(tmp_path)!r}, "--name", sys.argv[1]]))
     """))
 
@@ -277,3 +277,62 @@ def test_the_floor_uses_the_bandwidth_given_or_written_by_the_environment_stage(
     assert a["results"][0]["floor_ms"] == pytest.approx(4.3 * b["results"][0]["floor_ms"])
     assert b["environment"]["bandwidth_source"].startswith("measured by the environment stage")
     assert "Floor at 4.30 TB/s" in (tmp_path / "b.md").read_text()
+
+
+def test_on_a_cpu_the_backends_of_a_shape_are_timed_interleaved(tmp_path, monkeypatch):
+    """One (model, size, batch) at a time, every backend built and warmed up first, then rounds of
+    one untimed and one timed call each; a backend that fails is its row's error and the others are
+    still timed; each row says its settings, the files say the protocol and the load."""
+    import torch
+
+    latency = load_latency()
+    calls = []
+    real = failing_build(latency, {"cpu-fp32": RuntimeError("broken on purpose")})
+
+    def build(backend, model, *shape):
+        fn, dtype = real(backend, model, *shape)
+        if dtype is None:
+            return fn, dtype
+
+        def call(x):
+            calls.append(backend)
+            return fn(x)
+        return (latency.Peer(call, f"{backend} as built") if backend == "native-fp32" else call), dtype
+
+    monkeypatch.setattr(latency, "build", build)
+    rc = latency.main(["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--device", "cpu",
+                       "--backends", "ref-fp32", "native-fp32", "cpu-fp32", "--iters", "3", "--warmup", "1",
+                       "--busy", "1", "--out-dir", str(tmp_path), "--name", "i"])
+    assert rc == 1
+    data = json.loads((tmp_path / "i.json").read_text())
+    ref, nat, broken = data["results"]
+    assert ref["median_ms"] > 0 and nat["median_ms"] > 0 and nat["gflops"] > 0
+    assert broken["error"] == "RuntimeError: broken on purpose"
+    assert nat["settings"] == "native-fp32 as built"
+    # warm-up of each (the broken one fails there), then 3 rounds of (untimed + timed) of the two
+    # that work, alternating
+    assert calls == ["ref-fp32", "native-fp32", "cpu-fp32"] + ["ref-fp32", "ref-fp32", "native-fp32", "native-fp32"] * 3, calls
+    env = data["environment"]
+    assert env["protocol"].startswith("interleaved") and env["load"] == "1 busy-looping processes beside the run"
+    assert env["flops_per_pixel"]["msfin-s-x4"] == pytest.approx(99620, rel=0.01)
+    md = (tmp_path / "i.md").read_text()
+    assert "Protocol: interleaved" in md and "- native-fp32: native-fp32 as built" in md
+
+
+def test_the_cpu_peers_record_their_settings(tmp_path):
+    """ONNX Runtime and OpenVINO (where installed) say the threads, shapes and precision they ran with."""
+    from conftest import require_module
+
+    require_module("onnxruntime")
+    latency = load_latency()
+    import msfin_fast
+
+    model = msfin_fast.MSFIN("msfin-s-x4").eval()
+    fn, dtype = latency.build("onnxruntime-cpu-fp32", model, (1, 3, 4, 6))
+    assert "intra-op threads" in fn.settings and "dynamic shapes" in fn.settings
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return
+    fn, dtype = latency.build("openvino-cpu-fp32", model, (1, 3, 4, 6))
+    assert "static shape 1x3x4x6" in fn.settings and "precision hint f32" in fn.settings
