@@ -338,6 +338,9 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
             "spandrel": ["spandrel>=0.4"],
             # 16-bit colour PNG and TIFF, which Pillow reduces to 8 bits: OpenCV's unchanged mode.
             "image16": ["opencv-python-headless>=4.8"],
+            # The CPU peers benchmarks/latency.py times beside the native backend (OpenVINO 2026.4
+            # and ONNX Runtime 1.32 tested; ONNX export through .[onnx]).
+            "peers": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20", "openvino>=2024.0"],
         },
         entry_points={"console_scripts": ["msfin-fast = msfin_fast.cli:main"]},
         ext_modules=cuda_extension() + cpu_extension(),

@@ -231,6 +231,7 @@ def openvino_peer(model: msfin_fast.MSFIN, shape: tuple, precision: str | None):
     compiled = core.compile_model(ov_model, "CPU", config)
     request = compiled.create_infer_request()
     used = compiled.get_property("INFERENCE_PRECISION_HINT")
+    used = used.get_type_name() if hasattr(used, "get_type_name") else str(used)
 
     def call(x):
         return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
@@ -246,25 +247,9 @@ def native_isa() -> str:
     return native.isa() or "none"
 
 
-def build(backend: str, model: msfin_fast.MSFIN, shape: tuple = (1, 3, 64, 64)):
-    """A callable for ``backend`` and the dtype its input takes, or a reason it cannot run here.
-    ``shape`` is the input's (for peers that compile per shape)."""
-    cuda = model.head.weight.is_cuda
-    if backend == "ref-fp32":
-        return model.float(), torch.float32
-    if backend.startswith("ref-fp16-cl") or backend.startswith("compile"):
-        if not cuda:
-            return "fp16 convolutions on the CPU are not a serving configuration", None
-        m = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
-        if backend == "compile":
-            m = torch.compile(m, dynamic=False)
-        elif backend == "compile-max-autotune":
-            m = torch.compile(m, mode="max-autotune", dynamic=False)
-
-        def call(x):  # no input NaN test: a host sync per call, and not capturable in a CUDA graph
-            return m(x.contiguous(memory_format=torch.channels_last), check_finite=False)
-        return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
-    if backend in CPU_ONLY and cuda:
+def cpu_peer(backend: str, model: msfin_fast.MSFIN, shape: tuple, cuda: bool):
+    """``build`` for the CPU entries (ours and the peers)."""
+    if cuda:
         return f"{backend} runs on the CPU", None
     if backend == "onnxruntime-cpu-fp32":
         return onnxruntime_peer(model)
@@ -285,6 +270,29 @@ def build(backend: str, model: msfin_fast.MSFIN, shape: tuple = (1, 3, 64, 64)):
                     + (f", {engine.impl.__module__.rsplit('.', 1)[-1]} kernels with {native_isa()}" if name == "native" else
                        ", PyTorch (oneDNN) channels_last"))
         return Peer(lambda x: engine(x, check_finite=False), settings), torch.float32
+    raise ValueError(f"unknown CPU backend {backend!r}")
+
+
+def build(backend: str, model: msfin_fast.MSFIN, shape: tuple = (1, 3, 64, 64)):
+    """A callable for ``backend`` and the dtype its input takes, or a reason it cannot run here.
+    ``shape`` is the input's (for peers that compile per shape)."""
+    cuda = model.head.weight.is_cuda
+    if backend == "ref-fp32":
+        return model.float(), torch.float32
+    if backend in CPU_ONLY:
+        return cpu_peer(backend, model, shape, cuda)
+    if backend.startswith("ref-fp16-cl") or backend.startswith("compile"):
+        if not cuda:
+            return "fp16 convolutions on the CPU are not a serving configuration", None
+        m = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+        if backend == "compile":
+            m = torch.compile(m, dynamic=False)
+        elif backend == "compile-max-autotune":
+            m = torch.compile(m, mode="max-autotune", dynamic=False)
+
+        def call(x):  # no input NaN test: a host sync per call, and not capturable in a CUDA graph
+            return m(x.contiguous(memory_format=torch.channels_last), check_finite=False)
+        return (Graphed(call) if backend.endswith("-graph") else call), torch.float16
     dtype = torch.float16 if "fp16" in backend else torch.float32
     graphs = backend.endswith("-graph")
     if graphs and not cuda:

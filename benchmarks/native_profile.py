@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"## {preset}, LR {h}x{w}, batch 1", "",
                       f"Forward {total_ms:.1f} ms (median of {args.iters}), {flops / 1e9:.2f} GFLOP: "
                       f"**{flops / total_ms / 1e6:.0f} GFLOP/s, {100 * flops / total_ms / 1e6 / peak:.0f} % of peak**; "
-                      f"the launches below take {timed:.1f} ms of it (the rest: Python, checks, the arena).", "",
+                      f"the launches' medians below add up to {timed:.1f} ms.", "",
                       "| launch | calls | ms | share | GFLOP/s | % of peak |", "|---|---|---|---|---|---|"]
             for key, (calls, ms, fl) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
                 rate = fl / ms / 1e6 if ms > 0 and fl else 0.0
