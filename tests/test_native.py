@@ -22,6 +22,7 @@ import pytest
 import torch
 from bounds import ENGINE_FP32_CPU, Guarded, assert_close, ca_length, check_engine_output, initial_sums, tolerance
 from conftest import missing
+from test_engine import random_model  # seeded weights, MeanShifts that are not identities
 
 from msfin_fast import MSFIN, optimize
 from msfin_fast.engine import plan as P
@@ -234,16 +235,6 @@ def test_head_and_tail(each_isa, preset):
         out.check()
     assert_close(feats["native"], feats["emulate"], tolerance(F32, 27 + 3 + 8), "head")
     assert_close(image["native"], image["emulate"], tolerance(F32, 9 * c + 3 + ca_length(c, True)), "tail")
-
-
-def random_model(preset: str, seed: int = 0) -> MSFIN:
-    torch.manual_seed(seed)
-    model = MSFIN(preset).eval()
-    with torch.no_grad():
-        for shift in (model.sub_mean, model.add_mean):
-            shift.weight.add_(torch.randn_like(shift.weight) * 0.03)
-            shift.bias.add_(torch.randn_like(shift.bias) * 3)
-    return model
 
 
 @pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])

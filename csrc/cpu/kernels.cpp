@@ -185,13 +185,15 @@ inline void transpose8(v8* r) {
     }
 }
 
+// A per-thread buffer that grows and is kept: zeroed when (re)allocated, so lanes past a row's end
+// stay finite.
 struct Scratch {
     float* buf = nullptr;
     size_t size = 0;
     float* get(size_t n) {
         if (size < n) {
             std::free(buf);
-            buf = static_cast<float*>(std::calloc(n, sizeof(float)));  // zeroed: lanes past a row's end stay finite
+            buf = static_cast<float*>(std::calloc(n, sizeof(float)));
             size = buf ? n : 0;
         }
         return buf;
@@ -399,20 +401,7 @@ void conv_row_any(const Conv& c, int n, int y, float* row) {
         conv_row<1, 8, STORE>(c, n, y, row);
 }
 
-struct RowBuffer {
-    float* buf = nullptr;
-    size_t size = 0;
-    float* get(size_t n) {
-        if (size < n) {
-            std::free(buf);
-            buf = static_cast<float*>(std::malloc(n * sizeof(float)));
-            size = buf ? n : 0;
-        }
-        return buf;
-    }
-    ~RowBuffer() { std::free(buf); }
-};
-thread_local RowBuffer conv_buffer;
+thread_local Scratch conv_buffer;  // one row of a conv's K outputs (the NCHW store)
 
 }  // namespace
 
