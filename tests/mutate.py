@@ -63,7 +63,7 @@ MUTATIONS = [
              (f"{K}::test_rrcab_pass_over_a_grid_of_tiles",),
              "the RRCAB grid counts tile rows with the tile width: too few programs, except on square tiles"),
     # 2. the trained MeanShift folds
-    Mutation("tail-fold-identity", "msfin_fast/engine/backends/triton.py",
+    Mutation("tail-fold-identity", "msfin_fast/engine/backends/__init__.py",
              "m = add_mean.weight.detach().double()[:, :, 0, 0]",
              "m = torch.eye(3, dtype=torch.float64, device=add_mean.weight.device)",
              (f"{K}::test_tail", "tests/test_engine.py::test_emulated_plan_matches_reference_fp32"),

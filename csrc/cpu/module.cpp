@@ -57,15 +57,20 @@ std::vector<Isa> supported_isas() {
     return out;
 }
 
+// The instruction sets this CPU and build support, best first (read once).
+const std::vector<Isa>& isas_here() {
+    static const std::vector<Isa> isas = supported_isas();
+    return isas;
+}
+
 const Isa* g_isa = nullptr;
 
 const Isa& isa() {
     if (!g_isa) {
-        static std::vector<Isa> isas = supported_isas();
         const char* forced = std::getenv("MSFIN_CPU_ISA");  // for tests: run a narrower variant
-        g_isa = &isas.front();
+        g_isa = &isas_here().front();
         if (forced && *forced)
-            for (const Isa& candidate : isas)
+            for (const Isa& candidate : isas_here())
                 if (candidate.name == std::string(forced)) g_isa = &candidate;
     }
     return *g_isa;
@@ -241,21 +246,6 @@ void rrcab_pass(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca,
         }
 }
 
-void materialize(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t out, int N, int H,
-                 int W, int C, int threads) {
-    std::vector<float> scale = scale_of(u, ca, N, H, W, C);
-    const Source s = make_source(t, u, e1, e2, scale);
-    const int64_t rows = (int64_t)N * H;
-    const int64_t chunk = std::max<int64_t>(1, (rows + 4 * threads - 1) / (4 * threads));
-    const int items = (int)((rows + chunk - 1) / chunk);
-    const Isa& chosen = isa();
-    py::gil_scoped_release release;
-    pool().run(items, threads, [&](int i) {
-        const int64_t r0 = i * chunk;
-        chosen.finish(s, C, W, r0, std::min(chunk, rows - r0), H, ptr<float>(out));
-    });
-}
-
 // Rows [0, rows) in about 4 chunks per thread, each chunk one item.
 template <typename F>
 void parallel_rows(int64_t rows, int threads, F&& fn) {
@@ -266,6 +256,15 @@ void parallel_rows(int64_t rows, int threads, F&& fn) {
         const int64_t r0 = i * chunk;
         fn(r0, std::min(chunk, rows - r0));
     });
+}
+
+void materialize(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t out, int N, int H,
+                 int W, int C, int threads) {
+    std::vector<float> scale = scale_of(u, ca, N, H, W, C);
+    const Source s = make_source(t, u, e1, e2, scale);
+    const Isa& chosen = isa();
+    parallel_rows((int64_t)N * H, threads,
+                  [&](int64_t r0, int64_t rows) { chosen.finish(s, C, W, r0, rows, H, ptr<float>(out)); });
 }
 
 void conv(std::vector<uintptr_t> parts, std::vector<int> channels, int N, int H, int W, int Ho, int Wo, int ksize,
@@ -312,8 +311,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("vector_width", [] { return isa().width(); }, "floats per vector of the kernels in use");
     m.def("use_isa", [](const std::string& name) {
         isa();
-        static std::vector<Isa> isas = supported_isas();
-        for (const Isa& candidate : isas)
+        for (const Isa& candidate : isas_here())
             if (candidate.name == name) {
                 const std::string before = g_isa->name;
                 g_isa = &candidate;
@@ -323,7 +321,7 @@ PYBIND11_MODULE(_cpu, m) {
     }, "run the kernels with the named instruction set (from isas()); returns the one used before");
     m.def("isas", [] {
         std::vector<std::string> names;
-        for (const Isa& i : supported_isas()) names.push_back(i.name);
+        for (const Isa& i : isas_here()) names.push_back(i.name);
         return names;
     }, "the instruction sets this CPU and this build support, best first");
 }

@@ -18,6 +18,7 @@ there. Each backend module imports what it alone needs: only ``triton`` imports 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -36,6 +37,43 @@ MODULES = {
     "reference": "pytorch",
 }
 NAMES = tuple(MODULES)
+
+
+@dataclass(frozen=True)
+class DenseCA:
+    """A block's channel attention as dense fp32 matrices, the layout the CUDA and the C++ CPU kernels
+    read: squeeze ``w1 [CR, C]``, ``b1 [CR]``, excite ``w2 [C, CR]``, ``b2 [C]``."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def squeeze(self) -> int:
+        return self.w1.shape[0]
+
+    @classmethod
+    def of(cls, ca: nn.Module, device=None) -> "DenseCA":
+        """From a model's ChannelAttention (``conv_du.0`` squeeze, ``conv_du.2`` excite)."""
+        down, up = ca.conv_du[0], ca.conv_du[2]
+        c, cr = down.in_channels, down.out_channels
+
+        def f32(x: torch.Tensor) -> torch.Tensor:
+            return x.detach().to(device=device or x.device, dtype=torch.float32).contiguous()
+
+        return cls(f32(down.weight.reshape(cr, c)), f32(down.bias), f32(up.weight.reshape(c, cr)), f32(up.bias))
+
+
+def fold_tail(tail: nn.Conv2d, add_mean: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """tail2 with add_mean folded in, float64: ``w' = M·w`` [3, C, 3, 3], ``b' = M·b + b_mean`` [3]."""
+    m = add_mean.weight.detach().double()[:, :, 0, 0]
+    w = torch.einsum("oc,cikl->oikl", m, tail.weight.detach().double())
+    return w, m @ tail.bias.detach().double() + add_mean.bias.detach().double()
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ from ...devices import resolve_dtype
 from ...errors import ConfigError, DeviceError, InvalidInputError
 from ...model import RRCAB
 from ..source import Source
-from . import pack_plan
+from . import DenseCA, pack_plan
 
 try:
     from ... import _C
@@ -125,23 +125,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-@dataclass(frozen=True)
-class CudaCA:
-    """A block's channel-attention weights, fp32: squeeze ``w1 [CR, C]``, ``b1 [CR]``, excite
-    ``w2 [C, CR]``, ``b2 [C]``. The pass that reads this block's ``u_out`` applies them."""
-
-    w1: torch.Tensor
-    b1: torch.Tensor
-    w2: torch.Tensor
-    b2: torch.Tensor
-
-    @property
-    def channels(self) -> int:
-        return self.w1.shape[1]
-
-    @property
-    def squeeze(self) -> int:
-        return self.w1.shape[0]
+CudaCA = DenseCA  # a block's channel attention; the pass that reads this block's ``u_out`` applies it
 
 
 @dataclass(frozen=True)
@@ -192,13 +176,7 @@ def pack_block(block: RRCAB, dtype, device) -> CudaBlock:
         # [C out, C/G in, 3, 3] with out = g·C/G + co  →  [G, ci, dy, dx, co]
         return f32(w.detach().reshape(g, cg, cg, 3, 3).permute(0, 2, 3, 4, 1))
 
-    squeeze = ca.conv_du[0].out_channels
-    packed_ca = CudaCA(
-        w1=f32(ca.conv_du[0].weight.reshape(squeeze, c)),
-        b1=f32(ca.conv_du[0].bias),
-        w2=f32(ca.conv_du[2].weight.reshape(c, squeeze)),
-        b2=f32(ca.conv_du[2].bias),
-    )
+    packed_ca = DenseCA.of(ca, device)
     return CudaBlock(
         channels=c,
         groups=g,

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...model import RRCAB
 from ..source import Source
-from . import pack_plan
+from . import DenseCA, fold_tail, pack_plan
 
 try:
     from ... import _cpu
@@ -70,18 +70,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
-@dataclass
-class NativeCA:
-    """Channel attention: squeeze ``w1`` [CR, C], ``b1`` [CR], excite ``w2`` [C, CR], ``b2`` [C]."""
-
-    w1: torch.Tensor
-    b1: torch.Tensor
-    w2: torch.Tensor
-    b2: torch.Tensor
-
-    @property
-    def squeezed(self) -> int:
-        return self.w1.shape[0]
+NativeCA = DenseCA  # the CUDA kernel's layout too
 
 
 @dataclass
@@ -101,13 +90,10 @@ class NativeBlock:
 
 
 def pack_block(block: RRCAB, dtype: torch.dtype) -> NativeBlock:
-    conv1, conv2, conv3, ca = block.body[0], block.body[2], block.body[4], block.body[5]
+    conv1, conv2, conv3 = block.body[0], block.body[2], block.body[4]
     c = conv1.out_channels
-    down, up = ca.conv_du[0], ca.conv_du[2]
-    packed_ca = NativeCA(_f32(down.weight.reshape(down.out_channels, c)), _f32(down.bias),
-                         _f32(up.weight.reshape(c, down.out_channels)), _f32(up.bias))
     return NativeBlock(c, conv1.groups, _f32(conv1.weight), _f32(conv1.bias), _f32(conv2.weight), _f32(conv2.bias),
-                       _f32(conv3.weight.reshape(c, c).t()), _f32(conv3.bias), packed_ca)
+                       _f32(conv3.weight.reshape(c, c).t()), _f32(conv3.bias), DenseCA.of(block.body[5]))
 
 
 STORE_PLAIN, STORE_SHUFFLE, STORE_PLANAR = 0, 1, 2  # kernels.h: how a conv stores its outputs
@@ -116,7 +102,7 @@ STORE_PLAIN, STORE_SHUFFLE, STORE_PLANAR = 0, 1, 2  # kernels.h: how a conv stor
 @dataclass
 class NativeConv:
     """A dense conv as csrc/cpu's conv runs it: ``w`` [k·k, C in, K], ``b`` [K] (K a multiple of 8),
-    stored ``store``-wise with ``cout`` channels; ``up`` is 2 when the store doubles the resolution."""
+    stored ``store``-wise with ``cout`` channels (STORE_SHUFFLE doubles the resolution)."""
 
     w: torch.Tensor
     b: torch.Tensor
@@ -180,10 +166,8 @@ def pack_head(sub_mean, head, scale: int) -> NativeHead:
 
 
 def pack_tail(tail, add_mean, dtype: torch.dtype) -> NativeConv:
-    """tail2 with add_mean folded in (``w' = M·w``, ``b' = M·b + b_mean``), stored NCHW."""
-    m = add_mean.weight.detach().double()[:, :, 0, 0]
-    w = torch.einsum("oc,cikl->oikl", m, tail.weight.detach().double())
-    b = m @ tail.bias.detach().double() + add_mean.bias.detach().double()
+    """tail2 with add_mean folded in, stored NCHW."""
+    w, b = fold_tail(tail, add_mean)
     return _native_conv(_taps(w), b, 3, 1, 3, STORE_PLANAR)
 
 
@@ -237,17 +221,16 @@ def _source_args(src: Source) -> tuple:
         if ca.w1.shape[1] != c:
             raise ValueError(f"CA weights for {ca.w1.shape[1]} channels, source has {c}")
         cargs = _cpu.CaArgs(_check("sums", src.sums, (n, c)), ca.w1.data_ptr(), ca.b1.data_ptr(), ca.w2.data_ptr(),
-                            ca.b2.data_ptr(), ca.squeezed)
+                            ca.b2.data_ptr(), ca.squeeze)
     else:
         cargs = _cpu.CaArgs(0, 0, 0, 0, 0, 0)
     return (*addresses, cargs)
 
 
-def tiling(channels: int, w: int) -> int:
-    """Columns per strip. Wider strips recompute fewer halo columns; past 128 their planar rows
-    (3 input, 3 conv1, 1 conv2) leave L2 at 96 channels. Measured on a 2-core Zen (AVX2) at
-    16–96 channels: 64–256 columns within 5 % of each other, 32 up to 25 % slower (benchmarks/NOTES.md)."""
-    return max(1, min(w, 128))
+# Columns per strip. Wider strips recompute fewer halo columns; past 128 their planar rows (3 input,
+# 3 conv1, 1 conv2) leave L2 at 96 channels. Measured on a 2-core Zen 3 (AVX2) at 16–96 channels:
+# 64–256 columns within 5 % of each other, 32 up to 25 % slower (benchmarks/NOTES.md).
+STRIP_COLS = 128
 
 
 PIECES = 8  # pieces (strips × bands) each image is cut into, whatever the batch and the threads
@@ -263,7 +246,7 @@ def band_rows(h: int, strips: int) -> int:
 
 
 class NativeBackend:
-    """RRCAB passes and deferred values by the C++ CPU kernels; dense convs by oneDNN."""
+    """Every launch by the C++ CPU kernels (``msfin_fast._cpu``)."""
 
     name = "native"
     whole_network = False
@@ -317,12 +300,11 @@ class NativeBackend:
         x_addr = _check("x_out", x_out, shape, False)
         u_addr = _check("u_out", u_out, shape)
         s_addr = _check("sums", sums, (n, c))
-        cols = self.tile_cols or tiling(c, w)
-        threads = self.threads()
+        cols = min(w, self.tile_cols or STRIP_COLS)
         rows = self.band_rows or band_rows(h, -(-w // cols))
         _cpu.rrcab_pass(t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
                         p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
-                        threads, cols, rows)
+                        self.threads(), cols, rows)
 
     def materialize(self, src: Source, out: torch.Tensor) -> None:
         t, u, e1, e2, cargs = _source_args(src)

@@ -18,7 +18,7 @@ from torch import nn
 from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights
 from ...model import RRCAB, ChannelAttention, MeanShift
 from ..source import Source
-from . import pack_plan
+from . import fold_tail, pack_plan
 
 CHUNK = 16
 
@@ -135,9 +135,7 @@ def pack_tail(tail: nn.Conv2d, add_mean: MeanShift, dtype: torch.dtype) -> Packe
     """Fold add_mean into tail2 (``w' = M·w``, ``b' = M·b + b_mean``) and pack like a 16-chunk conv."""
     n = tail.in_channels
     nchunk = chunks(n)
-    m = add_mean.weight.detach().double()[:, :, 0, 0]
-    w = torch.einsum("oc,cikl->oikl", m, tail.weight.detach().double())  # [3, n, 3, 3]
-    b = m @ tail.bias.detach().double() + add_mean.bias.detach().double()
+    w, b = fold_tail(tail, add_mean)  # [3, n, 3, 3], [3]
     packed = torch.zeros(9, nchunk * CHUNK, CHUNK, dtype=torch.float64, device=w.device)
     packed[:, :n, :3] = w.permute(2, 3, 1, 0).reshape(9, n, 3)
     packed = packed.view(9, nchunk, CHUNK, CHUNK)
