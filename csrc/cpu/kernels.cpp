@@ -39,8 +39,8 @@ namespace {
 constexpr int V = 16;  // floats per vector (zmm)
 constexpr int R = 4;   // vectors of pixels per register block (32 registers: 4x4 accumulators)
 #elif MSFIN_ISA_ID == 2
-constexpr int V = 8;   // ymm, 16 registers: 4x3 accumulators, 3 inputs, 1 weight
-constexpr int R = 3;
+constexpr int V = 8;   // ymm, 16 registers: 4x2 accumulators, 2 inputs, 1 weight (4x3 spilled)
+constexpr int R = 2;
 #else
 constexpr int V = 4;   // SSE2 / NEON
 constexpr int R = 2;
@@ -159,6 +159,42 @@ inline v8 finish8(const Source& s, size_t at, const float* scale, int c) {
     return x;
 }
 
+// The finished input for npx pixels (NHWC, C channels) from element `at`: into dst, and into xo
+// when given. Specialised on which addends there are, so the loop has no branches.
+template <bool U, bool E1, bool E2>
+void finish_span(const Source& s, size_t at, const float* scale, int C, int npx, float* dst, float* xo) {
+    const float* t = s.t + at;
+    const float* u = U ? s.u + at : nullptr;
+    const float* e1 = E1 ? s.e1 + at : nullptr;
+    const float* e2 = E2 ? s.e2 + at : nullptr;
+    size_t j = 0;
+    for (int px = 0; px < npx; ++px)
+        for (int c = 0; c < C; c += 8, j += 8) {
+            v8 x = load8(t + j);
+            if (U) x += load8(scale + c) * load8(u + j);
+            if (E1) x += load8(e1 + j);
+            if (E2) x += load8(e2 + j);
+            store8(dst + j, x);
+            if (xo) store8(xo + j, x);
+        }
+}
+
+typedef void (*Finish)(const Source&, size_t, const float*, int, int, float*, float*);
+
+Finish finisher(const Source& s) {
+    const int k = (s.u ? 1 : 0) | (s.e1 ? 2 : 0) | (s.e2 ? 4 : 0);
+    switch (k) {
+        case 0: return finish_span<false, false, false>;
+        case 1: return finish_span<true, false, false>;
+        case 2: return finish_span<false, true, false>;
+        case 3: return finish_span<true, true, false>;
+        case 4: return finish_span<false, false, true>;
+        case 5: return finish_span<true, false, true>;
+        case 6: return finish_span<false, true, true>;
+        default: return finish_span<true, true, true>;
+    }
+}
+
 #if defined(__clang__)
 #define MSFIN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -224,13 +260,16 @@ bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
     const int C = p.C, H = p.H, W = p.W, cpg = p.C / p.G;
     const int n = piece.n, r0 = piece.r0, r1 = piece.r1, c0 = piece.c0, c1 = piece.c1;
     const int tw = c1 - c0;
-    const int na = round_up(tw + 2, V), nh = round_up(tw, V);
-    const int sx = na + V, sa = na + V, sh = nh;  // floats per channel row (the +V: reads past the end)
-    float* base = scratch.get((size_t)3 * C * sx + (size_t)3 * C * sa + (size_t)C * sh);
+    const int na = round_up(tw + 2, V), nh = round_up(tw, V), nx = round_up(tw + 4, 8);
+    // floats per channel row: the +V for reads past the end, nx for the 8-wide transposes
+    const int sx = na + V > nx ? na + V : nx, sa = na + V, sh = nh;
+    float* base = scratch.get((size_t)3 * C * sx + (size_t)3 * C * sa + (size_t)C * sh + (size_t)nx * C);
     if (!base) return false;  // out of memory: the caller raises
     float* xring = base;
     float* aring = xring + (size_t)3 * C * sx;
     float* hrow = aring + (size_t)3 * C * sa;
+    float* xrow = hrow + (size_t)C * sh;  // one finished input row, NHWC; pixels outside the image stay 0
+    const Finish finish = finisher(p.src);
     const float* scale = p.src.scale ? p.src.scale + (size_t)n * C : nullptr;
 
     auto xslot = [&](int y) { return xring + (size_t)mod3(y) * C * sx; };
@@ -239,43 +278,31 @@ bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
     auto make_x = [&](int y) {  // input row y, columns c0-2 .. c1+2, finished
         float* xr = xslot(y);
         if (y < 0 || y >= H) {
-            for (int c = 0; c < C; ++c) std::memset(xr + (size_t)c * sx, 0, sizeof(float) * (tw + 4));
+            for (int c = 0; c < C; ++c) std::memset(xr + (size_t)c * sx, 0, sizeof(float) * nx);
             return;
         }
-        const bool own_row = p.x_out && y >= r0 && y < r1;
-        auto one = [&](int q) {  // a single pixel (the strip's ends)
-            const int col = c0 - 2 + q;
-            if (col < 0 || col >= W) {
-                for (int c = 0; c < C; ++c) xr[(size_t)c * sx + q] = 0.0f;
-                return;
-            }
-            const size_t at = ((size_t)(n * H + y) * W + col) * C;
-            const bool own = own_row && col >= c0 && col < c1;
-            for (int c = 0; c < C; c += 8) {
-                const v8 x = finish8(p.src, at + c, scale, c);
-                if (own) store8(p.x_out + at + c, x);
-                for (int k = 0; k < 8; ++k) xr[(size_t)(c + k) * sx + q] = x[k];
-            }
-        };
-        int q = 0;
-        for (; q < tw + 4 && c0 - 2 + q < 0; ++q) one(q);
-        // Blocks of 8 pixels inside the image: finished 8 channels at a time, transposed in
-        // registers and stored as 8 planar vectors (one per channel).
-        for (; q + 8 <= tw + 4 && c0 - 2 + q + 8 <= W; q += 8) {
-            const int col0 = c0 - 2 + q;
-            const size_t at0 = ((size_t)(n * H + y) * W + col0) * C;
+        // The row's pixels inside the image, finished into xrow (NHWC, a contiguous span of the
+        // source; x_out gets the piece's own part of it), then transposed to planar 8x8 at a time.
+        const int lo = c0 - 2 < 0 ? 0 : c0 - 2, hi = c1 + 2 > W ? W : c1 + 2;
+        const size_t row_at = (size_t)(n * H + y) * W;
+        float* dst = xrow + (size_t)(lo - (c0 - 2)) * C;
+        // zero padding: the pixels left and right of the image (another strip may have left values)
+        std::memset(xrow, 0, sizeof(float) * C * (lo - (c0 - 2)));
+        std::memset(xrow + (size_t)(hi - (c0 - 2)) * C, 0, sizeof(float) * C * (nx - (hi - (c0 - 2))));
+        if (p.x_out && y >= r0 && y < r1) {
+            finish(p.src, (row_at + lo) * C, scale, C, c0 - lo, dst, nullptr);
+            finish(p.src, (row_at + c0) * C, scale, C, tw, dst + (size_t)(c0 - lo) * C, p.x_out + (row_at + c0) * C);
+            finish(p.src, (row_at + c1) * C, scale, C, hi - c1, dst + (size_t)(c1 - lo) * C, nullptr);
+        } else {
+            finish(p.src, (row_at + lo) * C, scale, C, hi - lo, dst, nullptr);
+        }
+        for (int q = 0; q < nx; q += 8)
             for (int c = 0; c < C; c += 8) {
                 v8 r[8];
-                for (int i = 0; i < 8; ++i) {
-                    const size_t at = at0 + (size_t)i * C + c;
-                    r[i] = finish8(p.src, at, scale, c);
-                    if (own_row && col0 + i >= c0 && col0 + i < c1) store8(p.x_out + at, r[i]);
-                }
+                for (int i = 0; i < 8; ++i) r[i] = load8(xrow + (size_t)(q + i) * C + c);
                 transpose8(r);
                 for (int k = 0; k < 8; ++k) store8(xr + (size_t)(c + k) * sx + q, r[k]);
             }
-        }
-        for (; q < tw + 4; ++q) one(q);
     };
     auto make_a = [&](int y) {  // conv1 row y, columns c0-1 .. c1+1 (zero outside the image)
         float* ar = aslot(y);
