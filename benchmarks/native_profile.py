@@ -88,7 +88,7 @@ def profile(preset: str, h: int, w: int, iters: int) -> tuple[dict, float, float
 
     def conv_kind(inputs, p, *rest, **kw):
         parts = [inputs.t] if isinstance(inputs, native.Source) else list(inputs)
-        kind = {0: "", 1: " shuffled", 2: " NCHW"}[p.store]
+        kind = {0: "", 1: " shuffled"}[p.store]
         key = (f"conv {p.ksize}x{p.ksize}/{p.stride} {p.w.shape[1]}→{p.K}{kind} at "
                f"{parts[0].shape[1]}x{parts[0].shape[2]}")
         record_flops[key] = conv_flops(parts, p)
@@ -99,7 +99,7 @@ def profile(preset: str, h: int, w: int, iters: int) -> tuple[dict, float, float
         return "head (upsample + conv)"
 
     def tail_kind(src, p, out):
-        record_flops["tail (finish + conv)"] = conv_flops([src.t], p)
+        record_flops["tail (finish + conv)"] = 2.0 * out.numel() * src.t.shape[3] * 9  # 3 outputs, C·9 terms
         return "tail (finish + conv)"
 
     record_flops: dict = {}

@@ -210,8 +210,12 @@ def test_every_conv_of_the_plan(each_isa, preset):
     assert any(k[4] for k in kinds) and any(k[5] for k in kinds)
 
 
+@pytest.mark.parametrize("cols, rows", [(None, None), (5, 3)], ids=["default-tiling", "strips5-bands3"])
 @pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
-def test_head_and_tail(each_isa, preset):
+def test_head_and_tail(each_isa, preset, cols, rows):
+    """Both stream rows over strips and bands like the pass (the head's upsampled rows and the
+    tail's finished rows have halos): with the default tiling (one strip) and with strips of 5
+    columns and bands of 3 rows over the 20×12 output (partial last strip and band)."""
     torch.manual_seed(5)
     model = MSFIN(preset).eval()
     with torch.no_grad():  # trained MeanShifts are not identities: the folds must keep the matrix
@@ -225,7 +229,7 @@ def test_head_and_tail(each_isa, preset):
     made_by = random_block(c, model.config.groups, 4, 1)
     t, u = nhwc(n, 4 * h, 4 * w, c, 10, 1), nhwc(n, 4 * h, 4 * w, c, 5, 2)
     sums = torch.randn(n, c) * 16 * h * w
-    for ops, packers in ((emulate.EmulateBackend(), emulate), (native.NativeBackend(), native)):
+    for ops, packers in ((emulate.EmulateBackend(), emulate), (native.NativeBackend(tile_cols=cols, band_rows=rows), native)):
         out = Guarded("cpu")
         feats[ops.name] = out.new("head", (n, 4 * h, 4 * w, c), F32)
         ops.head(x, packers.pack_head(model.sub_mean, model.head, 4), feats[ops.name])

@@ -240,6 +240,83 @@ thread_local Scratch scratch;
 
 inline int mod3(int y) { return ((y % 3) + 3) % 3; }
 
+// Rows of a finished source (t + s*u + e1 + e2) for one strip: columns c0-2 .. c1+2 of sample n,
+// planar ([channel][column], sx floats per channel), zero outside the image. Each row's pixels
+// inside the image are finished into xrow (NHWC, a contiguous span of the source; x_out, when
+// given, gets the part in rows [r0, r1) and columns [c0, c1)), then transposed 8x8 at a time.
+struct FinishedRows {
+    const Source& src;
+    Finish finish;
+    const float* scale;
+    int n, H, W, C, c0, c1, nx, sx;
+    float* xrow;  // nx * C floats
+    float* x_out;
+    int r0, r1;
+
+    void make(int y, float* xr) const {
+        if (y < 0 || y >= H) {
+            for (int c = 0; c < C; ++c) std::memset(xr + (size_t)c * sx, 0, sizeof(float) * nx);
+            return;
+        }
+        const int tw = c1 - c0;
+        const int lo = c0 - 2 < 0 ? 0 : c0 - 2, hi = c1 + 2 > W ? W : c1 + 2;
+        const size_t row_at = (size_t)(n * H + y) * W;
+        float* dst = xrow + (size_t)(lo - (c0 - 2)) * C;
+        // zero padding: the pixels left and right of the image (another strip may have left values)
+        std::memset(xrow, 0, sizeof(float) * C * (lo - (c0 - 2)));
+        std::memset(xrow + (size_t)(hi - (c0 - 2)) * C, 0, sizeof(float) * C * (nx - (hi - (c0 - 2))));
+        if (x_out && y >= r0 && y < r1) {
+            finish(src, (row_at + lo) * C, scale, C, c0 - lo, dst, nullptr);
+            finish(src, (row_at + c0) * C, scale, C, tw, dst + (size_t)(c0 - lo) * C, x_out + (row_at + c0) * C);
+            finish(src, (row_at + c1) * C, scale, C, hi - c1, dst + (size_t)(c1 - lo) * C, nullptr);
+        } else {
+            finish(src, (row_at + lo) * C, scale, C, hi - lo, dst, nullptr);
+        }
+        for (int q = 0; q < nx; q += 8)
+            for (int c = 0; c < C; c += 8) {
+                v8 r[8];
+                for (int i = 0; i < 8; ++i) r[i] = load8(xrow + (size_t)(q + i) * C + c);
+                transpose8(r);
+                for (int k = 0; k < 8; ++k) store8(xr + (size_t)(c + k) * sx + q, r[k]);
+            }
+    }
+};
+
+// out[o][q .. q + RR*V) for outputs o0 .. o0+OB of a dense 3x3 conv over cin planar input rows
+// (rows[ky] at column 0; input column q + kx feeds output column q), weights as torch stores them
+// ([out][cin][3][3]), no activation.
+template <int OB, int RR>
+inline void dense_block(const float* const* rows, int s_in, int cin, int o0, const float* w, const float* b,
+                        float* out, int s_out, int q) {
+    vf acc[OB][RR];
+    for (int o = 0; o < OB; ++o)
+        for (int r = 0; r < RR; ++r) acc[o][r] = splat(b[o0 + o]);
+    for (int i = 0; i < cin; ++i)
+        for (int ky = 0; ky < 3; ++ky) {
+            const float* src = rows[ky] + (size_t)i * s_in + q;
+            for (int kx = 0; kx < 3; ++kx) {
+                vf x[RR];
+                for (int r = 0; r < RR; ++r) x[r] = loadu(src + kx + r * V);
+                for (int o = 0; o < OB; ++o) {
+                    const float wv = w[((o0 + o) * cin + i) * 9 + ky * 3 + kx];
+                    for (int r = 0; r < RR; ++r) acc[o][r] += wv * x[r];
+                }
+            }
+        }
+    for (int o = 0; o < OB; ++o)
+        for (int r = 0; r < RR; ++r) storeu(out + (size_t)(o0 + o) * s_out + q + r * V, acc[o][r]);
+}
+
+// Outputs o0 .. o0+OB over columns [0, nq) (nq a multiple of V).
+template <int OB>
+void dense_row(const float* const* rows, int s_in, int cin, int o0, const float* w, const float* b, float* out,
+               int s_out, int nq) {
+    constexpr int RR = OB * (R + 1) <= (V == 8 ? 9 : 4 * R) ? R + 1 : R;  // accumulators the registers hold
+    int q = 0;
+    for (; q + RR * V <= nq; q += RR * V) dense_block<OB, RR>(rows, s_in, cin, o0, w, b, out, s_out, q);
+    for (; q < nq; q += V) dense_block<OB, 1>(rows, s_in, cin, o0, w, b, out, s_out, q);
+}
+
 }  // namespace
 
 int vector_width() { return V; }
@@ -271,39 +348,11 @@ bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
     float* xrow = hrow + (size_t)C * sh;  // one finished input row, NHWC; pixels outside the image stay 0
     const Finish finish = finisher(p.src);
     const float* scale = p.src.scale ? p.src.scale + (size_t)n * C : nullptr;
-
     auto xslot = [&](int y) { return xring + (size_t)mod3(y) * C * sx; };
     auto aslot = [&](int y) { return aring + (size_t)mod3(y) * C * sa; };
 
-    auto make_x = [&](int y) {  // input row y, columns c0-2 .. c1+2, finished
-        float* xr = xslot(y);
-        if (y < 0 || y >= H) {
-            for (int c = 0; c < C; ++c) std::memset(xr + (size_t)c * sx, 0, sizeof(float) * nx);
-            return;
-        }
-        // The row's pixels inside the image, finished into xrow (NHWC, a contiguous span of the
-        // source; x_out gets the piece's own part of it), then transposed to planar 8x8 at a time.
-        const int lo = c0 - 2 < 0 ? 0 : c0 - 2, hi = c1 + 2 > W ? W : c1 + 2;
-        const size_t row_at = (size_t)(n * H + y) * W;
-        float* dst = xrow + (size_t)(lo - (c0 - 2)) * C;
-        // zero padding: the pixels left and right of the image (another strip may have left values)
-        std::memset(xrow, 0, sizeof(float) * C * (lo - (c0 - 2)));
-        std::memset(xrow + (size_t)(hi - (c0 - 2)) * C, 0, sizeof(float) * C * (nx - (hi - (c0 - 2))));
-        if (p.x_out && y >= r0 && y < r1) {
-            finish(p.src, (row_at + lo) * C, scale, C, c0 - lo, dst, nullptr);
-            finish(p.src, (row_at + c0) * C, scale, C, tw, dst + (size_t)(c0 - lo) * C, p.x_out + (row_at + c0) * C);
-            finish(p.src, (row_at + c1) * C, scale, C, hi - c1, dst + (size_t)(c1 - lo) * C, nullptr);
-        } else {
-            finish(p.src, (row_at + lo) * C, scale, C, hi - lo, dst, nullptr);
-        }
-        for (int q = 0; q < nx; q += 8)
-            for (int c = 0; c < C; c += 8) {
-                v8 r[8];
-                for (int i = 0; i < 8; ++i) r[i] = load8(xrow + (size_t)(q + i) * C + c);
-                transpose8(r);
-                for (int k = 0; k < 8; ++k) store8(xr + (size_t)(c + k) * sx + q, r[k]);
-            }
-    };
+    const FinishedRows rows_of{p.src, finish, scale, n, H, W, C, c0, c1, nx, sx, xrow, p.x_out, r0, r1};
+    auto make_x = [&](int y) { rows_of.make(y, xslot(y)); };
     auto make_a = [&](int y) {  // conv1 row y, columns c0-1 .. c1+1 (zero outside the image)
         float* ar = aslot(y);
         if (y < 0 || y >= H) {
@@ -336,6 +385,93 @@ bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
             pointwise_row<2>(hrow, sh, C, p.w3t, p.b3, u, tw, rowsum);
         for (int v = 0; v < C / 8; ++v)
             for (int k = 0; k < 8; ++k) sums[v * 8 + k] += rowsum[v][k];
+    }
+    return true;
+}
+
+bool tail_piece(const Tail& t, const Piece& piece) {
+    const int C = t.C, H = t.H, W = t.W;
+    const int n = piece.n, r0 = piece.r0, r1 = piece.r1, c0 = piece.c0, c1 = piece.c1;
+    const int tw = c1 - c0;
+    const int na = round_up(tw + 2, V), nh = round_up(tw, V), nx = round_up(tw + 4, 8);
+    const int sx = na + V > nx ? na + V : nx;
+    float* base = scratch.get((size_t)3 * C * sx + (size_t)3 * nh + (size_t)nx * C);
+    if (!base) return false;
+    float* xring = base;
+    float* orow = xring + (size_t)3 * C * sx;
+    float* xrow = orow + (size_t)3 * nh;
+    const float* scale = t.src.scale ? t.src.scale + (size_t)n * C : nullptr;
+    const FinishedRows rows_of{t.src, finisher(t.src), scale, n, H, W, C, c0, c1, nx, sx, xrow, nullptr, 0, 0};
+    // ring rows start at column c0-2; the conv's output column q reads input columns c0-1+q+kx
+    auto xslot = [&](int y) { return xring + (size_t)mod3(y) * C * sx; };
+    rows_of.make(r0 - 1, xslot(r0 - 1));
+    rows_of.make(r0, xslot(r0));
+    for (int y = r0; y < r1; ++y) {
+        rows_of.make(y + 1, xslot(y + 1));
+        const float* rows[3] = {xslot(y - 1) + 1, xslot(y) + 1, xslot(y + 1) + 1};
+        dense_row<3>(rows, sx, C, 0, t.w, t.b, orow, nh, nh);
+        for (int o = 0; o < 3; ++o)
+            std::memcpy(t.out + ((size_t)(n * 3 + o) * H + y) * W + c0, orow + (size_t)o * nh, sizeof(float) * tw);
+    }
+    return true;
+}
+
+bool head_piece(const Head& hd, const Piece& piece) {
+    const int C = hd.C, h = hd.h, w = hd.w, H = h * hd.scale, W = w * hd.scale;
+    const int n = piece.n, r0 = piece.r0, r1 = piece.r1, c0 = piece.c0, c1 = piece.c1;
+    const int tw = c1 - c0;
+    const int nh = round_up(tw, V) > round_up(tw, 8) ? round_up(tw, V) : round_up(tw, 8);
+    const int sy = nh + V + 2;  // floats per channel row of the upsampled image: columns c0-1 .. c0+nh+V
+    float* base = scratch.get((size_t)3 * 3 * sy + (size_t)C * nh);
+    if (!base) return false;
+    float* yring = base;
+    float* orow = yring + (size_t)3 * 3 * sy;
+    auto yslot = [&](int y) { return yring + (size_t)mod3(y) * 3 * sy; };
+    const float inv = 1.0f / hd.scale;
+    const float* img = hd.x + (size_t)n * 3 * h * w;
+    // Row Y of sub_mean(upsampled image), planar, columns c0-1 .. (zero outside the image).
+    auto make_y = [&](int Y) {
+        float* yr = yslot(Y);
+        std::memset(yr, 0, sizeof(float) * 3 * sy);
+        if (Y < 0 || Y >= H) return;
+        float fy = (Y + 0.5f) * inv - 0.5f;
+        if (fy < 0) fy = 0;
+        const int y0 = (int)fy, y1 = y0 + (y0 < h - 1 ? 1 : 0);
+        const float ly1 = fy - y0, ly0 = 1.0f - ly1;
+        const int lo = c0 - 1 < 0 ? 0 : c0 - 1, hi = c1 + 1 > W ? W : c1 + 1;
+        for (int X = lo; X < hi; ++X) {
+            float fx = (X + 0.5f) * inv - 0.5f;
+            if (fx < 0) fx = 0;
+            const int x0 = (int)fx, x1 = x0 + (x0 < w - 1 ? 1 : 0);
+            const float lx1 = fx - x0, lx0 = 1.0f - lx1;
+            float v[3];
+            for (int ch = 0; ch < 3; ++ch) {
+                const float* plane = img + (size_t)ch * h * w;
+                v[ch] = ly0 * (lx0 * plane[y0 * w + x0] + lx1 * plane[y0 * w + x1]) +
+                        ly1 * (lx0 * plane[y1 * w + x0] + lx1 * plane[y1 * w + x1]);
+            }
+            const int q = X - (c0 - 1);
+            for (int ch = 0; ch < 3; ++ch)
+                yr[(size_t)ch * sy + q] = hd.mean_w[ch * 3 + 0] * v[0] + hd.mean_w[ch * 3 + 1] * v[1] +
+                                          hd.mean_w[ch * 3 + 2] * v[2] + hd.mean_b[ch];
+        }
+    };
+    make_y(r0 - 1);
+    make_y(r0);
+    for (int y = r0; y < r1; ++y) {
+        make_y(y + 1);
+        const float* rows[3] = {yslot(y - 1), yslot(y), yslot(y + 1)};
+        for (int o0 = 0; o0 < C; o0 += 4) dense_row<4>(rows, sy, 3, o0, hd.wt, hd.b, orow, nh, nh);
+        // planar [C][column] → NHWC, 8 pixels x 8 channels at a time
+        float* out = hd.out + ((size_t)(n * H + y) * W + c0) * C;
+        for (int q = 0; q < tw; q += 8)
+            for (int c = 0; c < C; c += 8) {
+                v8 r[8];
+                for (int k = 0; k < 8; ++k) r[k] = load8(orow + (size_t)(c + k) * nh + q);
+                transpose8(r);
+                const int m = tw - q < 8 ? tw - q : 8;
+                for (int i = 0; i < m; ++i) store8(out + (size_t)(q + i) * C + c, r[i]);
+            }
     }
     return true;
 }
@@ -428,57 +564,15 @@ void conv_row_any(const Conv& c, int n, int y, float* row) {
         conv_row<1, 8, STORE>(c, n, y, row);
 }
 
-thread_local Scratch conv_buffer;  // one row of a conv's K outputs (the NCHW store)
-
 }  // namespace
 
 void conv_rows(const Conv& c, int64_t row0, int64_t rows) {
-    // kPlain and kShuffle store from the registers; kPlanar goes through one row of K values.
-    float* tmp = c.store == kPlanar ? conv_buffer.get((size_t)c.Wo * c.K) : nullptr;
-    if (c.store == kPlanar && !tmp) return;
     for (int64_t r = row0; r < row0 + rows; ++r) {
         const int n = (int)(r / c.Ho), y = (int)(r % c.Ho);
-        if (c.store == kPlain) {
-            conv_row_any<kPlain>(c, n, y, c.out + (size_t)r * c.Wo * c.K);
-        } else if (c.store == kShuffle) {
+        if (c.store == kShuffle)
             conv_row_any<kShuffle>(c, n, y, nullptr);
-        } else {
-            conv_row_any<kPlanar>(c, n, y, tmp);
-            for (int ch = 0; ch < c.cout; ++ch) {
-                float* dst = c.out + ((size_t)(n * c.cout + ch) * c.Ho + y) * c.Wo;
-                for (int x = 0; x < c.Wo; ++x) dst[x] = tmp[(size_t)x * c.K + ch];
-            }
-        }
-    }
-}
-
-// Bilinear upsampling by `scale` (align_corners=False, as torch's F.interpolate with scale_factor)
-// of an NCHW 3-channel image, then the 3x3 colour matrix and bias of sub_mean; out NHWC, 3 channels.
-void upsample_rows(const float* x, int N, int h, int w, int scale, const float* mean_w, const float* mean_b,
-                   int64_t row0, int64_t rows, float* out) {
-    const int H = h * scale, W = w * scale;
-    const float inv = 1.0f / scale;
-    for (int64_t r = row0; r < row0 + rows; ++r) {
-        const int n = (int)(r / H), Y = (int)(r % H);
-        float sy = (Y + 0.5f) * inv - 0.5f;
-        if (sy < 0) sy = 0;
-        const int y0 = (int)sy, y1 = y0 + (y0 < h - 1 ? 1 : 0);
-        const float ly1 = sy - y0, ly0 = 1.0f - ly1;
-        for (int X = 0; X < W; ++X) {
-            float sx = (X + 0.5f) * inv - 0.5f;
-            if (sx < 0) sx = 0;
-            const int x0 = (int)sx, x1 = x0 + (x0 < w - 1 ? 1 : 0);
-            const float lx1 = sx - x0, lx0 = 1.0f - lx1;
-            float v[3];
-            for (int ch = 0; ch < 3; ++ch) {
-                const float* plane = x + (size_t)(n * 3 + ch) * h * w;
-                v[ch] = ly0 * (lx0 * plane[y0 * w + x0] + lx1 * plane[y0 * w + x1]) +
-                        ly1 * (lx0 * plane[y1 * w + x0] + lx1 * plane[y1 * w + x1]);
-            }
-            float* o = out + ((size_t)r * W + X) * 3;
-            for (int ch = 0; ch < 3; ++ch)
-                o[ch] = mean_w[ch * 3 + 0] * v[0] + mean_w[ch * 3 + 1] * v[1] + mean_w[ch * 3 + 2] * v[2] + mean_b[ch];
-        }
+        else
+            conv_row_any<kPlain>(c, n, y, c.out + (size_t)r * c.Wo * c.K);
     }
 }
 

@@ -41,8 +41,7 @@ struct Pass {
 //   kPlain    out[n][y][x][k]                                   (out has K channels)
 //   kShuffle  k = q*cout + c, q = 2i + j: out[n][2y+i][2x+j][c]  (a pixel shuffle by 2; a 2x2
 //             stride-2 transposed conv is a 1x1 conv stored this way)
-//   kPlanar   out[n][c][y][x] for c < cout                      (NCHW: the tail)
-enum Store { kPlain = 0, kShuffle = 1, kPlanar = 2 };
+enum Store { kPlain = 0, kShuffle = 1 };
 constexpr int kMaxParts = 4;
 
 struct Conv {
@@ -58,6 +57,29 @@ struct Conv {
     float* out = nullptr;
 };
 
+// The tail: out[n][o][y][x] (NCHW, 3 channels) = b[o] + 3x3 conv (zero padding) of the finished
+// source with w [3][C][3][3] (torch's layout).
+struct Tail {
+    Source src;
+    int N = 0, H = 0, W = 0, C = 0;
+    const float* w = nullptr;
+    const float* b = nullptr;
+    float* out = nullptr;
+};
+
+// The head: y = mean_w * bilinear(x, scale) + mean_b (align_corners=False; x NCHW, 3 channels,
+// h x w; mean_w [3][3]), then out (NHWC, C channels, a multiple of 8) = b + 3x3 conv of y (zero
+// padding) with wt [C][3][3][3] (torch's layout).
+struct Head {
+    const float* x = nullptr;
+    int N = 0, h = 0, w = 0, scale = 4, C = 0;
+    const float* mean_w = nullptr;
+    const float* mean_b = nullptr;
+    const float* wt = nullptr;
+    const float* b = nullptr;
+    float* out = nullptr;
+};
+
 // One piece of work: sample n, output rows [r0, r1), columns [c0, c1). Adds the piece's channel
 // sums of u to sums[C] (double, owned by the caller). False: its row buffers could not be allocated.
 struct Piece {
@@ -67,10 +89,10 @@ struct Piece {
 #define MSFIN_DECLARE_ISA(ns)                                                                  \
     namespace ns {                                                                             \
     bool rrcab_piece(const Pass& p, const Piece& piece, double* sums);                         \
+    bool tail_piece(const Tail& t, const Piece& piece);                                        \
+    bool head_piece(const Head& h, const Piece& piece);                                        \
     void finish_rows(const Source& s, int C, int W, int64_t row0, int64_t rows, int64_t rows_per_sample, float* out); \
     void conv_rows(const Conv& c, int64_t row0, int64_t rows);                                 \
-    void upsample_rows(const float* x, int N, int h, int w, int scale, const float* mean_w, const float* mean_b, \
-                       int64_t row0, int64_t rows, float* out);                                \
     int vector_width();                                                                        \
     }
 

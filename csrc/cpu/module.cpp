@@ -33,11 +33,12 @@ struct Isa {
     bool (*piece)(const Pass&, const Piece&, double*);
     void (*finish)(const Source&, int, int, int64_t, int64_t, int64_t, float*);
     void (*conv)(const Conv&, int64_t, int64_t);
-    void (*upsample)(const float*, int, int, int, int, const float*, const float*, int64_t, int64_t, float*);
+    bool (*tail)(const Tail&, const Piece&);
+    bool (*head)(const Head&, const Piece&);
     int (*width)();
 };
 
-const Isa kPortable{"portable", portable::rrcab_piece, portable::finish_rows, portable::conv_rows, portable::upsample_rows, portable::vector_width};
+const Isa kPortable{"portable", portable::rrcab_piece, portable::finish_rows, portable::conv_rows, portable::tail_piece, portable::head_piece, portable::vector_width};
 
 std::vector<Isa> supported_isas() {
     std::vector<Isa> out;
@@ -46,11 +47,11 @@ std::vector<Isa> supported_isas() {
 #ifdef MSFIN_HAVE_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512dq"))
-        out.push_back({"avx512", avx512::rrcab_piece, avx512::finish_rows, avx512::conv_rows, avx512::upsample_rows, avx512::vector_width});
+        out.push_back({"avx512", avx512::rrcab_piece, avx512::finish_rows, avx512::conv_rows, avx512::tail_piece, avx512::head_piece, avx512::vector_width});
 #endif
 #ifdef MSFIN_HAVE_AVX2
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        out.push_back({"avx2", avx2::rrcab_piece, avx2::finish_rows, avx2::conv_rows, avx2::upsample_rows, avx2::vector_width});
+        out.push_back({"avx2", avx2::rrcab_piece, avx2::finish_rows, avx2::conv_rows, avx2::tail_piece, avx2::head_piece, avx2::vector_width});
 #endif
 #endif
     out.push_back(kPortable);
@@ -203,6 +204,34 @@ std::vector<float> scale_of(uintptr_t u, const CaArgs& ca, int N, int H, int W, 
                     ptr<const float>(ca.b1), ptr<const float>(ca.w2), ptr<const float>(ca.b2));
 }
 
+// Sample x band x strip pieces: bands of band_rows rows, strips of tile_cols columns.
+std::vector<Piece> cut(int N, int H, int W, int tile_cols, int band_rows) {
+    const int tw = std::max(1, std::min(tile_cols, W));
+    const int strips = (W + tw - 1) / tw;
+    const int bh = std::max(1, std::min(band_rows, H));
+    const int bands = (H + bh - 1) / bh;
+    std::vector<Piece> pieces;
+    for (int n = 0; n < N; ++n)
+        for (int b = 0; b < bands; ++b)
+            for (int s = 0; s < strips; ++s)
+                pieces.push_back({n, b * bh, std::min(H, (b + 1) * bh), s * tw, std::min(W, (s + 1) * tw)});
+    return pieces;
+}
+
+// fn(i) for every piece on the pool; a piece that could not allocate its row buffers (fn false)
+// is a MemoryError in Python.
+template <typename F>
+void run_pieces(const std::vector<Piece>& pieces, int threads, F&& fn) {
+    std::atomic<bool> failed{false};
+    {
+        py::gil_scoped_release release;
+        pool().run((int)pieces.size(), threads, [&](int i) {
+            if (!fn(i)) failed.store(true);
+        });
+    }
+    if (failed.load()) throw std::bad_alloc();
+}
+
 void rrcab_pass(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t x_out, uintptr_t u_out,
                 uintptr_t sums_out, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t w3t,
                 uintptr_t b3, int N, int H, int W, int C, int G, int threads, int tile_cols, int band_rows) {
@@ -216,25 +245,10 @@ void rrcab_pass(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca,
     p.x_out = ptr<float>(x_out);
     p.u_out = ptr<float>(u_out);
 
-    const int tw = std::max(1, std::min(tile_cols, W));
-    const int strips = (W + tw - 1) / tw;
-    const int bh = std::max(1, std::min(band_rows, H));
-    const int bands = (H + bh - 1) / bh;
-    std::vector<Piece> pieces;
-    for (int n = 0; n < N; ++n)
-        for (int b = 0; b < bands; ++b)
-            for (int s = 0; s < strips; ++s)
-                pieces.push_back({n, b * bh, std::min(H, (b + 1) * bh), s * tw, std::min(W, (s + 1) * tw)});
+    const std::vector<Piece> pieces = cut(N, H, W, tile_cols, band_rows);
     std::vector<double> partial(pieces.size() * (size_t)C, 0.0);
     const Isa& chosen = isa();
-    std::atomic<bool> failed{false};
-    {
-        py::gil_scoped_release release;
-        pool().run((int)pieces.size(), threads, [&](int i) {
-            if (!chosen.piece(p, pieces[i], partial.data() + (size_t)i * C)) failed.store(true);
-        });
-    }
-    if (failed.load()) throw std::bad_alloc();  // MemoryError in Python
+    run_pieces(pieces, threads, [&](int i) { return chosen.piece(p, pieces[i], partial.data() + (size_t)i * C); });
     // The sums in a fixed order whatever the threads did: the result does not depend on timing.
     float* sums = ptr<float>(sums_out);
     for (int n = 0; n < N; ++n)
@@ -280,6 +294,7 @@ void conv(std::vector<uintptr_t> parts, std::vector<int> channels, int N, int H,
         c.cin += channels[k];
     }
     if (K % 8) throw std::invalid_argument("conv: K must be a multiple of 8");
+    if (store != kPlain && store != kShuffle) throw std::invalid_argument("conv: store must be 0 (plain) or 1 (shuffle)");
     c.N = N, c.H = H, c.W = W, c.Ho = Ho, c.Wo = Wo, c.ksize = ksize, c.stride = stride, c.K = K, c.cout = cout;
     c.store = store, c.leaky = leaky;
     c.w = ptr<const float>(w), c.b = ptr<const float>(b), c.out = ptr<float>(out);
@@ -287,13 +302,28 @@ void conv(std::vector<uintptr_t> parts, std::vector<int> channels, int N, int H,
     parallel_rows((int64_t)N * Ho, threads, [&](int64_t r0, int64_t rows) { chosen.conv(c, r0, rows); });
 }
 
-void upsample(uintptr_t x, int N, int h, int w, int scale, uintptr_t mean_w, uintptr_t mean_b, uintptr_t out,
-              int threads) {
+void tail(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t w, uintptr_t b, uintptr_t out,
+          int N, int H, int W, int C, int threads, int tile_cols, int band_rows) {
+    std::vector<float> scale = scale_of(u, ca, N, H, W, C);
+    Tail tl;
+    tl.src = make_source(t, u, e1, e2, scale);
+    tl.N = N, tl.H = H, tl.W = W, tl.C = C;
+    tl.w = ptr<const float>(w), tl.b = ptr<const float>(b), tl.out = ptr<float>(out);
+    const std::vector<Piece> pieces = cut(N, H, W, tile_cols, band_rows);
     const Isa& chosen = isa();
-    parallel_rows((int64_t)N * h * scale, threads, [&](int64_t r0, int64_t rows) {
-        chosen.upsample(ptr<const float>(x), N, h, w, scale, ptr<const float>(mean_w), ptr<const float>(mean_b), r0,
-                        rows, ptr<float>(out));
-    });
+    run_pieces(pieces, threads, [&](int i) { return chosen.tail(tl, pieces[i]); });
+}
+
+void head(uintptr_t x, int N, int h, int w, int scale, uintptr_t mean_w, uintptr_t mean_b, uintptr_t wt, uintptr_t b,
+          int C, uintptr_t out, int threads, int tile_cols, int band_rows) {
+    if (C % 8) throw std::invalid_argument("head: the output channels must be a multiple of 8");
+    Head hd;
+    hd.x = ptr<const float>(x), hd.N = N, hd.h = h, hd.w = w, hd.scale = scale, hd.C = C;
+    hd.mean_w = ptr<const float>(mean_w), hd.mean_b = ptr<const float>(mean_b);
+    hd.wt = ptr<const float>(wt), hd.b = ptr<const float>(b), hd.out = ptr<float>(out);
+    const std::vector<Piece> pieces = cut(N, h * scale, w * scale, tile_cols, band_rows);
+    const Isa& chosen = isa();
+    run_pieces(pieces, threads, [&](int i) { return chosen.head(hd, pieces[i]); });
 }
 
 }  // namespace
@@ -306,7 +336,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("rrcab_pass", &rrcab_pass, "one RRCAB pass (addresses of fp32 NHWC tensors; 0 for none)");
     m.def("materialize", &materialize, "out = t + s*u + e1 + e2 (addresses of fp32 NHWC tensors)");
     m.def("conv", &conv, "a dense conv (addresses of fp32 NHWC inputs; see kernels.h for K and the stores)");
-    m.def("upsample", &upsample, "bilinear upsampling of an NCHW 3-channel image, then sub_mean; NHWC out");
+    m.def("tail", &tail, "the tail: a 3x3 conv C->3 of a deferred value, NCHW out (addresses of fp32 tensors)");
+    m.def("head", &head, "the head: bilinear upsampling of an NCHW RGB image, sub_mean, a 3x3 conv 3->C; NHWC out");
     m.def("isa", [] { return std::string(isa().name); }, "the instruction set the kernels run with");
     m.def("vector_width", [] { return isa().width(); }, "floats per vector of the kernels in use");
     m.def("use_isa", [](const std::string& name) {

@@ -96,7 +96,7 @@ def pack_block(block: RRCAB, dtype: torch.dtype) -> NativeBlock:
                        _f32(conv3.weight.reshape(c, c).t()), _f32(conv3.bias), DenseCA.of(block.body[5]))
 
 
-STORE_PLAIN, STORE_SHUFFLE, STORE_PLANAR = 0, 1, 2  # kernels.h: how a conv stores its outputs
+STORE_PLAIN, STORE_SHUFFLE = 0, 1  # kernels.h: how a conv stores its outputs
 
 
 @dataclass
@@ -155,20 +155,32 @@ def pack_conv(conv, n_src: int, dtype: torch.dtype, shuffle: bool = False) -> Na
 
 @dataclass
 class NativeHead:
+    """The head for the C++ kernel: sub_mean's matrix and bias, the conv's weights as torch stores
+    them ([C, 3, 3, 3]) and its bias, fp32."""
+
     scale: int
     mean_w: torch.Tensor
     mean_b: torch.Tensor
-    conv: NativeConv
+    w: torch.Tensor
+    b: torch.Tensor
 
 
 def pack_head(sub_mean, head, scale: int) -> NativeHead:
-    return NativeHead(scale, _f32(sub_mean.weight.reshape(3, 3)), _f32(sub_mean.bias), pack_conv(head, 1, torch.float32))
+    return NativeHead(scale, _f32(sub_mean.weight.reshape(3, 3)), _f32(sub_mean.bias), _f32(head.weight),
+                      _f32(head.bias))
 
 
-def pack_tail(tail, add_mean, dtype: torch.dtype) -> NativeConv:
-    """tail2 with add_mean folded in, stored NCHW."""
+@dataclass
+class NativeTail:
+    """tail2 with add_mean folded in (``fold_tail``): ``w`` [3, C, 3, 3], ``b`` [3], fp32."""
+
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+def pack_tail(tail, add_mean, dtype: torch.dtype) -> NativeTail:
     w, b = fold_tail(tail, add_mean)
-    return _native_conv(_taps(w), b, 3, 1, 3, STORE_PLANAR)
+    return NativeTail(_f32(w), _f32(b))
 
 
 class _Packers:
@@ -300,8 +312,7 @@ class NativeBackend:
         x_addr = _check("x_out", x_out, shape, False)
         u_addr = _check("u_out", u_out, shape)
         s_addr = _check("sums", sums, (n, c))
-        cols = min(w, self.tile_cols or STRIP_COLS)
-        rows = self.band_rows or band_rows(h, -(-w // cols))
+        cols, rows = self._tiling(h, w)
         _cpu.rrcab_pass(t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
                         p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
                         self.threads(), cols, rows)
@@ -328,18 +339,27 @@ class NativeBackend:
         _cpu.conv(addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout, p.store,
                   leaky, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, expected), self.threads())
 
+    def _tiling(self, h: int, w: int) -> tuple[int, int]:
+        cols = min(w, self.tile_cols or STRIP_COLS)
+        return cols, self.band_rows or band_rows(h, -(-w // cols))
+
     def head(self, x: torch.Tensor, p: NativeHead, out: torch.Tensor) -> None:
         n, c, h, w = x.shape
         if c != 3:
             raise ValueError(f"head: expected an RGB image [N, 3, h, w], got {tuple(x.shape)}")
         x = x.float().contiguous()
-        up = torch.empty(n, p.scale * h, p.scale * w, 3)
-        _cpu.upsample(x.data_ptr(), n, h, w, p.scale, p.mean_w.data_ptr(), p.mean_b.data_ptr(), up.data_ptr(),
-                      self.threads())
-        self._conv([up], p.conv, out)
+        k = p.w.shape[0]
+        H, W = p.scale * h, p.scale * w
+        _cpu.head(x.data_ptr(), n, h, w, p.scale, p.mean_w.data_ptr(), p.mean_b.data_ptr(), p.w.data_ptr(),
+                  p.b.data_ptr(), k, _check("out", out, (n, H, W, k)), self.threads(), *self._tiling(H, W))
 
-    def tail(self, src: Source, p: NativeConv, out: torch.Tensor) -> None:
-        self._conv([self._finished(src)], p, out)
+    def tail(self, src: Source, p: NativeTail, out: torch.Tensor) -> None:
+        t, u, e1, e2, cargs = _source_args(src)
+        n, h, w, c = src.t.shape
+        if p.w.shape[1] != c:
+            raise ValueError(f"tail: weights for {p.w.shape[1]} channels, the input has {c}")
+        _cpu.tail(t, u, e1, e2, cargs, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, (n, 3, h, w)), n, h, w, c,
+                  self.threads(), *self._tiling(h, w))
 
     def conv(self, inputs, p: NativeConv, out: torch.Tensor, step) -> None:
         parts = [self._finished(inputs)] if isinstance(inputs, Source) else list(inputs)
