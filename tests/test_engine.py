@@ -218,6 +218,27 @@ def test_engine_repacks_when_the_source_model_changes():
     assert (after - want).abs().max().item() <= ENGINE_FP32_CPU
 
 
+@pytest.mark.parametrize("change", ["parameter", "module", "assign"])
+def test_engine_repacks_when_a_parameter_or_module_is_replaced(change):
+    """Replacing a parameter or a submodule object (not updating it in place) is seen too."""
+    model = random_model("msfin-s-x4", seed=0)
+    engine = optimize(model, dtype=torch.float32, backend="emulate")
+    x = lr_batch(1, 4, 5)
+    before = engine(x)
+    other = random_model("msfin-s-x4", seed=7)
+    if change == "parameter":
+        model.tail2.weight = torch.nn.Parameter(other.tail2.weight.detach().clone())
+    elif change == "module":
+        model.tail2 = other.tail2
+    else:
+        model.load_state_dict(other.state_dict(), assign=True)
+    after = engine(x)
+    with torch.no_grad():
+        want = model(x)
+    assert not torch.allclose(before, after)
+    assert (after - want).abs().max().item() <= ENGINE_FP32_CPU
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fuse_rrcab", [False, True])
 def test_triton_kernels_end_to_end(fuse_rrcab):
