@@ -298,6 +298,37 @@ def test_an_image_gives_the_same_bytes_alone_in_a_batch_and_on_any_number_of_thr
     check_engine_output(first, want, F32)
 
 
+def test_a_recorded_forward_replays_for_new_inputs_and_records_again_on_another_thread_count():
+    """From an arena's second run on, the engine replays the recorded kernel calls: the new input's
+    and output's addresses must be the ones used, in poisoned arenas too, and a call with another
+    thread count records again (the calls carry it)."""
+    model = random_model("msfin-x4", 4)
+    engine = optimize(model, dtype=torch.float32, backend="native")
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.rand(2, 3, 7, 10, generator=g) * 255 for _ in range(3)]  # all kept alive
+    with torch.no_grad():
+        wants = [model(x) for x in xs]
+    outs = [engine(xs[0])]
+    (arena,) = engine._arenas.values()
+    program = arena.program
+    # one call per launch, and a materialize before each conv that reads a deferred value
+    assert program is not None and program.replayable
+    assert len(program.calls) == len(engine.plan.launches) + len(program.keep)
+    engine.poison_buffers()
+    outs.append(engine(xs[1]))  # replayed: a new input and a new output tensor
+    assert arena.program is program, "the second run recorded again instead of replaying"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        outs.append(engine(xs[2]))
+        assert arena.program is not program and arena.program.threads == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert len({o.data_ptr() for o in outs}) == 3
+    for i, (got, want) in enumerate(zip(outs, wants)):
+        check_engine_output(got, want, F32, f"run {i}")
+
+
 def test_bad_operands_are_refused_with_the_reason():
     backend = native.NativeBackend()
     p = native.pack_block(random_block(24, 6, 5, 0), F32)

@@ -18,6 +18,7 @@ fp16 variant, and the output is cast to the engine's dtype as the ``cpu`` backen
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +258,36 @@ def band_rows(h: int, strips: int) -> int:
     return -(-h // bands)
 
 
+class Program:
+    """The ``_cpu`` calls of one forward over one arena: recorded on the arena's first run (every
+    operand checked then), replayed on the next ones without the Python in between. The arena's
+    tensors, the packed weights and the recorded temporaries keep their addresses; the LR input's
+    and the SR output's are the only ones that change, and they are put in where the recording had
+    them. The calls are made with the thread count of the recording: another one records again."""
+
+    def __init__(self, x: torch.Tensor, out: torch.Tensor, threads: int):
+        self.x, self.out, self.threads = x.data_ptr(), out.data_ptr(), threads
+        self.calls: list = []  # (function, args, positions of the input's address, of the output's)
+        self.keep: list[torch.Tensor] = []  # temporaries the calls write (conv inputs finished first)
+        self.replayable = True
+
+    def add(self, fn, args: tuple) -> None:
+        at_x = [i for i, a in enumerate(args) if type(a) is int and a == self.x]
+        at_out = [i for i, a in enumerate(args) if type(a) is int and a == self.out]
+        self.calls.append((fn, args, at_x, at_out))
+
+    def replay(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        xa, oa = x.data_ptr(), out.data_ptr()
+        for fn, args, at_x, at_out in self.calls:
+            if at_x or at_out:
+                args = list(args)
+                for i in at_x:
+                    args[i] = xa
+                for i in at_out:
+                    args[i] = oa
+            fn(*args)
+
+
 class NativeBackend:
     """Every launch by the C++ CPU kernels (``msfin_fast._cpu``)."""
 
@@ -267,6 +298,31 @@ class NativeBackend:
     def __init__(self, fuse_rrcab: bool = False, tile_cols: int | None = None, band_rows: int | None = None):
         self.tile_cols = tile_cols
         self.band_rows = band_rows
+        self._recording: Program | None = None
+
+    # Record and replay (the executor's eager runs; engines serialize their calls) ------------------
+
+    @contextlib.contextmanager
+    def recording(self, x: torch.Tensor, out: torch.Tensor):
+        """Record the calls of the launches run inside: yields the Program (``replayable`` False
+        where a call's operands would not be there next time)."""
+        self._recording = program = Program(x, out, self.threads())
+        try:
+            yield program
+        finally:
+            self._recording = None
+
+    def replay(self, program: Program, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Run a recorded forward for a new input and output; False (nothing run) if it cannot."""
+        if not program.replayable or program.threads != self.threads():
+            return False
+        program.replay(x, out)
+        return True
+
+    def _call(self, fn, *args) -> None:
+        fn(*args)
+        if self._recording is not None:
+            self._recording.add(fn, args)
 
     def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32
@@ -299,6 +355,8 @@ class NativeBackend:
             return src.t
         out = torch.empty_like(src.t)
         self.materialize(src, out)
+        if self._recording is not None:
+            self._recording.keep.append(out)
         return out
 
     # Launch operations -------------------------------------------------------------------------------
@@ -313,14 +371,14 @@ class NativeBackend:
         u_addr = _check("u_out", u_out, shape)
         s_addr = _check("sums", sums, (n, c))
         cols, rows = self._tiling(h, w)
-        _cpu.rrcab_pass(t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
+        self._call(_cpu.rrcab_pass, t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
                         p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
                         self.threads(), cols, rows)
 
     def materialize(self, src: Source, out: torch.Tensor) -> None:
         t, u, e1, e2, cargs = _source_args(src)
         n, h, w, c = src.t.shape
-        _cpu.materialize(t, u, e1, e2, cargs, _check("out", out, tuple(src.t.shape)), n, h, w, c, self.threads())
+        self._call(_cpu.materialize, t, u, e1, e2, cargs, _check("out", out, tuple(src.t.shape)), n, h, w, c, self.threads())
 
     def _conv(self, parts: list[torch.Tensor], p: NativeConv, out: torch.Tensor, leaky: bool = False) -> None:
         n, h, w, _ = parts[0].shape
@@ -336,7 +394,7 @@ class NativeBackend:
         else:
             expected = (n, p.cout, ho, wo)
         addresses = [_check(f"input {i}", t, (n, h, w, t.shape[3])) for i, t in enumerate(parts)]
-        _cpu.conv(addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout, p.store,
+        self._call(_cpu.conv, addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout, p.store,
                   leaky, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, expected), self.threads())
 
     def _tiling(self, h: int, w: int) -> tuple[int, int]:
@@ -347,10 +405,13 @@ class NativeBackend:
         n, c, h, w = x.shape
         if c != 3:
             raise ValueError(f"head: expected an RGB image [N, 3, h, w], got {tuple(x.shape)}")
-        x = x.float().contiguous()
+        converted = x.float().contiguous()
+        if converted.data_ptr() != x.data_ptr() and self._recording is not None:
+            self._recording.replayable = False  # the recording would hold a temporary's address
+        x = converted
         k = p.w.shape[0]
         H, W = p.scale * h, p.scale * w
-        _cpu.head(x.data_ptr(), n, h, w, p.scale, p.mean_w.data_ptr(), p.mean_b.data_ptr(), p.w.data_ptr(),
+        self._call(_cpu.head, x.data_ptr(), n, h, w, p.scale, p.mean_w.data_ptr(), p.mean_b.data_ptr(), p.w.data_ptr(),
                   p.b.data_ptr(), k, _check("out", out, (n, H, W, k)), self.threads(), *self._tiling(H, W))
 
     def tail(self, src: Source, p: NativeTail, out: torch.Tensor) -> None:
@@ -358,7 +419,7 @@ class NativeBackend:
         n, h, w, c = src.t.shape
         if p.w.shape[1] != c:
             raise ValueError(f"tail: weights for {p.w.shape[1]} channels, the input has {c}")
-        _cpu.tail(t, u, e1, e2, cargs, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, (n, 3, h, w)), n, h, w, c,
+        self._call(_cpu.tail, t, u, e1, e2, cargs, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, (n, 3, h, w)), n, h, w, c,
                   self.threads(), *self._tiling(h, w))
 
     def conv(self, inputs, p: NativeConv, out: torch.Tensor, step) -> None:
