@@ -61,32 +61,35 @@ inline vf relu(vf x) { return x > 0 ? x : vf{}; }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// out[o][q .. q + RR*V) for OB output channels o0 .. o0+OB of group g (CPG channels per group):
-// relu(b + sum over the group's inputs and the 3x3 taps). rows[ky] point at column 0 of the three
-// input rows; input column q + kx feeds output column q (the input row starts one column further
-// left than the output row).
-template <int CPG, int OB, int RR>
-inline void gconv_block(const float* const* rows, int s_in, int g, int o0, const float* w, const float* b,
-                        float* out, int s_out, int q) {
+// out[o][q .. q + RR*V) for outputs o = o0 .. o0+OB of a 3x3 conv over the input channels
+// i0 .. i0+cin (a group, or all of them): b[o] + the sum over those channels and the taps, ReLU'd
+// when RELU. Weights as torch stores them, [out][cin][3][3]. rows[ky] point at column 0 of the
+// three planar input rows ([channel][column], s_in floats per channel); input column q + kx feeds
+// output column q (the input row starts one column further left than the output row). CIN > 0
+// fixes cin at compile time (the grouped convs: 1 to 16 channels per group, loops unrolled).
+template <int OB, int RR, bool RELU, int CIN = 0>
+inline void conv3_block(const float* const* rows, int s_in, int cin_any, int i0, int o0, const float* w,
+                        const float* b, float* out, int s_out, int q) {
+    const int cin = CIN > 0 ? CIN : cin_any;
     vf acc[OB][RR];
     for (int o = 0; o < OB; ++o)
         for (int r = 0; r < RR; ++r) acc[o][r] = splat(b[o0 + o]);
-    for (int i = 0; i < CPG; ++i) {
-        const int ci = g * CPG + i;
+    for (int i = 0; i < cin; ++i) {
         for (int ky = 0; ky < 3; ++ky) {
-            const float* src = rows[ky] + (size_t)ci * s_in + q;
+            const float* src = rows[ky] + (size_t)(i0 + i) * s_in + q;
             for (int kx = 0; kx < 3; ++kx) {
                 vf x[RR];
                 for (int r = 0; r < RR; ++r) x[r] = loadu(src + kx + r * V);
                 for (int o = 0; o < OB; ++o) {
-                    const float wv = w[((o0 + o) * CPG + i) * 9 + ky * 3 + kx];
+                    const float wv = w[((o0 + o) * cin + i) * 9 + ky * 3 + kx];
                     for (int r = 0; r < RR; ++r) acc[o][r] += wv * x[r];
                 }
             }
         }
     }
     for (int o = 0; o < OB; ++o)
-        for (int r = 0; r < RR; ++r) storeu(out + (size_t)(o0 + o) * s_out + q + r * V, relu(acc[o][r]));
+        for (int r = 0; r < RR; ++r)
+            storeu(out + (size_t)(o0 + o) * s_out + q + r * V, RELU ? relu(acc[o][r]) : acc[o][r]);
 }
 
 template <int CPG>
@@ -96,8 +99,9 @@ void gconv_row(const float* const* rows, int s_in, int C, const float* w, const 
     for (int g = 0; g < C / CPG; ++g) {
         for (int o0 = g * CPG; o0 < (g + 1) * CPG; o0 += OB) {
             int q = 0;
-            for (; q + R * V <= nq; q += R * V) gconv_block<CPG, OB, R>(rows, s_in, g, o0, w, b, out, s_out, q);
-            for (; q < nq; q += V) gconv_block<CPG, OB, 1>(rows, s_in, g, o0, w, b, out, s_out, q);
+            for (; q + R * V <= nq; q += R * V)
+                conv3_block<OB, R, true, CPG>(rows, s_in, CPG, g * CPG, o0, w, b, out, s_out, q);
+            for (; q < nq; q += V) conv3_block<OB, 1, true, CPG>(rows, s_in, CPG, g * CPG, o0, w, b, out, s_out, q);
         }
     }
 }
@@ -282,39 +286,15 @@ struct FinishedRows {
     }
 };
 
-// out[o][q .. q + RR*V) for outputs o0 .. o0+OB of a dense 3x3 conv over cin planar input rows
-// (rows[ky] at column 0; input column q + kx feeds output column q), weights as torch stores them
-// ([out][cin][3][3]), no activation.
-template <int OB, int RR>
-inline void dense_block(const float* const* rows, int s_in, int cin, int o0, const float* w, const float* b,
-                        float* out, int s_out, int q) {
-    vf acc[OB][RR];
-    for (int o = 0; o < OB; ++o)
-        for (int r = 0; r < RR; ++r) acc[o][r] = splat(b[o0 + o]);
-    for (int i = 0; i < cin; ++i)
-        for (int ky = 0; ky < 3; ++ky) {
-            const float* src = rows[ky] + (size_t)i * s_in + q;
-            for (int kx = 0; kx < 3; ++kx) {
-                vf x[RR];
-                for (int r = 0; r < RR; ++r) x[r] = loadu(src + kx + r * V);
-                for (int o = 0; o < OB; ++o) {
-                    const float wv = w[((o0 + o) * cin + i) * 9 + ky * 3 + kx];
-                    for (int r = 0; r < RR; ++r) acc[o][r] += wv * x[r];
-                }
-            }
-        }
-    for (int o = 0; o < OB; ++o)
-        for (int r = 0; r < RR; ++r) storeu(out + (size_t)(o0 + o) * s_out + q + r * V, acc[o][r]);
-}
-
-// Outputs o0 .. o0+OB over columns [0, nq) (nq a multiple of V).
+// Outputs o0 .. o0+OB of a dense 3x3 conv (cin inputs, no activation) over columns [0, nq), nq a
+// multiple of V: the head's and the tail's.
 template <int OB>
 void dense_row(const float* const* rows, int s_in, int cin, int o0, const float* w, const float* b, float* out,
                int s_out, int nq) {
     constexpr int RR = OB * (R + 1) <= (V == 8 ? 9 : 4 * R) ? R + 1 : R;  // accumulators the registers hold
     int q = 0;
-    for (; q + RR * V <= nq; q += RR * V) dense_block<OB, RR>(rows, s_in, cin, o0, w, b, out, s_out, q);
-    for (; q < nq; q += V) dense_block<OB, 1>(rows, s_in, cin, o0, w, b, out, s_out, q);
+    for (; q + RR * V <= nq; q += RR * V) conv3_block<OB, RR, false>(rows, s_in, cin, 0, o0, w, b, out, s_out, q);
+    for (; q < nq; q += V) conv3_block<OB, 1, false>(rows, s_in, cin, 0, o0, w, b, out, s_out, q);
 }
 
 }  // namespace
