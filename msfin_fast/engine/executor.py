@@ -179,7 +179,7 @@ class Executor:
         arena.sums_flat.zero_()
         # A backend that records its calls (native) replays them from the arena's second run on:
         # the same calls over the same tensors, without the Python of the launches in between.
-        records = hasattr(self.backend, "replay") and not any(launch.inline for launch in self.plan.launches)
+        records = getattr(self.backend, "records_calls", False) and not any(l.inline for l in self.plan.launches)
         if records and arena.program is not None and self.backend.replay(arena.program, x, out):
             return out
         with self.backend.recording(x, out) if records else contextlib.nullcontext() as program:

@@ -299,6 +299,9 @@ class NativeBackend:
         self.tile_cols = tile_cols
         self.band_rows = band_rows
         self._recording: Program | None = None
+        # The executor records this backend's calls over an arena and replays them (False: every
+        # run goes through the launches, e.g. to time them one by one).
+        self.records_calls = True
 
     # Record and replay (the executor's eager runs; engines serialize their calls) ------------------
 
