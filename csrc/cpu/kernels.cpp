@@ -154,15 +154,6 @@ void pointwise_row(const float* h, int s_h, int C, const float* w3t, const float
     }
 }
 
-// The finished input t + s*u + e1 + e2 at pixel index `pix` (NHWC), 8 channels from c.
-inline v8 finish8(const Source& s, size_t at, const float* scale, int c) {
-    v8 x = load8(s.t + at);
-    if (s.u) x += load8(scale + c) * load8(s.u + at);
-    if (s.e1) x += load8(s.e1 + at);
-    if (s.e2) x += load8(s.e2 + at);
-    return x;
-}
-
 // The finished input for npx pixels (NHWC, C channels) from element `at`: into dst, and into xo
 // when given. Specialised on which addends there are, so the loop has no branches.
 template <bool U, bool E1, bool E2>
@@ -302,14 +293,11 @@ void dense_row(const float* const* rows, int s_in, int cin, int o0, const float*
 int vector_width() { return V; }
 
 void finish_rows(const Source& s, int C, int W, int64_t row0, int64_t rows, int64_t rows_per_sample, float* out) {
+    const Finish finish = finisher(s);
     for (int64_t row = row0; row < row0 + rows; ++row) {
         const float* scale = s.scale ? s.scale + (row / rows_per_sample) * C : nullptr;
         const size_t base = (size_t)row * W * C;
-        for (int px = 0; px < W; ++px)
-            for (int c = 0; c < C; c += 8) {
-                const size_t at = base + (size_t)px * C + c;
-                store8(out + at, finish8(s, at, scale, c));
-            }
+        finish(s, base, scale, C, W, out + base, nullptr);
     }
 }
 

@@ -5,11 +5,13 @@ Each RRCAB pass is one call that streams the image row by row over column strips
 finished input, conv1's output and conv2's output for a few rows in per-thread buffers (the
 whole grouped 3×3 → ReLU → grouped 3×3 → ReLU → 1×1 chain, the channel sums and the finishing
 of the deferred input in one sweep). Deferred values read by a dense conv are finished by the
-C++ ``materialize`` first. The dense convolutions between blocks (the head after its bilinear
-upsampling, down/up-sampling, the concatenations' 1×1s read as separate inputs, the transposed
-convs as 1×1s stored pixel-shuffled, the tail with add_mean folded in) are this module's too.
-Every call runs on the module's own threads, ``torch.get_num_threads()`` of them, which sleep
-between calls. (Mixing in PyTorch's convolutions cost up to 2× on a 2-core machine: after each of
+C++ ``materialize`` first. The head (bilinear upsampling and sub_mean row by row, then its conv)
+and the tail (its deferred input finished row by row, the conv with add_mean folded in, NCHW out)
+stream the same way; the dense convolutions between blocks (down/up-sampling, the
+concatenations' 1×1s read as separate inputs, the transposed convs as 1×1s stored
+pixel-shuffled) are this module's too. Every call runs on the module's own threads,
+``torch.get_num_threads()`` of them, which sleep between calls (after a 0.2 ms watch for the
+next). The executor records an arena's calls on its first run and replays them after (``Program``). (Mixing in PyTorch's convolutions cost up to 2× on a 2-core machine: after each of
 them PyTorch's OpenMP threads spin, taking the core the next kernel needs; benchmarks/NOTES.md.)
 
 Activations are fp32 whatever the engine's dtype (``storage_dtype``): the CPU kernels have no
