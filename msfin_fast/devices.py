@@ -14,8 +14,9 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-#: The dtypes the engine stores activations in (its kernels have fp16 and fp32 variants).
-ENGINE_DTYPES = (torch.float32, torch.float16)
+#: The dtypes an engine may be asked for: fp32 and fp16 everywhere, bf16 on the CPU (the native
+#: kernels store what is added to the residual stream in bf16; backends list theirs in ``dtypes``).
+ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

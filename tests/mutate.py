@@ -167,6 +167,17 @@ MUTATIONS = [
              "const int lo = c0 < 0 ? 0 : c0, hi = c1 + 1 > W ? W : c1 + 1;",
              (f"{NATIVE}::test_head_and_tail",),
              "the head's upsampled rows leave out the column left of a strip (zero, not the image)", build=True),
+    Mutation("native-bf16-rounds-residual", CPU_KERNELS, "            store8(dst + j, x);\n",
+             "            if (BF) { bf16_t r[8]; store8_bf16(r, x); x = load8_bf16(r); }\n            store8(dst + j, x);\n",
+             (f"{NATIVE}::test_rrcab_pass_with_bf16_addends",),
+             "with bf16 addends the finished input, the residual stream, is rounded to bf16 too", build=True),
+    Mutation("native-bf16-truncates", CPU_KERNELS, "    b += 0x7FFFu + ((b >> 16) & 1u);", "",
+             (f"{NATIVE}::test_rrcab_pass_with_bf16_addends",),
+             "bf16 stores truncate instead of rounding to nearest even", build=True),
+    Mutation("native-bf16-convs-wide", "msfin_fast/engine/plan.py",
+             "        elif isinstance(launch, Conv):\n            written.add(launch.out)\n", "",
+             (f"{NATIVE}::test_a_bf16_engine_stores_only_the_addends_in_bf16",),
+             "a bf16 engine keeps the convs' addend outputs (transposed convs, up-sampling) in fp32"),
 ]
 
 
@@ -197,11 +208,13 @@ def run_tests(tests: tuple[str, ...], timeout: float, select: str = "") -> tuple
 
 
 def build_cpu() -> tuple[bool, str]:
-    """Rebuild msfin_fast._cpu in place from the (mutated) sources, in a build folder of its own so
-    the usual one keeps its objects."""
+    """Rebuild msfin_fast._cpu in place from the (mutated) sources, in build folders of its own so
+    the usual ones keep their objects and their module (a mutant left in build/lib would be copied
+    in place by the next ``build_ext --inplace`` that finds nothing to recompile)."""
     with tempfile.TemporaryDirectory(prefix="mutate-build-") as temp:
         env = dict(os.environ, MSFIN_CUDA_EXT="0", MSFIN_CPU_EXT="1")
-        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", temp],
+        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", temp,
+                               "--build-lib", os.path.join(temp, "lib")],
                               cwd=ROOT, env=env, capture_output=True, text=True)
     return proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
 

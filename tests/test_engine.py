@@ -345,7 +345,11 @@ def test_engine_rejects_bad_input_and_arguments():
     with pytest.raises(InvalidInputError, match="NaN"):
         engine(torch.full((1, 3, 4, 4), float("nan")))
     with pytest.raises(ConfigError, match="dtype"):
-        optimize(model, dtype=torch.bfloat16)
+        optimize(model, dtype=torch.int8)
+    with pytest.raises(ConfigError, match="output_dtype"):
+        optimize(model, dtype=torch.float32, output_dtype=torch.float64)
+    with pytest.raises(DeviceError, match="computes in float32, float16, not bfloat16"):
+        optimize(model, dtype=torch.bfloat16, backend="triton")
     with pytest.raises(ConfigError, match="backend"):
         optimize(model, backend="vulkan")
     with pytest.raises(ConfigError, match="MSFIN"):

@@ -275,6 +275,170 @@ def test_released_weights_on_a_picture(pretrained, data_dir, preset):
     assert half.storage_dtype == F32 and torch.equal(half(x), got.half())
 
 
+# ---- bfloat16: what is added to the residual stream stored in bf16 ----------------------------------
+# The kernels compute in fp32 whatever the storage; bf16 changes only how u, e1, e2 are read
+# (widened) and how u and a conv's output are written (rounded to nearest even). So each launch
+# with bf16 operands is checked bit for bit against the same launch with fp32 operands holding the
+# same values: x_out and the sums equal, u and conv outputs equal to torch's rounding of the fp32 ones.
+
+BF16 = torch.bfloat16
+
+
+def _as(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def native_pass_pair(width, n, h, w, deferred, n_add, write_x, tile_cols=None, band_rows=None, seed=0):
+    """One native pass twice over the same values: addends and u_out in bf16, then in fp32."""
+    c, g, r = width
+    block, made_by = random_block(c, g, r, seed), random_block(c, g, r, seed + 100)
+    t = nhwc(n, h, w, c, 10, seed + 1)
+    adds = [nhwc(n, h, w, c, 3, seed + 2 + i).to(BF16) for i in range(n_add)]  # values bf16 holds
+    u_in = nhwc(n, h, w, c, 5, seed + 5).to(BF16) if deferred else None
+    sums_in = torch.randn(n, c) * h * w if deferred else None
+    sums0 = initial_sums(n, c, h * w * 10, "cpu")
+    backend = native.NativeBackend(tile_cols=tile_cols, band_rows=band_rows)
+    p = native.pack_block(block, F32)
+    producer = native.pack_block(made_by, F32) if deferred else None
+    results = {}
+    for dt in (BF16, F32):
+        src = Source(t, _as(u_in, dt), sums_in, producer, *([_as(a, dt) for a in adds] + [None, None])[:2])
+        out = Guarded("cpu")
+        x_out = out.new("x_out", t.shape, F32) if write_x else None
+        u = out.new("u", t.shape, dt)
+        sums = out.new("sums", (n, c), F32, fill=sums0)
+        backend.rrcab_pass(src, p, x_out, None, u, sums, fused=True)
+        out.check()
+        results[dt] = dict(x_out=x_out, u=u, sums=sums)
+    return results[BF16], results[F32]
+
+
+BF16_PASS_CASES = [PASS_CASES[1], PASS_CASES[2], PASS_CASES[4], PASS_CASES[5], PASS_CASES[7]]
+
+
+@pytest.mark.parametrize("width, n, hw, deferred, n_add, write_x, cols, rows",
+                         [c + (None, None) for c in BF16_PASS_CASES] + [GRID_CASES[0], GRID_CASES[1]],
+                         ids=[pass_id(c) for c in BF16_PASS_CASES] + [pass_id(c[:6]) + f"-strips{c[6]}-bands{c[7]}"
+                                                                      for c in GRID_CASES[:2]])
+def test_rrcab_pass_with_bf16_addends(each_isa, width, n, hw, deferred, n_add, write_x, cols, rows):
+    got, f32 = native_pass_pair(width, n, *hw, deferred, n_add, write_x, cols, rows, seed=width[0] + n)
+    if write_x:  # the residual stream: fp32, finished from the widened addends, never rounded to bf16
+        assert torch.equal(got["x_out"], f32["x_out"]), "x_out differs with bf16 addends of the same values"
+    assert torch.equal(got["sums"], f32["sums"]), "the channel sums must add the fp32 u, before its rounding"
+    want_u = f32["u"].to(BF16)  # torch rounds to nearest, ties to even
+    bad = (got["u"].view(torch.int16) != want_u.view(torch.int16)).sum().item()
+    assert bad == 0, f"{bad} values of u are not the fp32 u rounded to nearest even"
+
+
+def test_materialize_tail_and_convs_with_bf16_operands(each_isa):
+    """materialize and the tail read bf16 addends widened; a dense conv writes bf16 rounded to nearest
+    even, in both stores (plain, pixel-shuffled) and with LeakyReLU (every conv step of MSFIN's plan)."""
+    n, h, w, c = 2, 5, 9, 24
+    made_by = random_block(c, 6, 5, 1)
+    t = nhwc(n, h, w, c, 10, 1)
+    u, e1, e2 = (nhwc(n, h, w, c, s, 2 + i).to(BF16) for i, s in enumerate((5, 3, 3)))
+    sums = torch.randn(n, c) * h * w
+    backend = native.NativeBackend(tile_cols=4, band_rows=2)
+    model = MSFIN("msfin-x4").eval()
+    tail = native.pack_tail(model.tail2, model.add_mean, F32)
+    got = {}
+    for dt in (BF16, F32):
+        src = Source(t, u.to(dt), sums, native.pack_block(made_by, F32), e1.to(dt), e2.to(dt))
+        out = Guarded("cpu")
+        got[dt] = (out.new("materialized", t.shape, F32), out.new("image", (n, 3, h, w), F32))
+        backend.materialize(src, got[dt][0])
+        backend.tail(src, tail, got[dt][1])
+        out.check()
+    assert torch.equal(got[BF16][0], got[F32][0]), "materialize: bf16 addends not read as their values"
+    assert torch.equal(got[BF16][1], got[F32][1]), "tail: bf16 addends not read as their values"
+    with pytest.raises(ValueError, match="share one dtype"):
+        backend.materialize(Source(t, u, sums, native.pack_block(made_by, F32), e1.float()), got[F32][0])
+
+    model, steps = _conv_steps("msfin-x4")
+    H, W = 4 * 5, 4 * 7
+    for step in steps:
+        conv = model.get_submodule(step.module)
+        div = step.parts[0].div if step.src is None else step.src.t.div
+        parts = [nhwc(n, H // div, W // div, b.channels, 2, i + 7) for i, b in enumerate(step.parts)]
+        packed = native.pack_conv(conv, len(step.parts), F32, shuffle=step.shuffle)
+        out_div = div * step.stride // (2 if step.shuffle else 1)
+        shape = (n, H // out_div, W // out_div, step.out.channels)
+        outs = {}
+        for dt in (BF16, F32):
+            guard = Guarded("cpu")
+            outs[dt] = guard.new("out", shape, dt)
+            backend.conv(parts, packed, outs[dt], step)
+            guard.check()
+        assert torch.equal(outs[BF16].view(torch.int16), outs[F32].to(BF16).view(torch.int16)), (
+            f"{step.module}: the bf16 output is not the fp32 one rounded to nearest even")
+
+
+def test_a_bf16_engine_stores_only_the_addends_in_bf16():
+    """The residual stream (every launch's base t, x_out, a conv's plain inputs), the sums and the
+    image stay fp32; each pass's u and the convs read only as addends are bf16, and the arena shrinks."""
+    model = random_model("msfin-x4")
+    engine = optimize(model, dtype=BF16, backend="native")
+    assert engine.backend == "native" and engine.storage_dtype == F32 and engine.addend_dtype == BF16
+    narrow = set(engine.executor.dtypes)
+    passes = [launch for launch in engine.plan.launches if isinstance(launch, P.RRCABPass)]
+    assert {launch.u for launch in passes} <= narrow
+    for launch in engine.plan.launches:
+        src = getattr(launch, "src", None)
+        if src is not None:
+            assert src.t not in narrow, f"{type(launch).__name__}: its base t is stored in bf16"
+        if isinstance(launch, P.Conv) and src is None:
+            assert not set(launch.parts) & narrow, f"{launch.module}: reads a bf16 input"
+        if isinstance(launch, P.RRCABPass) and launch.x_out is not None:
+            assert launch.x_out not in narrow
+    assert any(isinstance(launch, P.Conv) and launch.out in narrow for launch in engine.plan.launches)
+    x = torch.rand(2, 3, 6, 5) * 255
+    y = engine(x)
+    assert y.dtype == BF16  # the engine's dtype unless output_dtype says otherwise
+    (arena,) = engine._arenas.values()
+    for buf, tensor in arena.values.items():
+        if isinstance(buf, P.Buf):
+            assert tensor.dtype == (BF16 if buf in narrow else F32), buf
+    fp32 = optimize(model, dtype=F32, backend="native")
+    assert engine.arena_bytes(2, 6, 5) < 0.75 * fp32.arena_bytes(2, 6, 5)
+
+
+@pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
+@pytest.mark.parametrize("n, h, w", [(1, 5, 7), (3, 6, 3), (2, 9, 34)])
+def test_a_bf16_engine_matches_its_emulation(preset, n, h, w):
+    """Against the emulation of the same contract (engine/backends/emulate.py in its bf16 mode: the
+    same buffers in bf16, torch's rounding into them) with the image in fp32. They differ by fp32
+    sum order and the odd value rounded to the other bf16 neighbour: measured ≤ 8.3e-5 of the
+    largest output, where storing the addends in bf16 at all moves it ≤ 2.9e-4 from the fp32
+    reference. Bound: 1e-3, 12× the measured difference; a launch that read bf16 as fp32, or wrote
+    the wrong buffer, is off by the whole output."""
+    model = random_model(preset)
+    x = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(h * w)) * 255
+    got = optimize(model, dtype=BF16, backend="native", output_dtype=F32)
+    emulated = optimize(model, dtype=BF16, backend="emulate", output_dtype=F32)
+    got.poison_buffers()
+    a, b = got(x), emulated(x)
+    assert a.dtype == F32 and torch.isfinite(a).all()
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    assert (a - b).abs().max().item() <= 1e-3 * scale
+    assert torch.equal(got(x), a), "two calls of one input gave different outputs"
+
+
+@pytest.mark.parametrize("preset", ["msfin-x4", "msfin-s-x4"])
+def test_bf16_with_the_released_weights_on_pictures(pretrained, data_dir, preset):
+    """The released weights on crops of real pictures (odd sizes, batch 1 and 3): within the bf16
+    bounds of tests/bounds.py of the fp32 reference, at most one grey level after rounding."""
+    from bounds import natural_batch
+
+    model = pretrained(preset)
+    engine = optimize(model, dtype=BF16, backend="native", output_dtype=F32)
+    for n, h, w in [(1, 17, 23), (3, 21, 16)]:
+        x = natural_batch(data_dir, n, h, w, seed=n * 1000 + h * w)
+        with torch.no_grad():
+            want = model(x)
+        check_engine_output(engine(x), want, BF16, f"{preset} bf16 {n}×{h}×{w}")
+
+
 def test_an_image_gives_the_same_bytes_alone_in_a_batch_and_on_any_number_of_threads():
     """The work is cut by the image's size alone and the sums are added in a fixed order, so the
     doors (a single CLI image, a batched service request, a Ray worker) agree bit for bit."""
@@ -369,6 +533,7 @@ def test_auto_on_a_cpu_runs_the_native_kernels():
     model = random_model("msfin-x4")
     engine = optimize(model, dtype=torch.float32)
     assert engine.backend == "native"
+    assert optimize(model, dtype=BF16).backend == "native"
     half = optimize(model)  # the default dtype, fp16: stored and computed in fp32, cast at the end
     assert half.backend == "native" and half.dtype == torch.float16
 

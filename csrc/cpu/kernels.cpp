@@ -59,6 +59,36 @@ inline vf splat(float x) { return vf{} + x; }
 inline v8 splat8(float x) { return v8{} + x; }
 inline vf relu(vf x) { return x > 0 ? x : vf{}; }
 
+// bf16 storage (the engine's bfloat16 mode): 8 values are widened to fp32 on load (a bf16 is the
+// top half of an fp32) and rounded to nearest even on store. Integer arithmetic only, so every
+// instruction set has it; nothing here needs the CPU's own bf16 instructions.
+typedef unsigned short v8h __attribute__((vector_size(16)));
+typedef unsigned short v8hu __attribute__((vector_size(16), aligned(2)));
+typedef unsigned int v8w __attribute__((vector_size(32)));
+typedef unsigned short bf16_t;
+
+inline v8 load8_bf16(const bf16_t* p) {
+    const v8w w = __builtin_convertvector(*reinterpret_cast<const v8hu*>(p), v8w) << 16;
+    return (v8)w;
+}
+inline void store8_bf16(bf16_t* p, v8 x) {
+    v8w b = (v8w)x;
+    b += 0x7FFFu + ((b >> 16) & 1u);  // round to nearest, ties to even
+    *reinterpret_cast<v8hu*>(p) = __builtin_convertvector(b >> 16, v8h);
+}
+// 8 values at element `at` of an fp32 (BF false) or bf16 (BF true) array.
+template <bool BF>
+inline v8 load8_any(const void* base, size_t at) {
+    return BF ? load8_bf16(static_cast<const bf16_t*>(base) + at) : load8(static_cast<const float*>(base) + at);
+}
+template <bool BF>
+inline void store8_any(void* base, size_t at, v8 x) {
+    if (BF)
+        store8_bf16(static_cast<bf16_t*>(base) + at, x);
+    else
+        store8(static_cast<float*>(base) + at, x);
+}
+
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // out[o][q .. q + RR*V) for outputs o = o0 .. o0+OB of a 3x3 conv over the input channels
@@ -119,8 +149,8 @@ void gconv(int cpg, const float* const* rows, int s_in, int C, const float* w, c
 
 // u[px][ov0*8 ...] for PB pixels from h planar: u = b3 + sum_i h[i][px] * w3t[i][:], stored NHWC;
 // the block's values are added to rowsum.
-template <int OVB, int PB>
-inline void pointwise_block(const float* h, int s_h, int C, const float* w3t, const float* b3, float* u,
+template <int OVB, int PB, bool UBF>
+inline void pointwise_block(const float* h, int s_h, int C, const float* w3t, const float* b3, void* u,
                             int px, int ov0, v8* rowsum) {
     v8 acc[PB][OVB];
     for (int v = 0; v < OVB; ++v) {
@@ -138,37 +168,50 @@ inline void pointwise_block(const float* h, int s_h, int C, const float* w3t, co
     }
     for (int p = 0; p < PB; ++p)
         for (int v = 0; v < OVB; ++v) {
-            store8(u + (size_t)(px + p) * C + (ov0 + v) * 8, acc[p][v]);
+            store8_any<UBF>(u, (size_t)(px + p) * C + (ov0 + v) * 8, acc[p][v]);
             rowsum[ov0 + v] += acc[p][v];
         }
 }
 
-template <int OVB>
-void pointwise_row(const float* h, int s_h, int C, const float* w3t, const float* b3, float* u, int width,
+template <int OVB, bool UBF>
+void pointwise_row(const float* h, int s_h, int C, const float* w3t, const float* b3, void* u, int width,
                    v8* rowsum) {
     constexpr int PB = 12 / OVB;  // 12 accumulators
     for (int ov0 = 0; ov0 < C / 8; ov0 += OVB) {
         int px = 0;
-        for (; px + PB <= width; px += PB) pointwise_block<OVB, PB>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
-        for (; px < width; ++px) pointwise_block<OVB, 1>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
+        for (; px + PB <= width; px += PB) pointwise_block<OVB, PB, UBF>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
+        for (; px < width; ++px) pointwise_block<OVB, 1, UBF>(h, s_h, C, w3t, b3, u, px, ov0, rowsum);
+    }
+}
+
+// u for one row (NHWC from element `at`), the block size the channel count fills best.
+void pointwise(const float* h, int s_h, int C, const float* w3t, const float* b3, void* u, size_t at, bool bf16,
+               int width, v8* rowsum) {
+    const bool threes = (C / 8) % 3 == 0;
+    if (bf16) {
+        bf16_t* ub = static_cast<bf16_t*>(u) + at;
+        threes ? pointwise_row<3, true>(h, s_h, C, w3t, b3, ub, width, rowsum)
+               : pointwise_row<2, true>(h, s_h, C, w3t, b3, ub, width, rowsum);
+    } else {
+        float* uf = static_cast<float*>(u) + at;
+        threes ? pointwise_row<3, false>(h, s_h, C, w3t, b3, uf, width, rowsum)
+               : pointwise_row<2, false>(h, s_h, C, w3t, b3, uf, width, rowsum);
     }
 }
 
 // The finished input for npx pixels (NHWC, C channels) from element `at`: into dst, and into xo
-// when given. Specialised on which addends there are, so the loop has no branches.
-template <bool U, bool E1, bool E2>
+// when given. Specialised on which addends there are and how they are stored (BF: bf16), so the
+// loop has no branches. The sum is fp32 whatever the addends are stored in.
+template <bool U, bool E1, bool E2, bool BF>
 void finish_span(const Source& s, size_t at, const float* scale, int C, int npx, float* dst, float* xo) {
     const float* t = s.t + at;
-    const float* u = U ? s.u + at : nullptr;
-    const float* e1 = E1 ? s.e1 + at : nullptr;
-    const float* e2 = E2 ? s.e2 + at : nullptr;
     size_t j = 0;
     for (int px = 0; px < npx; ++px)
         for (int c = 0; c < C; c += 8, j += 8) {
             v8 x = load8(t + j);
-            if (U) x += load8(scale + c) * load8(u + j);
-            if (E1) x += load8(e1 + j);
-            if (E2) x += load8(e2 + j);
+            if (U) x += load8(scale + c) * load8_any<BF>(s.u, at + j);
+            if (E1) x += load8_any<BF>(s.e1, at + j);
+            if (E2) x += load8_any<BF>(s.e2, at + j);
             store8(dst + j, x);
             if (xo) store8(xo + j, x);
         }
@@ -176,18 +219,23 @@ void finish_span(const Source& s, size_t at, const float* scale, int C, int npx,
 
 typedef void (*Finish)(const Source&, size_t, const float*, int, int, float*, float*);
 
+template <bool BF>
+Finish finisher_of(int k) {
+    switch (k) {
+        case 0: return finish_span<false, false, false, BF>;
+        case 1: return finish_span<true, false, false, BF>;
+        case 2: return finish_span<false, true, false, BF>;
+        case 3: return finish_span<true, true, false, BF>;
+        case 4: return finish_span<false, false, true, BF>;
+        case 5: return finish_span<true, false, true, BF>;
+        case 6: return finish_span<false, true, true, BF>;
+        default: return finish_span<true, true, true, BF>;
+    }
+}
+
 Finish finisher(const Source& s) {
     const int k = (s.u ? 1 : 0) | (s.e1 ? 2 : 0) | (s.e2 ? 4 : 0);
-    switch (k) {
-        case 0: return finish_span<false, false, false>;
-        case 1: return finish_span<true, false, false>;
-        case 2: return finish_span<false, true, false>;
-        case 3: return finish_span<true, true, false>;
-        case 4: return finish_span<false, false, true>;
-        case 5: return finish_span<true, false, true>;
-        case 6: return finish_span<false, true, true>;
-        default: return finish_span<true, true, true>;
-    }
+    return s.bf16 ? finisher_of<true>(k) : finisher_of<false>(k);
 }
 
 #if defined(__clang__)
@@ -346,11 +394,7 @@ bool rrcab_piece(const Pass& p, const Piece& piece, double* sums) {
         const float* rows[3] = {aslot(y - 1), aslot(y), aslot(y + 1)};
         gconv(cpg, rows, sa, C, p.w2, p.b2, hrow, sh, nh);
         for (int v = 0; v < C / 8; ++v) rowsum[v] = v8{};
-        float* u = p.u_out + ((size_t)(n * H + y) * W + c0) * C;
-        if ((C / 8) % 3 == 0)
-            pointwise_row<3>(hrow, sh, C, p.w3t, p.b3, u, tw, rowsum);
-        else
-            pointwise_row<2>(hrow, sh, C, p.w3t, p.b3, u, tw, rowsum);
+        pointwise(hrow, sh, C, p.w3t, p.b3, p.u_out, ((size_t)(n * H + y) * W + c0) * C, p.u_bf16, tw, rowsum);
         for (int v = 0; v < C / 8; ++v)
             for (int k = 0; k < 8; ++k) sums[v * 8 + k] += rowsum[v][k];
     }
@@ -458,8 +502,8 @@ namespace {
 
 alignas(64) const float kZeros[1024] = {};
 
-template <int OVB, int PB, int STORE>
-inline void conv_block(const Conv& c, int n, int y, int x0, int ov0, float* out_row) {
+template <int OVB, int PB, int STORE, bool OBF>
+inline void conv_block(const Conv& c, int n, int y, int x0, int ov0, size_t row_at) {
     v8 acc[PB][OVB];
     for (int v = 0; v < OVB; ++v) {
         const v8 bias = load8(c.b + (ov0 + v) * 8);
@@ -501,35 +545,43 @@ inline void conv_block(const Conv& c, int n, int y, int x0, int ov0, float* out_
             if (STORE == kShuffle) {  // 8 outputs of one sub-pixel q (cout is a multiple of 8)
                 const int q = k / c.cout, co = k % c.cout;
                 const size_t at = ((size_t)(n * 2 * c.Ho + 2 * y + (q >> 1)) * 2 * c.Wo + 2 * (x0 + p) + (q & 1));
-                store8(c.out + at * c.cout + co, r);
+                store8_any<OBF>(c.out, at * c.cout + co, r);
             } else {
-                store8(out_row + (size_t)(x0 + p) * c.K + k, r);
+                store8_any<OBF>(c.out, row_at + (size_t)(x0 + p) * c.K + k, r);
             }
         }
 }
 
 // OVB x PB = 12 accumulators (16 vector registers on AVX2: 12, the OVB weights and a broadcast;
 // 8 when K is a single vector).
-template <int OVB, int PB, int STORE>
-void conv_row(const Conv& c, int n, int y, float* out_row) {
+template <int OVB, int PB, int STORE, bool OBF>
+void conv_row(const Conv& c, int n, int y, size_t row_at) {
     for (int ov0 = 0; ov0 < c.K / 8; ov0 += OVB) {
         int x = 0;
-        for (; x + PB <= c.Wo; x += PB) conv_block<OVB, PB, STORE>(c, n, y, x, ov0, out_row);
-        for (; x < c.Wo; ++x) conv_block<OVB, 1, STORE>(c, n, y, x, ov0, out_row);
+        for (; x + PB <= c.Wo; x += PB) conv_block<OVB, PB, STORE, OBF>(c, n, y, x, ov0, row_at);
+        for (; x < c.Wo; ++x) conv_block<OVB, 1, STORE, OBF>(c, n, y, x, ov0, row_at);
     }
 }
 
-template <int STORE>
-void conv_row_any(const Conv& c, int n, int y, float* row) {
+template <int STORE, bool OBF>
+void conv_row_any(const Conv& c, int n, int y, size_t row_at) {
     const int vecs = c.K / 8;
     if (vecs % 3 == 0)
-        conv_row<3, 4, STORE>(c, n, y, row);
+        conv_row<3, 4, STORE, OBF>(c, n, y, row_at);
     else if (vecs % 4 == 0)
-        conv_row<4, 3, STORE>(c, n, y, row);
+        conv_row<4, 3, STORE, OBF>(c, n, y, row_at);
     else if (vecs % 2 == 0)
-        conv_row<2, 6, STORE>(c, n, y, row);
+        conv_row<2, 6, STORE, OBF>(c, n, y, row_at);
     else
-        conv_row<1, 8, STORE>(c, n, y, row);
+        conv_row<1, 8, STORE, OBF>(c, n, y, row_at);
+}
+
+template <bool OBF>
+void conv_row_stored(const Conv& c, int n, int y, size_t row_at) {
+    if (c.store == kShuffle)
+        conv_row_any<kShuffle, OBF>(c, n, y, row_at);
+    else
+        conv_row_any<kPlain, OBF>(c, n, y, row_at);
 }
 
 }  // namespace
@@ -537,10 +589,11 @@ void conv_row_any(const Conv& c, int n, int y, float* row) {
 void conv_rows(const Conv& c, int64_t row0, int64_t rows) {
     for (int64_t r = row0; r < row0 + rows; ++r) {
         const int n = (int)(r / c.Ho), y = (int)(r % c.Ho);
-        if (c.store == kShuffle)
-            conv_row_any<kShuffle>(c, n, y, nullptr);
+        const size_t row_at = (size_t)r * c.Wo * c.K;  // the plain store's row
+        if (c.out_bf16)
+            conv_row_stored<true>(c, n, y, row_at);
         else
-            conv_row_any<kPlain>(c, n, y, c.out + (size_t)r * c.Wo * c.K);
+            conv_row_stored<false>(c, n, y, row_at);
     }
 }
 

@@ -9,8 +9,11 @@
 //   u'   = conv1x1(h; w3t, b3)                written to u_out (NHWC), and sums_out[n, c] += sum u'
 //   x_out = x                                 when asked (the next pass's residual base)
 //
-// All in fp32. Weights: w1/w2 as torch stores a grouped conv, [C out][C/G in][3][3]; w3t the 1x1
-// transposed, [C in][C out]. Channel counts are multiples of 8 with C/G in {1, 2, 4, 8, 16}.
+// Computed in fp32. t, x_out and the sums are fp32; the addends u, e1, e2 (Source::bf16) and u_out
+// (Pass::u_bf16) may be stored in bf16 (the engine's bfloat16 mode: what is added to the residual
+// stream is rounded to nearest even once, when it is stored; the stream and the sums stay fp32).
+// Weights: w1/w2 as torch stores a grouped conv, [C out][C/G in][3][3]; w3t the 1x1 transposed,
+// [C in][C out]. Channel counts are multiples of 8 with C/G in {1, 2, 4, 8, 16}.
 #pragma once
 
 #include <cstdint>
@@ -19,10 +22,11 @@ namespace msfin_cpu {
 
 struct Source {
     const float* t = nullptr;
-    const float* u = nullptr;      // null: nothing deferred
-    const float* e1 = nullptr;
-    const float* e2 = nullptr;
+    const void* u = nullptr;       // null: nothing deferred
+    const void* e1 = nullptr;
+    const void* e2 = nullptr;
     const float* scale = nullptr;  // [N][C] channel-attention scale, with u
+    bool bf16 = false;             // u, e1, e2 hold bf16 (else fp32)
 };
 
 struct Pass {
@@ -32,7 +36,8 @@ struct Pass {
     const float* w2 = nullptr; const float* b2 = nullptr;
     const float* w3t = nullptr; const float* b3 = nullptr;
     float* x_out = nullptr;  // may be null
-    float* u_out = nullptr;
+    void* u_out = nullptr;
+    bool u_bf16 = false;     // u_out holds bf16 (else fp32)
 };
 
 // A dense conv as the engine's conv launches need it (NHWC in, several inputs read as one
@@ -54,7 +59,8 @@ struct Conv {
     bool leaky = false;
     const float* w = nullptr;
     const float* b = nullptr;
-    float* out = nullptr;
+    void* out = nullptr;
+    bool out_bf16 = false;  // out holds bf16 (else fp32)
 };
 
 // The tail: out[n][o][y][x] (NCHW, 3 channels) = b[o] + 3x3 conv (zero padding) of the finished

@@ -213,13 +213,15 @@ struct CaArgs {
     int cr;
 };
 
-Source make_source(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, const std::vector<float>& scale) {
+Source make_source(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, const std::vector<float>& scale,
+                   bool bf16) {
     Source s;
     s.t = ptr<const float>(t);
-    s.u = ptr<const float>(u);
-    s.e1 = ptr<const float>(e1);
-    s.e2 = ptr<const float>(e2);
+    s.u = ptr<const void>(u);
+    s.e1 = ptr<const void>(e1);
+    s.e2 = ptr<const void>(e2);
     s.scale = u ? scale.data() : nullptr;
+    s.bf16 = bf16;
     return s;
 }
 
@@ -259,16 +261,18 @@ void run_pieces(const std::vector<Piece>& pieces, int threads, F&& fn) {
 
 void rrcab_pass(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t x_out, uintptr_t u_out,
                 uintptr_t sums_out, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t w3t,
-                uintptr_t b3, int N, int H, int W, int C, int G, int threads, int tile_cols, int band_rows) {
+                uintptr_t b3, int N, int H, int W, int C, int G, int threads, int tile_cols, int band_rows,
+                bool addends_bf16, bool u_bf16) {
     std::vector<float> scale = scale_of(u, ca, N, H, W, C);
     Pass p;
-    p.src = make_source(t, u, e1, e2, scale);
+    p.src = make_source(t, u, e1, e2, scale, addends_bf16);
     p.N = N, p.H = H, p.W = W, p.C = C, p.G = G;
     p.w1 = ptr<const float>(w1), p.b1 = ptr<const float>(b1);
     p.w2 = ptr<const float>(w2), p.b2 = ptr<const float>(b2);
     p.w3t = ptr<const float>(w3t), p.b3 = ptr<const float>(b3);
     p.x_out = ptr<float>(x_out);
-    p.u_out = ptr<float>(u_out);
+    p.u_out = ptr<void>(u_out);
+    p.u_bf16 = u_bf16;
 
     const std::vector<Piece> pieces = cut(N, H, W, tile_cols, band_rows);
     std::vector<double> partial(pieces.size() * (size_t)C, 0.0);
@@ -298,16 +302,17 @@ void parallel_rows(int64_t rows, int threads, F&& fn) {
 }
 
 void materialize(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t out, int N, int H,
-                 int W, int C, int threads) {
+                 int W, int C, int threads, bool addends_bf16) {
     std::vector<float> scale = scale_of(u, ca, N, H, W, C);
-    const Source s = make_source(t, u, e1, e2, scale);
+    const Source s = make_source(t, u, e1, e2, scale, addends_bf16);
     const Isa& chosen = isa();
     parallel_rows((int64_t)N * H, threads,
                   [&](int64_t r0, int64_t rows) { chosen.finish(s, C, W, r0, rows, H, ptr<float>(out)); });
 }
 
 void conv(std::vector<uintptr_t> parts, std::vector<int> channels, int N, int H, int W, int Ho, int Wo, int ksize,
-          int stride, int K, int cout, int store, bool leaky, uintptr_t w, uintptr_t b, uintptr_t out, int threads) {
+          int stride, int K, int cout, int store, bool leaky, uintptr_t w, uintptr_t b, uintptr_t out, int threads,
+          bool out_bf16) {
     if (parts.empty() || parts.size() > (size_t)kMaxParts || parts.size() != channels.size())
         throw std::invalid_argument("conv: 1 to 4 inputs, each with its channel count");
     Conv c;
@@ -322,16 +327,16 @@ void conv(std::vector<uintptr_t> parts, std::vector<int> channels, int N, int H,
     if (store != kPlain && store != kShuffle) throw std::invalid_argument("conv: store must be 0 (plain) or 1 (shuffle)");
     c.N = N, c.H = H, c.W = W, c.Ho = Ho, c.Wo = Wo, c.ksize = ksize, c.stride = stride, c.K = K, c.cout = cout;
     c.store = store, c.leaky = leaky;
-    c.w = ptr<const float>(w), c.b = ptr<const float>(b), c.out = ptr<float>(out);
+    c.w = ptr<const float>(w), c.b = ptr<const float>(b), c.out = ptr<void>(out), c.out_bf16 = out_bf16;
     const Isa& chosen = isa();
     parallel_rows((int64_t)N * Ho, threads, [&](int64_t r0, int64_t rows) { chosen.conv(c, r0, rows); });
 }
 
 void tail(uintptr_t t, uintptr_t u, uintptr_t e1, uintptr_t e2, CaArgs ca, uintptr_t w, uintptr_t b, uintptr_t out,
-          int N, int H, int W, int C, int threads, int tile_cols, int band_rows) {
+          int N, int H, int W, int C, int threads, int tile_cols, int band_rows, bool addends_bf16) {
     std::vector<float> scale = scale_of(u, ca, N, H, W, C);
     Tail tl;
-    tl.src = make_source(t, u, e1, e2, scale);
+    tl.src = make_source(t, u, e1, e2, scale, addends_bf16);
     tl.N = N, tl.H = H, tl.W = W, tl.C = C;
     tl.w = ptr<const float>(w), tl.b = ptr<const float>(b), tl.out = ptr<float>(out);
     const std::vector<Piece> pieces = cut(N, H, W, tile_cols, band_rows);
@@ -354,14 +359,15 @@ void head(uintptr_t x, int N, int h, int w, int scale, uintptr_t mean_w, uintptr
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-    m.doc() = "msfin_fast's CPU kernels (fp32, NHWC): the RRCAB pass and the deferred-value finish";
+    m.doc() = "msfin_fast's CPU kernels (fp32 compute, NHWC; addends optionally stored in bf16)";
     py::class_<CaArgs>(m, "CaArgs")
         .def(py::init<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int>(), py::arg("sums"), py::arg("w1"),
              py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("cr"));
-    m.def("rrcab_pass", &rrcab_pass, "one RRCAB pass (addresses of fp32 NHWC tensors; 0 for none)");
-    m.def("materialize", &materialize, "out = t + s*u + e1 + e2 (addresses of fp32 NHWC tensors)");
-    m.def("conv", &conv, "a dense conv (addresses of fp32 NHWC inputs; see kernels.h for K and the stores)");
-    m.def("tail", &tail, "the tail: a 3x3 conv C->3 of a deferred value, NCHW out (addresses of fp32 tensors)");
+    m.def("rrcab_pass", &rrcab_pass,
+          "one RRCAB pass (addresses of NHWC tensors, 0 for none; u, e1, e2 bf16 with addends_bf16, u_out with u_bf16)");
+    m.def("materialize", &materialize, "out = t + s*u + e1 + e2 (addresses of NHWC tensors; out fp32)");
+    m.def("conv", &conv, "a dense conv (addresses of fp32 NHWC inputs; see kernels.h for K and the stores; out bf16 with out_bf16)");
+    m.def("tail", &tail, "the tail: a 3x3 conv C->3 of a deferred value, NCHW fp32 out");
     m.def("head", &head, "the head: bilinear upsampling of an NCHW RGB image, sub_mean, a 3x3 conv 3->C; NHWC out");
     m.def("isa", [] { return std::string(isa().name); }, "the instruction set the kernels run with");
     m.def("vector_width", [] { return isa().width(); }, "floats per vector of the kernels in use");

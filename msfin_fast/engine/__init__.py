@@ -67,18 +67,29 @@ def _plan_for(backend, model: MSFIN, conv_kernels: bool) -> P.Plan:
     return P.build_plan(model, conv_kernels=conv_kernels, fused_max_channels=backend.fused_max_channels)
 
 
-def resolve(model: MSFIN, requested: str, fuse_rrcab: bool = False, conv_kernels: bool = True):
+def dtype_problem(backend, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run an engine of ``dtype`` (None: it can). Backends list what they
+    take in ``dtypes``; bfloat16 has a path on the CPU only (native, cpu, reference)."""
+    allowed = getattr(backend, "dtypes", (torch.float32, torch.float16))
+    if dtype in allowed:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    return f"the {backend.name} backend computes in {names}, not {str(dtype).replace('torch.', '')}"
+
+
+def resolve(model: MSFIN, requested: str, fuse_rrcab: bool = False, conv_kernels: bool = True,
+            dtype: torch.dtype = torch.float32):
     """(backend, plan, why the request fell back to the reference or None) for ``requested``.
 
-    A named backend that cannot run ``model`` here is a DeviceError; ``auto`` takes the first
-    candidate that can, else the reference.
+    A named backend that cannot run ``model`` in ``dtype`` here is a DeviceError; ``auto`` takes
+    the first candidate that can, else the reference.
     """
     names = [requested] if requested != "auto" else [kw["name"] for kw in B.candidates(model.head.weight.device).values()]
     first_reason = None
     for name in names:
         backend = B.create(name, fuse_rrcab=fuse_rrcab)
         try:
-            reason = backend.unavailable_reason(model)
+            reason = dtype_problem(backend, dtype) or backend.unavailable_reason(model)
             plan = _plan_for(backend, model, conv_kernels) if reason is None else None
         except P.UnsupportedModel as exc:
             reason = str(exc)
@@ -99,16 +110,22 @@ class Engine(nn.Module):
     graph), so eager calls take turns (a lock per engine; the kernels already use every core the
     process allows). Arenas (eager calls) and captured graphs (``cuda_graphs``) are kept per input
     shape, the ``max_arenas`` / ``max_graphs`` most recently used of each.
+
+    The SR image comes back in ``dtype``, or in ``output_dtype`` when given: a bfloat16 engine's
+    image cast to bf16 is rounded to steps of 0.5 from 64 and 1 from 128 grey levels, so whoever
+    rounds it to 8 bits again (the Upscaler) asks for float32.
     """
 
     def __init__(self, model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
                  cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
-                 fuse_rrcab: bool = False, max_arenas: int = 4):
+                 fuse_rrcab: bool = False, max_arenas: int = 4, output_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(model, MSFIN):
             raise ConfigError(f"optimize() takes an msfin_fast.MSFIN model, got {type(model).__name__}")
         if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+            raise ConfigError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        if output_dtype is not None and output_dtype not in DTYPES:
+            raise ConfigError(f"output_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {output_dtype}")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         for name, value in (("max_graphs", max_graphs), ("max_arenas", max_arenas)):
@@ -117,6 +134,7 @@ class Engine(nn.Module):
         self.__dict__["source"] = model  # not a submodule: the engine holds packed copies, not the weights
         self.__dict__["_lock"] = threading.RLock()  # eager calls share arenas and graphs
         self.dtype = dtype
+        self.output_dtype = output_dtype or dtype
         self.requested_backend = backend
         self.cuda_graphs = cuda_graphs
         self.conv_kernels = conv_kernels
@@ -124,15 +142,17 @@ class Engine(nn.Module):
         self.graphs = ShapeCache(max_graphs)
         self._arenas = ShapeCache(max_arenas)
         self._version: tuple | None = None
-        self.impl, self.plan, self.fallback_reason = resolve(model, backend, fuse_rrcab, conv_kernels)
+        self.impl, self.plan, self.fallback_reason = resolve(model, backend, fuse_rrcab, conv_kernels, dtype)
         if self.fallback_reason is not None:
             _say_once(f"msfin_fast.optimize: running the PyTorch reference instead of the kernels: "
                       f"{self.fallback_reason}")
         elif backend == "reference":
             self.fallback_reason = "backend='reference' was requested"
         # What activations are stored in: the engine's dtype, unless the backend has one of its own
-        # (the native CPU kernels are fp32; the output is then cast to ``dtype``).
+        # (the native CPU kernels are fp32; the output is then cast to ``dtype``), and what the
+        # buffers read only as addends are stored in (the native kernels' bf16 mode).
         self.storage_dtype = getattr(self.impl, "storage_dtype", lambda d: d)(dtype)
+        self.addend_dtype = getattr(self.impl, "addend_dtype", lambda d: self.storage_dtype)(dtype)
         self._key: int | None = None
         self._refresh()  # pack now: under torch.compile the forward must not pack
 
@@ -184,7 +204,7 @@ class Engine(nn.Module):
                 module = launch.torch_weights(m, self.storage_dtype)
                 if module is not None:
                     packed[launch.weights] = module
-        self.executor = Executor(self.plan, self.impl, packed, self.storage_dtype, self.scale)
+        self.executor = Executor(self.plan, self.impl, packed, self.storage_dtype, self.scale, self.addend_dtype)
         if self._key is None:
             self._key = library.register(self, self.executor)
         else:
@@ -204,7 +224,7 @@ class Engine(nn.Module):
         return self.executor.arena(n, s * h, s * w, torch.device("meta")).nbytes
 
     def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
-        """LR image [N, 3, h, w] in [0, 255] (any float dtype) → SR [N, 3, 4h, 4w] in the engine's dtype.
+        """LR image [N, 3, h, w] in [0, 255] (any float dtype) → SR [N, 3, 4h, 4w] in ``output_dtype``.
 
         ``check_finite=False`` skips the input's NaN/Inf test (a host sync; callers that validated
         the input, or capture a CUDA graph, pass it). Under ``torch.compile`` the test is left out
@@ -225,14 +245,14 @@ class Engine(nn.Module):
             x = x.to(self.storage_dtype).contiguous()
         if compiling:
             with torch.no_grad():
-                return self.executor.run_functional(x, self._key).to(self.dtype)
+                return self.executor.run_functional(x, self._key).to(self.output_dtype)
         with self._lock, torch.no_grad():
             self._refresh()  # a compiled engine keeps the weights it was packed with (call refresh())
             if self.cuda_graphs and x.is_cuda:
                 return self._replay(x)
             arena = self._arena(x)
             out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.storage_dtype, device=x.device)
-            return self.executor.run(x, arena, out).to(self.dtype)
+            return self.executor.run(x, arena, out).to(self.output_dtype)
 
     def _arena(self, x: torch.Tensor):
         key = tuple(x.shape)
@@ -252,6 +272,9 @@ class Engine(nn.Module):
         held = [a for g in captured for a in g.held if isinstance(a, Arena)]
         for arena in [*self._arenas.values(), *held]:
             tensors += arena.tensors + ([arena.scratch] if arena.scratch is not None else [])
+            # buffers stored narrower than their slot: NaN in their own dtype too (an fp32 NaN
+            # read as two bf16 halves is a NaN and a zero)
+            tensors += [v for v in arena.values.values() if v.dtype != arena.tensors[0].dtype]
         for t in tensors:
             t.fill_(float("nan"))
 
@@ -265,7 +288,7 @@ class Engine(nn.Module):
                 out = torch.empty(n, 3, self.scale * h, self.scale * w, dtype=self.storage_dtype, device=x.device)
             entry = CapturedGraph(lambda static_x: self.executor.run(static_x, arena, out), (x,))
             self.graphs.put(key, entry)
-        return entry.replay(x).to(self.dtype, copy=True)
+        return entry.replay(x).to(self.output_dtype, copy=True)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -274,11 +297,13 @@ class Engine(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("output_dtype", state.get("dtype"))  # pickled before output_dtype existed
         super().__setstate__(state)
         self.__dict__["_lock"] = threading.RLock()
 
     def extra_repr(self) -> str:
-        return (f"backend={self.backend}, dtype={self.dtype}, cuda_graphs={self.cuda_graphs}, "
+        out = f", output_dtype={self.output_dtype}" if self.output_dtype != self.dtype else ""
+        return (f"backend={self.backend}, dtype={self.dtype}{out}, cuda_graphs={self.cuda_graphs}, "
                 f"conv_kernels={self.conv_kernels}, fuse_rrcab={self.fuse_rrcab}")
 
 
@@ -301,7 +326,7 @@ def variants(model: MSFIN) -> dict[str, dict]:
 
 def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "auto",
              cuda_graphs: bool = False, max_graphs: int = 8, conv_kernels: bool = True,
-             fuse_rrcab: bool = False, max_arenas: int = 4) -> nn.Module:
+             fuse_rrcab: bool = False, max_arenas: int = 4, output_dtype: torch.dtype | None = None) -> nn.Module:
     """A faster drop-in for ``model`` (see :class:`Engine`); ``model`` stays usable and unchanged.
 
     ``conv_kernels=False`` runs the layers between RRCAB blocks through PyTorch (cuDNN) instead
@@ -311,7 +336,7 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
     can run here, the result measures them per shape class (``auto.AutoEngine``).
     """
     engine = Engine(model, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                    conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab, max_arenas=max_arenas)
+                    conv_kernels=conv_kernels, fuse_rrcab=fuse_rrcab, max_arenas=max_arenas, output_dtype=output_dtype)
     if backend != "auto" or engine.fallback_reason is not None or not B.measures(model.head.weight.device):
         return engine
     found = variants(model)
@@ -320,7 +345,7 @@ def optimize(model: MSFIN, dtype: torch.dtype = torch.float16, backend: str = "a
     from .auto import AutoEngine
 
     options = dict(dtype=dtype, cuda_graphs=cuda_graphs, max_graphs=max_graphs, conv_kernels=conv_kernels,
-                   max_arenas=max_arenas)
+                   max_arenas=max_arenas, output_dtype=output_dtype)
     built = dict(backend=engine.backend, fuse_rrcab=fuse_rrcab)
     engines = {label: engine if kw == built else Engine(model, **options, **kw) for label, kw in found.items()}
     return AutoEngine(model, engines, dtype)

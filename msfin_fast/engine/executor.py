@@ -14,6 +14,7 @@ allocates its outputs, so the compiler sees one graph and plans the memory itsel
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,9 +25,10 @@ from . import graphs
 from . import plan as P
 
 
-def _units(buf: P.Buf) -> Fraction:
-    """A buffer's size in full-resolution pixel-channels (exact: H and W are multiples of 4)."""
-    return Fraction(buf.channels, buf.div * buf.div)
+def _units(buf: P.Buf, itemsize: Fraction = Fraction(1)) -> Fraction:
+    """A buffer's size in full-resolution pixel-channels of the arena's dtype (exact: H and W are
+    multiples of 4); ``itemsize`` is its elements' size relative to the arena's (½: bf16 in fp32)."""
+    return Fraction(buf.channels, buf.div * buf.div) * itemsize
 
 
 @dataclass
@@ -40,8 +42,9 @@ class SlotAssignment:
     bufs: dict[int, P.Buf]
 
 
-def assign_slots(plan: P.Plan) -> SlotAssignment:
-    """Give every kernel-written buffer a slot that no live buffer holds.
+def assign_slots(plan: P.Plan, itemsizes: dict | None = None) -> SlotAssignment:
+    """Give every kernel-written buffer a slot that no live buffer holds (``itemsizes``: buffer →
+    its elements' size relative to the arena's dtype, for buffers stored narrower).
 
     A slot is flat memory, so any buffer that fits may take it whatever its shape: best fit
     among the free slots, else the largest free slot grown to fit, else a new slot. (Keying slots
@@ -60,7 +63,7 @@ def assign_slots(plan: P.Plan) -> SlotAssignment:
         for buf in launch.writes():
             if not buf.kernel or buf.id in slot_of:
                 continue
-            need = _units(buf)
+            need = _units(buf, (itemsizes or {}).get(buf, Fraction(1)))
             fitting = [k for k in free if slots[k] >= need]
             if fitting:
                 k = min(fitting, key=lambda k: slots[k])
@@ -84,14 +87,20 @@ class Arena:
     its slot, the channel sums of every pass, and the fused passes' scratch."""
 
     def __init__(self, plan: P.Plan, assignment: SlotAssignment, n: int, H: int, W: int,
-                 dtype: torch.dtype, device: torch.device, scratch_numel: int = 0):
+                 dtype: torch.dtype, device: torch.device, scratch_numel: int = 0, dtypes: dict | None = None):
         self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
-        self.tensors = [torch.empty(int(n * H * W * units), dtype=dtype, device=device) for units in assignment.slots]
+        # ceil: a slot sized in half elements (bf16 buffers in an fp32 arena) holds its last one
+        self.tensors = [torch.empty(math.ceil(n * H * W * units), dtype=dtype, device=device)
+                        for units in assignment.slots]
         self.values: dict = {}
         for buf_id, k in assignment.slot_of.items():
             buf = assignment.bufs[buf_id]
             shape = buf.shape(n, H, W)
-            self.values[buf] = self.tensors[k][: shape[0] * shape[1] * shape[2] * shape[3]].view(shape)
+            slot = self.tensors[k]
+            own = (dtypes or {}).get(buf, dtype)
+            if own != dtype:  # a narrower buffer: a view of the front of its slot in its own dtype
+                slot = slot.view(own)
+            self.values[buf] = slot[: shape[0] * shape[1] * shape[2] * shape[3]].view(shape)
         total = sum(n * s.channels for s in plan.slots)
         self.program = None  # the backend's recorded calls over this arena, where it records them
         self.sums_flat = torch.zeros(total, dtype=torch.float32, device=device)
@@ -142,13 +151,21 @@ class Executor:
     """Runs a plan with one backend over its packed weights (the backend's, plus the PyTorch
     modules of inline launches)."""
 
-    def __init__(self, plan: P.Plan, backend, packed: dict, dtype: torch.dtype, scale: int = 4):
+    def __init__(self, plan: P.Plan, backend, packed: dict, dtype: torch.dtype, scale: int = 4,
+                 addend_dtype: torch.dtype | None = None):
         self.plan = plan
         self.backend = backend
         self.packed = packed
         self.dtype = dtype
         self.scale = scale
-        self.assignment = assign_slots(plan)
+        # Buffers stored in another dtype than ``dtype``: those read only as addends, where the
+        # backend keeps them narrower (``addend_dtype``, e.g. bf16 beside an fp32 residual stream).
+        self.dtypes: dict = {}
+        if addend_dtype is not None and addend_dtype != dtype:
+            self.dtypes = {buf: addend_dtype for buf in P.addend_buffers(plan)}
+        ratio = Fraction(torch.empty(0, dtype=addend_dtype or dtype).element_size(),
+                         torch.empty(0, dtype=dtype).element_size())
+        self.assignment = assign_slots(plan, {buf: ratio for buf in self.dtypes})
         self.all_kernels = not any(launch.inline for launch in plan.launches)  # nothing run by PyTorch
         self.last_use = self.assignment.last_use
 
@@ -167,7 +184,7 @@ class Executor:
         call outside inference mode could not zero or fill them in place."""
         with torch.inference_mode(False):
             return Arena(self.plan, self.assignment, n, H, W, self.dtype, device,
-                         self.scratch_numel(n, H, W, device))
+                         self.scratch_numel(n, H, W, device), self.dtypes)
 
     def _release(self, t: Tensors, i: int, launch: P.Launch) -> None:
         for buf in launch.reads():
@@ -235,7 +252,7 @@ class Executor:
             elif isinstance(value, P.SumsSlot):
                 made[value] = torch.zeros(value.shape(n, H, W), dtype=torch.float32, device=device)
             else:
-                made[value] = torch.empty(value.shape(n, H, W), dtype=self.dtype, device=device)
+                made[value] = torch.empty(value.shape(n, H, W), dtype=self.dtypes.get(value, self.dtype), device=device)
         numel = self._scratch(launch, n, H, W, device) if launch.fused else 0
         scratch = torch.empty(numel, dtype=self.dtype, device=device) if numel else None
         return launch, made, scratch

@@ -528,6 +528,26 @@ def sink_upsampling(plan: Plan) -> Plan:
     return plan
 
 
+def addend_buffers(plan: Plan) -> set[Buf]:
+    """The arena buffers whose every reader reads them as an addend of a deferred value (a pass's
+    ``u``, a sum's ``e1``/``e2``) and never as a base ``t`` or a plain conv input: each RRCAB
+    pass's ``u`` and the outputs of the convs whose results are only added to the stream (the
+    transposed convs, the last up-sampling of levels 2 and 3). A backend may store these in a
+    narrower type than the residual stream (the native backend's bfloat16 mode). Only what passes
+    and convs write qualifies: the head's output, ``x_out`` and materialized values are bases."""
+    written, addend, base = set(), set(), set()
+    for launch in plan.launches:
+        if isinstance(launch, RRCABPass):
+            written.add(launch.u)
+        elif isinstance(launch, Conv):
+            written.add(launch.out)
+        src = getattr(launch, "src", None)
+        extra = [b for b in (src.u, src.e1, src.e2) if b is not None] if isinstance(src, Source) else []
+        addend.update(extra)
+        base.update(b for b in launch.reads() if b not in extra)
+    return {b for b in written & addend if b.kernel and b not in base}
+
+
 def build_plan(model: MSFIN, conv_kernels: bool = True, fused_max_channels: int = 0) -> Plan:
     """The launches for one forward of ``model`` (head to tail), independent of the input shape.
 

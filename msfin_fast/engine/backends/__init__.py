@@ -4,6 +4,7 @@ A backend is an object with
 
 - ``name`` and ``unavailable_reason(model)``: why it cannot run ``model`` on the model's device
   (None when it can);
+- ``dtypes``: the engine dtypes it runs (fp32 and fp16 where it does not say);
 - ``fused_max_channels``: the widest RRCAB pass it runs as one launch (0: none), which the plan
   is built with;
 - ``pack(model, plan, dtype)``: its own packed weights, a dict keyed by each launch's ``weights``;

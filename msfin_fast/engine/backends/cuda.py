@@ -352,6 +352,7 @@ class CudaBackend:
     width); every other launch by the Triton backend."""
 
     name = "cuda"
+    dtypes = (torch.float32, torch.float16)  # the kernel's variants
     whole_network = False
     fused_max_channels = 1 << 30
 

@@ -75,7 +75,18 @@ def pack_conv(conv, n_src: int, dtype: torch.dtype) -> EmulatedLayer:
 
 class EmulateBackend:
     name = "emulate"
+    # fp32 and fp16: the Triton plan's; bfloat16: the native CPU kernels' (fp32, with the buffers
+    # read only as addends stored in bf16; the copies into them round to nearest even, as the kernel)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
     whole_network = False
+
+    @staticmethod
+    def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if dtype == torch.bfloat16 else dtype
+
+    @staticmethod
+    def addend_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype if dtype == torch.bfloat16 else EmulateBackend.storage_dtype(dtype)
 
     def __init__(self, fuse_rrcab: bool = False):
         from .triton import FUSED_MAX_CHANNELS  # the Triton backend's plan, emulated

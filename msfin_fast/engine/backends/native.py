@@ -1,5 +1,5 @@
 """The ``native`` backend: the plan's launches by this project's C++ CPU kernels (``msfin_fast._cpu``,
-csrc/cpu/), fp32, NHWC.
+csrc/cpu/), computed in fp32, NHWC.
 
 Each RRCAB pass is one call that streams the image row by row over column strips, keeping the
 finished input, conv1's output and conv2's output for a few rows in per-thread buffers (the
@@ -14,8 +14,13 @@ pixel-shuffled) are this module's too. Every call runs on the module's own threa
 next). The executor records an arena's calls on its first run and replays them after (``Program``). (Mixing in PyTorch's convolutions cost up to 2× on a 2-core machine: after each of
 them PyTorch's OpenMP threads spin, taking the core the next kernel needs; benchmarks/NOTES.md.)
 
-Activations are fp32 whatever the engine's dtype (``storage_dtype``): the CPU kernels have no
-fp16 variant, and the output is cast to the engine's dtype as the ``cpu`` backend's is.
+Activations are fp32 for fp32 and fp16 engines (``storage_dtype``; the output is cast to the
+engine's dtype as the ``cpu`` backend's is). A bfloat16 engine keeps the residual stream (the
+head's output, every pass's finished input ``x_out``, what dense convs read), the channel sums
+and the SR image in fp32 and stores in bf16 only what is added to that stream: each pass's ``u``
+and the outputs of the convs read only as addends (the transposed convs, the up-sampling to full
+resolution). Those are rounded to nearest even once, when stored, and widened on load; all
+arithmetic stays fp32 (``addend_dtype``; plan.addend_buffers says which buffers those are).
 """
 
 from __future__ import annotations
@@ -201,14 +206,19 @@ class _Packers:
 # Checks ----------------------------------------------------------------------------------------
 
 
-def _check(name: str, x: torch.Tensor | None, shape: tuple, required: bool = True) -> int:
-    """The address of ``x`` after checking it is a contiguous fp32 CPU tensor of ``shape`` (0: None)."""
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def _check(name: str, x: torch.Tensor | None, shape: tuple, required: bool = True, dtypes: tuple = (F32,)) -> int:
+    """The address of ``x`` after checking it is a contiguous CPU tensor of ``shape`` in one of
+    ``dtypes`` (0: None)."""
     if x is None:
         if required:
             raise ValueError(f"{name}: a tensor is required")
         return 0
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"{name}: the CPU kernels take float32 CPU tensors, got {x.dtype} on {x.device}")
+    if x.dtype not in dtypes or x.device.type != "cpu":
+        allowed = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name}: the CPU kernels take {allowed} CPU tensors here, got {x.dtype} on {x.device}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
     if not x.is_contiguous():
@@ -216,8 +226,16 @@ def _check(name: str, x: torch.Tensor | None, shape: tuple, required: bool = Tru
     return x.data_ptr()
 
 
+def _addends_bf16(tensors) -> bool:
+    """Whether the addends (u, e1, e2 that are set; or a pass's u_out) are bf16: one dtype for all."""
+    kinds = {x.dtype for x in tensors if x is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"the addends u, e1, e2 must share one dtype (float32 or bfloat16), got {sorted(map(str, kinds))}")
+    return kinds == {BF16}
+
+
 def _source_args(src: Source) -> tuple:
-    """(t, u, e1, e2, CaArgs) addresses of a Source, checked."""
+    """(t, u, e1, e2, CaArgs, addends in bf16) of a Source, checked (t fp32; u, e1, e2 fp32 or bf16)."""
     t = src.t
     if t.dim() != 4:
         raise ValueError(f"source t: expected NHWC [N, H, W, C], got shape {tuple(t.shape)}")
@@ -227,8 +245,10 @@ def _source_args(src: Source) -> tuple:
     shape = tuple(t.shape)
     if src.e1 is None and src.e2 is not None:
         raise ValueError("e2 given without e1")
-    addresses = [_check("t", t, shape), _check("u", src.u, shape, False), _check("e1", src.e1, shape, False),
-                 _check("e2", src.e2, shape, False)]
+    either = (F32, BF16)
+    addresses = [_check("t", t, shape), _check("u", src.u, shape, False, either),
+                 _check("e1", src.e1, shape, False, either), _check("e2", src.e2, shape, False, either)]
+    bf16 = _addends_bf16((src.u, src.e1, src.e2))
     if src.deferred:
         ca = getattr(src.producer, "ca", None)
         if not isinstance(ca, NativeCA):
@@ -239,7 +259,7 @@ def _source_args(src: Source) -> tuple:
                             ca.b2.data_ptr(), ca.squeeze)
     else:
         cargs = _cpu.CaArgs(0, 0, 0, 0, 0, 0)
-    return (*addresses, cargs)
+    return (*addresses, cargs, bf16)
 
 
 # Columns per strip. Wider strips recompute fewer halo columns; past 128 their planar rows (3 input,
@@ -329,8 +349,15 @@ class NativeBackend:
         if self._recording is not None:
             self._recording.add(fn, args)
 
+    #: What an engine on this backend may be asked for (bf16: addends stored in bf16, see above).
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+
     def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32
+
+    def addend_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What the buffers read only as addends are stored in (plan.addend_buffers)."""
+        return BF16 if dtype == BF16 else torch.float32
 
     def unavailable_reason(self, model) -> str | None:
         device = model.head.weight.device
@@ -367,23 +394,24 @@ class NativeBackend:
     # Launch operations -------------------------------------------------------------------------------
 
     def rrcab_pass(self, src: Source, p: NativeBlock, x_out, a, u_out, sums, fused: bool = False) -> None:
-        t, u, e1, e2, cargs = _source_args(src)
+        t, u, e1, e2, cargs, bf16 = _source_args(src)
         n, h, w, c = src.t.shape
         if c != p.channels:
             raise ValueError(f"the block has {p.channels} channels, the input {c}")
         shape = tuple(src.t.shape)
         x_addr = _check("x_out", x_out, shape, False)
-        u_addr = _check("u_out", u_out, shape)
+        u_addr = _check("u_out", u_out, shape, dtypes=(F32, BF16))
         s_addr = _check("sums", sums, (n, c))
         cols, rows = self._tiling(h, w)
         self._call(_cpu.rrcab_pass, t, u, e1, e2, cargs, x_addr, u_addr, s_addr, p.w1.data_ptr(), p.b1.data_ptr(),
-                        p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
-                        self.threads(), cols, rows)
+                   p.w2.data_ptr(), p.b2.data_ptr(), p.w3t.data_ptr(), p.b3.data_ptr(), n, h, w, c, p.groups,
+                   self.threads(), cols, rows, bf16, u_out.dtype == BF16)
 
     def materialize(self, src: Source, out: torch.Tensor) -> None:
-        t, u, e1, e2, cargs = _source_args(src)
+        t, u, e1, e2, cargs, bf16 = _source_args(src)
         n, h, w, c = src.t.shape
-        self._call(_cpu.materialize, t, u, e1, e2, cargs, _check("out", out, tuple(src.t.shape)), n, h, w, c, self.threads())
+        self._call(_cpu.materialize, t, u, e1, e2, cargs, _check("out", out, tuple(src.t.shape)), n, h, w, c,
+                   self.threads(), bf16)
 
     def _conv(self, parts: list[torch.Tensor], p: NativeConv, out: torch.Tensor, leaky: bool = False) -> None:
         n, h, w, _ = parts[0].shape
@@ -399,8 +427,9 @@ class NativeBackend:
         else:
             expected = (n, p.cout, ho, wo)
         addresses = [_check(f"input {i}", t, (n, h, w, t.shape[3])) for i, t in enumerate(parts)]
-        self._call(_cpu.conv, addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout, p.store,
-                  leaky, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, expected), self.threads())
+        self._call(_cpu.conv, addresses, [t.shape[3] for t in parts], n, h, w, ho, wo, p.ksize, p.stride, p.K, p.cout,
+                   p.store, leaky, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, expected, dtypes=(F32, BF16)),
+                   self.threads(), out.dtype == BF16)
 
     def _tiling(self, h: int, w: int) -> tuple[int, int]:
         cols = min(w, self.tile_cols or STRIP_COLS)
@@ -420,12 +449,12 @@ class NativeBackend:
                   p.b.data_ptr(), k, _check("out", out, (n, H, W, k)), self.threads(), *self._tiling(H, W))
 
     def tail(self, src: Source, p: NativeTail, out: torch.Tensor) -> None:
-        t, u, e1, e2, cargs = _source_args(src)
+        t, u, e1, e2, cargs, bf16 = _source_args(src)
         n, h, w, c = src.t.shape
         if p.w.shape[1] != c:
             raise ValueError(f"tail: weights for {p.w.shape[1]} channels, the input has {c}")
-        self._call(_cpu.tail, t, u, e1, e2, cargs, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, (n, 3, h, w)), n, h, w, c,
-                  self.threads(), *self._tiling(h, w))
+        self._call(_cpu.tail, t, u, e1, e2, cargs, p.w.data_ptr(), p.b.data_ptr(), _check("out", out, (n, 3, h, w)),
+                   n, h, w, c, self.threads(), *self._tiling(h, w), bf16)
 
     def conv(self, inputs, p: NativeConv, out: torch.Tensor, step) -> None:
         parts = [self._finished(inputs)] if isinstance(inputs, Source) else list(inputs)

@@ -20,6 +20,7 @@ from ...model import MSFIN
 
 class ReferenceBackend:
     name = "reference"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
     fused_max_channels = 0
     whole_network = True
 

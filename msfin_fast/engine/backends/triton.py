@@ -191,6 +191,7 @@ class TritonBackend:
     launch for passes up to ``FUSED_MAX_CHANNELS`` wide (conv1's output in an L2-resident scratch)."""
 
     name = "triton"
+    dtypes = (torch.float32, torch.float16)  # the kernels' variants
     whole_network = False
 
     def __init__(self, fuse_rrcab: bool = False):
