@@ -113,6 +113,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                       help="float32 (default; the exact reference)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="float16 (for GPUs)")
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                      help="bfloat16 (on a CPU, the native kernels store what is added to the residual stream in "
+                           "bf16: less memory, within 1 grey level of fp32)")
     p.set_defaults(precision="fp32")
     p.add_argument("--weights", type=Path, default=None,
                    help="your own checkpoint for the preset's architecture instead of the released file")

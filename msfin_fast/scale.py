@@ -84,8 +84,8 @@ def _check_count(name: str, value, minimum: float, integer: bool) -> None:
 def _check_engine(model: str, dtype: str, backend: str | None) -> None:
     if model not in PRESETS:
         raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {model!r}")
-    if dtype not in ("fp32", "fp16"):
-        raise InvalidInputError(f"dtype must be fp32 or fp16, got {dtype!r}")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise InvalidInputError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}")
     if backend is not None and backend not in BACKEND_CHOICES:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
 

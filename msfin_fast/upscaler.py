@@ -82,7 +82,9 @@ class Upscaler:
                 raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference'")
             from .engine import optimize
 
-            self.model = optimize(self.model, dtype=self.dtype, backend=backend)
+            # bf16 holds 0–255 only to 0.5–1 grey levels: the image comes back fp32, rounded once
+            out = torch.float32 if self.dtype == torch.bfloat16 else None
+            self.model = optimize(self.model, dtype=self.dtype, backend=backend, output_dtype=out)
         self.backend = getattr(self.model, "backend", "reference")
         if tile_mode == "exact" and not isinstance(self.model, MSFIN):
             raise InvalidInputError(

@@ -250,7 +250,7 @@ def test_bad_job_options_are_refused_before_any_work(archive, tmp_path, capsys):
         ({"tile": 16, "tile_mode": "exact", "backend": "cpu"}, "use backend='reference'"),
         ({"tile": 2}, "tile=2 is too small"),
         ({"model": "msfin-x2"}, "model must be one of"),
-        ({"dtype": "bf16"}, "dtype must be fp32 or fp16"),
+        ({"dtype": "int8"}, "dtype must be fp32, fp16 or bf16"),
     ]:
         with pytest.raises(InvalidInputError, match=message):
             JobOptions(**options)
