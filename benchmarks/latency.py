@@ -15,7 +15,8 @@ replaying a CUDA graph per shape), engine-fp16-fused[-graph] (one launch per RRC
 in L2) and engine-fp16-cudnn-graph (the layers between blocks through cuDNN instead of
 kernels/conv.py); cuda-fp16[-graph] / cuda-fp32 (the RRCAB passes by the CUDA C++ kernel of csrc/);
 auto-fp16-graph (what backend="auto" picks); native-fp32 (the native backend: the C++ CPU kernels,
-what auto runs on a CPU); cpu-fp32 (the cpu backend: the whole network in PyTorch fp32
+what auto runs on a CPU); native-bf16 (the same with dtype=torch.bfloat16: the addends of the
+residual stream stored in bf16, the image returned in fp32 as the Upscaler takes it); cpu-fp32 (the cpu backend: the whole network in PyTorch fp32
 channels_last); the CPU peers, each at its best settings (said in the output's "settings"):
 onnxruntime-cpu-fp32 (the model exported by ``msfin_fast.export_onnx``, dynamic shapes, ONNX
 Runtime's CPU provider, all graph optimisations, intra-op threads = torch's), openvino-cpu-fp32
@@ -77,8 +78,9 @@ from msfin_fast.engine import plan as P  # noqa: E402
 BACKENDS = ["ref-fp32", "ref-fp16-cl", "ref-fp16-cl-graph", "compile", "compile-max-autotune", "engine-fp16",
             "engine-fp32", "engine-fp16-graph", "engine-fp32-graph", "engine-fp16-fused", "engine-fp16-fused-graph",
             "engine-fp16-cudnn-graph", "cuda-fp16", "cuda-fp16-graph", "cuda-fp32", "auto-fp16-graph", "native-fp32",
+            "native-bf16",
             "cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default", "compile-cpu-fp32"]
-CPU_ONLY = ("native-fp32", "cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default",
+CPU_ONLY = ("native-fp32", "native-bf16", "cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-default",
             "compile-cpu-fp32")
 SLOW = ("compile-max-autotune",)  # left out unless named
 COMPILERS = ("compile", "compile-max-autotune", "compile-cpu-fp32")  # run after every other entry (see ordered())
@@ -260,13 +262,15 @@ def cpu_peer(backend: str, model: msfin_fast.MSFIN, shape: tuple, cuda: bool):
         settings = (f"torch.compile (default mode, inductor) of the reference, fp32 channels_last, static shapes, "
                     f"{torch.get_num_threads()} threads")
         return Peer(lambda x: m(x.contiguous(memory_format=torch.channels_last), check_finite=False), settings), torch.float32
-    if backend in ("cpu-fp32", "native-fp32"):
-        name = backend.split("-")[0]
+    if backend in ("cpu-fp32", "native-fp32", "native-bf16"):
+        name, precision = backend.split("-")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         try:
-            engine = msfin_fast.optimize(model, dtype=torch.float32, backend=name)
+            engine = msfin_fast.optimize(model, dtype=dtype, backend=name, output_dtype=torch.float32)
         except msfin_fast.MSFINError as exc:
             return f"cannot run here ({exc})", None
-        settings = (f"msfin_fast {name} backend, fp32, {torch.get_num_threads()} threads"
+        stored = ", addends stored in bf16, fp32 image" if precision == "bf16" else ""
+        settings = (f"msfin_fast {name} backend, {precision}{stored}, {torch.get_num_threads()} threads"
                     + (f", {engine.impl.__module__.rsplit('.', 1)[-1]} kernels with {native_isa()}" if name == "native" else
                        ", PyTorch (oneDNN) channels_last"))
         return Peer(lambda x: engine(x, check_finite=False), settings), torch.float32

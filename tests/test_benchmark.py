@@ -116,8 +116,9 @@ def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
     data = json.loads((tmp_path / "q.json").read_text())
     assert data["environment"]["note"].startswith("--quick on the CPU")
     timed = [row for row in data["results"] if "skipped" not in row]
-    # On a CPU: the reference, the native kernels and the cpu backend, side by side; everything else is skipped.
-    assert [row["backend"] for row in timed] == ["ref-fp32", "native-fp32", "cpu-fp32"]
+    # On a CPU: the reference, the native kernels (fp32 and bf16) and the cpu backend, side by side;
+    # everything else is skipped.
+    assert [row["backend"] for row in timed] == ["ref-fp32", "native-fp32", "native-bf16", "cpu-fp32"]
     assert all(row["size"] == "64x64" and row["median_ms"] > 0 for row in timed)
     assert len(data["results"]) > len(timed)
     assert "--quick on the CPU" in (tmp_path / "q.md").read_text()
