@@ -17,6 +17,9 @@
 // linker shares between the variants, so the portable code could end up calling AVX-512 code.
 #include <cstdlib>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "kernels.h"
 
@@ -67,15 +70,31 @@ typedef unsigned short v8hu __attribute__((vector_size(16), aligned(2)));
 typedef unsigned int v8w __attribute__((vector_size(32)));
 typedef unsigned short bf16_t;
 
+// The bf16 that x rounds to (nearest, ties to even), in the low 16 bits of each lane.
+inline v8w bf16_bits(v8 x) {
+    v8w b = (v8w)x;
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return b >> 16;
+}
+#if defined(__AVX2__)
+// GCC lowers the generic widening to two 128-bit zero-extensions and an insert, and the
+// narrowing to a masked pack: one vpmovzxwd (the load folded in) and an unmasked pack instead.
+inline v8 load8_bf16(const bf16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return (v8)_mm256_slli_epi32(w, 16);
+}
+inline void store8_bf16(bf16_t* p, v8 x) {
+    const __m256i r = (__m256i)bf16_bits(x);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // qwords 0, 2
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#else
 inline v8 load8_bf16(const bf16_t* p) {
     const v8w w = __builtin_convertvector(*reinterpret_cast<const v8hu*>(p), v8w) << 16;
     return (v8)w;
 }
-inline void store8_bf16(bf16_t* p, v8 x) {
-    v8w b = (v8w)x;
-    b += 0x7FFFu + ((b >> 16) & 1u);  // round to nearest, ties to even
-    *reinterpret_cast<v8hu*>(p) = __builtin_convertvector(b >> 16, v8h);
-}
+inline void store8_bf16(bf16_t* p, v8 x) { *reinterpret_cast<v8hu*>(p) = __builtin_convertvector(bf16_bits(x), v8h); }
+#endif
 // 8 values at element `at` of an fp32 (BF false) or bf16 (BF true) array.
 template <bool BF>
 inline v8 load8_any(const void* base, size_t at) {
