@@ -3,13 +3,17 @@ the machine's measured fp32 peak.
 
     python benchmarks/native_profile.py                       # MSFIN and MSFIN-S at LR 64x64
     python benchmarks/native_profile.py --sizes 64x64 180x320 --iters 5 --out benchmarks/results/x.md
+    python benchmarks/native_profile.py --dtypes fp32 bf16          # the bf16 mode beside fp32
 
 The peak is measured here, as the issue that set the CPU targets measured it: a dense 64→64 3×3
 convolution by PyTorch (oneDNN) on a 128×128 channels_last input, fp32, with torch's threads. Each
 launch kind (RRCAB pass per width and resolution, dense conv per shape, head, tail, materialize) is
 timed by wrapping the backend's operations, median over ``--iters`` forwards after one warm-up;
 FLOPs count a multiply-add as two, from the shapes and the packed weights (the padded outputs of
-the tail's 3→8 GEMM count as work done).
+the tail's 3→8 GEMM count as work done). With ``--dtypes ... bf16`` the bf16 mode (the addends
+stored in bf16, fp32 arithmetic) is profiled too, and the same oneDNN convolution in bf16 is
+reported as the bf16 peak (on a CPU without bf16 arithmetic oneDNN emulates it, and the kernels,
+which compute in fp32, are measured against the fp32 peak).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import msfin_fast  # noqa: E402
 from msfin_fast.engine.backends import native  # noqa: E402
 
 
-def measured_peak(iters: int = 20) -> float:
-    """GFLOP/s of oneDNN's dense 64→64 3×3 conv on 128×128, fp32 channels_last (best of 3 medians)."""
-    x = torch.randn(1, 64, 128, 128).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+def measured_peak(iters: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of oneDNN's dense 64→64 3×3 conv on 128×128, channels_last (best of 3 medians)."""
+    x = torch.randn(1, 64, 128, 128).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
     flops = 2 * 64 * 64 * 9 * 128 * 128
     best = float("inf")
     with torch.no_grad():
@@ -61,10 +65,10 @@ def conv_flops(parts, p) -> float:
     return 2.0 * n * ho * wo * p.w.shape[0] * p.w.shape[1] * p.w.shape[2]
 
 
-def profile(preset: str, h: int, w: int, iters: int) -> tuple[dict, float, float]:
+def profile(preset: str, h: int, w: int, iters: int, dtype: torch.dtype = torch.float32) -> tuple[dict, float, float]:
     """({kind: (calls per forward, median ms per forward, FLOPs per forward)}, forward ms, total FLOPs)."""
     model = msfin_fast.load_pretrained(preset, allow_download=False)
-    engine = msfin_fast.optimize(model, dtype=torch.float32, backend="native")
+    engine = msfin_fast.optimize(model, dtype=dtype, backend="native", output_dtype=torch.float32)
     impl = engine.impl
     impl.records_calls = False  # every forward through the launches (a replay would bypass the wrappers)
     record: dict = defaultdict(lambda: [0, 0.0, 0.0])
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["msfin-x4", "msfin-s-x4"], choices=list(msfin_fast.PRESETS))
     ap.add_argument("--sizes", nargs="+", default=["64x64"])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
     if not native.available():
@@ -140,13 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     peak = measured_peak()
     lines = [f"# native backend profile ({native.isa()}, {torch.get_num_threads()} threads, torch {torch.__version__})",
-             "", f"Measured fp32 peak (oneDNN dense 64→64 3×3 at 128², channels_last): **{peak:.0f} GFLOP/s**.", ""]
+             "", f"Measured fp32 peak (oneDNN dense 64→64 3×3 at 128², channels_last): **{peak:.0f} GFLOP/s**."]
+    if "bf16" in args.dtypes:
+        lines.append(f"The same convolution in bf16: {measured_peak(dtype=torch.bfloat16):.0f} GFLOP/s. The bf16 mode "
+                     "computes in fp32 (bf16 is how the addends are stored), so its % of peak is of the fp32 peak.")
+    lines.append("")
     for preset in args.models:
-        for size in args.sizes:
+        for size, name in ((s, d) for s in args.sizes for d in args.dtypes):
             h, w = (int(v) for v in size.split("x"))
-            kinds, total_ms, flops = profile(preset, h, w, args.iters)
+            dtype = torch.bfloat16 if name == "bf16" else torch.float32
+            kinds, total_ms, flops = profile(preset, h, w, args.iters, dtype)
             timed = sum(k[1] for k in kinds.values())
-            lines += [f"## {preset}, LR {h}x{w}, batch 1", "",
+            lines += [f"## {preset}, LR {h}x{w}, batch 1, {name}", "",
                       f"Forward {total_ms:.1f} ms (median of {args.iters}), {flops / 1e9:.2f} GFLOP: "
                       f"**{flops / total_ms / 1e6:.0f} GFLOP/s, {100 * flops / total_ms / 1e6 / peak:.0f} % of peak**; "
                       f"the launches' medians below add up to {timed:.1f} ms.", "",
