@@ -30,7 +30,8 @@ def native_status() -> BackendStatus:
         return BackendStatus(name, False, native.not_built_reason())
     others = [i for i in native._cpu.isas() if i != native.isa()]
     return BackendStatus(name, True, f"runs with {native.isa()}" + (f" (also built: {', '.join(others)})" if others else "")
-                         + f", {torch.get_num_threads()} threads; the default on a CPU (backend='auto')")
+                         + f", {torch.get_num_threads()} threads, fp32 (--bf16: the addends stored in bf16); "
+                         "the default on a CPU (backend='auto')")
 
 
 def available_backends() -> list[BackendStatus]:

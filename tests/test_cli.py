@@ -251,3 +251,17 @@ def test_default_backend_is_cpu_on_a_cpu_and_the_reference_for_exact_tiles():
     assert _backend(args(tile_mode="exact")) == "reference"
     assert _backend(args(backend="reference")) == "reference"
     assert _backend(args(device="auto")) == ("reference" if torch.cuda.is_available() else "auto")
+
+
+def test_bf16_on_a_cpu_runs_the_native_kernels_within_a_grey_level(tmp_path, weights_dir, capsys):
+    """--bf16: the native kernels with the addends stored in bf16, the image taken in fp32 and
+    rounded once: at most one grey level from the --fp32 picture."""
+    lr = tmp_path / "lr.png"
+    assert main(["sample", str(lr), "--size", "20"]) == 0
+    for flag in ("--fp32", "--bf16"):
+        assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / f"sr{flag}.png"), "--model", "msfin-s-x4",
+                     "--device", "cpu", "--backend", "native", flag]) == 0
+    assert "(bf16)" in capsys.readouterr().out
+    a, b = (np.asarray(Image.open(tmp_path / f"sr{flag}.png"), dtype=int) for flag in ("--fp32", "--bf16"))
+    assert a.shape == b.shape == (80, 80, 3)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05
