@@ -274,7 +274,7 @@ class Engine(nn.Module):
             tensors += arena.tensors + ([arena.scratch] if arena.scratch is not None else [])
             # buffers stored narrower than their slot: NaN in their own dtype too (an fp32 NaN
             # read as two bf16 halves is a NaN and a zero)
-            tensors += [v for v in arena.values.values() if v.dtype != arena.tensors[0].dtype]
+            tensors += [v for b, v in arena.values.items() if isinstance(b, P.Buf) and v.dtype != self.storage_dtype]
         for t in tensors:
             t.fill_(float("nan"))
 

@@ -163,9 +163,7 @@ class Executor:
         self.dtypes: dict = {}
         if addend_dtype is not None and addend_dtype != dtype:
             self.dtypes = {buf: addend_dtype for buf in P.addend_buffers(plan)}
-        ratio = Fraction(torch.empty(0, dtype=addend_dtype or dtype).element_size(),
-                         torch.empty(0, dtype=dtype).element_size())
-        self.assignment = assign_slots(plan, {buf: ratio for buf in self.dtypes})
+        self.assignment = assign_slots(plan, {buf: Fraction(d.itemsize, dtype.itemsize) for buf, d in self.dtypes.items()})
         self.all_kernels = not any(launch.inline for launch in plan.launches)  # nothing run by PyTorch
         self.last_use = self.assignment.last_use
 

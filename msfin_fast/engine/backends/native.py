@@ -227,7 +227,7 @@ def _check(name: str, x: torch.Tensor | None, shape: tuple, required: bool = Tru
 
 
 def _addends_bf16(tensors) -> bool:
-    """Whether the addends (u, e1, e2 that are set; or a pass's u_out) are bf16: one dtype for all."""
+    """Whether the addends (u, e1, e2 that are set) are bf16; they must share one dtype."""
     kinds = {x.dtype for x in tensors if x is not None}
     if len(kinds) > 1:
         raise ValueError(f"the addends u, e1, e2 must share one dtype (float32 or bfloat16), got {sorted(map(str, kinds))}")
