@@ -542,3 +542,34 @@ def test_widths_the_kernel_has_no_variant_for_are_named():
     assert native.config_problem(24, 6) is None and native.config_problem(96, 6) is None
     assert "multiple of 8" in native.config_problem(20, 5)
     assert "channels per group" in native.config_problem(96, 3)
+
+
+def test_pass_traffic_benchmark_times_equal_work_at_three_widths(tmp_path):
+    """benchmarks/pass_traffic.py: for each preset, passes at 4x, 2x and 1x the LR side with 1x, 2x
+    and 4x the channels do the same FLOPs, each halving of the resolution halves the bytes moved,
+    and bf16 addends move 0.7x the bytes of fp32; every case runs the real kernel."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pass_traffic.py"
+    spec = importlib.util.spec_from_file_location("pass_traffic", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "traffic.md"
+    assert bench.main(["--lr", "4", "--rounds", "2", "--bf16", "--out", str(out)]) == 0
+    names = [line.split("|")[1].strip() for line in out.read_text().splitlines() if line.startswith("| msfin")]
+    assert names == [f"{p} C={c * m} at {16 // m}²{tag}" for p, c in (("msfin-s-x4", 16), ("msfin-x4", 24))
+                     for tag in ("", ", bf16 addends") for m in (1, 2, 4)]
+    for c0, groups, cr in bench.PRESETS.values():
+        for bf16 in (False, True):
+            cases = [bench.Case("", 64 // m, c0 * m, groups, cr, bf16, 1) for m in (1, 2, 4)]
+            assert cases[0].flops() == cases[1].flops() == cases[2].flops() > 0
+            assert cases[0].bytes() == 2 * cases[1].bytes() == 4 * cases[2].bytes()
+        wide, narrow = bench.Case("", 64, c0, groups, cr, False, 1), bench.Case("", 64, c0, groups, cr, True, 1)
+        assert narrow.bytes() == pytest.approx(0.7 * wide.bytes())
+    # the kernel ran: x_out is the finished input t + s*u + e, with s the channel attention of the sums
+    case = bench.Case("check", 16, 16, 4, 4, False, 1)
+    case()
+    s = torch.sigmoid(torch.relu(case.sums / 256 @ case.ca[0].t() + case.ca[1]) @ case.ca[2].t() + case.ca[3])
+    torch.testing.assert_close(case.x_out, case.t + s.view(1, 1, 1, 16) * case.u + case.e, rtol=1e-5, atol=1e-4)
+    assert torch.isfinite(case.u_out).all() and case.sums_out.abs().sum() > 0
