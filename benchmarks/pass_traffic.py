@@ -88,36 +88,36 @@ def main(argv: list[str] | None = None) -> int:
         print(native.not_built_reason(), file=sys.stderr)
         return 1
     threads = torch.get_num_threads()
-    cases = []
+    dtypes = (False, True) if args.bf16 else (False,)
+    groups: dict[tuple[str, bool], list[Case]] = {}  # (preset, bf16 addends): its passes, narrowest first
     for preset in args.models:
-        c0, groups, cr = PRESETS[preset]
-        for mult, div in ((1, 1), (2, 2), (4, 4)):
-            for bf16 in (False, True) if args.bf16 else (False,):
-                name = f"{preset} C={c0 * mult} at {4 * args.lr // div}²" + (", bf16 addends" if bf16 else "")
-                cases.append(Case(name, 4 * args.lr // div, c0 * mult, groups, cr, bf16, threads))
-    times: list[list[float]] = [[] for _ in cases]
+        c0, g, cr = PRESETS[preset]
+        for m in (1, 2, 4):  # m x the channels at 1/m of the full resolution
+            for bf16 in dtypes:
+                hw = 4 * args.lr // m
+                name = f"{preset} C={c0 * m} at {hw}²" + (", bf16 addends" if bf16 else "")
+                groups.setdefault((preset, bf16), []).append(Case(name, hw, c0 * m, g, cr, bf16, threads))
+    cases = [case for group in groups.values() for case in group]
+    times: dict[Case, list[float]] = {case: [] for case in cases}
     for case in cases:
         case()
     for _ in range(args.rounds):
-        for i, case in enumerate(cases):
+        for case in cases:
             case()
             t0 = time.perf_counter()
             case()
-            times[i].append((time.perf_counter() - t0) * 1e3)
+            times[case].append((time.perf_counter() - t0) * 1e3)
     lines = [f"# native RRCAB passes of equal FLOPs at three widths ({native.isa()}, {threads} threads, "
              f"torch {torch.__version__}, LR {args.lr}², {args.rounds} interleaved rounds)", "",
              "| pass | GFLOP | MB moved | min ms | median ms | GFLOP/s (median) | GB/s (median) | ms vs the widest |",
              "|---|---|---|---|---|---|---|---|"]
-    for preset in args.models:
-        rows = [(c, t) for c, t in zip(cases, times) if c.name.startswith(preset + " ")]
-        for bf16 in (False, True) if args.bf16 else (False,):
-            group = [(c, t) for c, t in rows if c.bf16 == bf16]
-            widest = statistics.median(group[-1][1])
-            for case, t in group:
-                med = statistics.median(t)
-                lines.append(f"| {case.name} | {case.flops() / 1e9:.3f} | {case.bytes() / 1e6:.1f} | {min(t):.3f} | "
-                             f"{med:.3f} | {case.flops() / med / 1e6:.0f} | {case.bytes() / med / 1e6:.1f} | "
-                             f"{med / widest:.2f} |")
+    for group in groups.values():
+        widest = statistics.median(times[group[-1]])
+        for case in group:
+            t, med = times[case], statistics.median(times[case])
+            lines.append(f"| {case.name} | {case.flops() / 1e9:.3f} | {case.bytes() / 1e6:.1f} | {min(t):.3f} | "
+                         f"{med:.3f} | {case.flops() / med / 1e6:.0f} | {case.bytes() / med / 1e6:.1f} | "
+                         f"{med / widest:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
