@@ -36,6 +36,12 @@ from .fileio import commit, temporary_beside
 from .model import MSFIN, ChannelAttention
 
 DEFAULT_OPSET = 20
+# The exporter translates at opset 18 and converts up from there; beyond what the installed onnx
+# knows it cannot go (and would write an opset-18 file instead).
+MIN_OPSET = 18
+# A fixed-shape graph is traced from a real example input, and running it holds the whole image's
+# activations: 64 Mi LR pixels (batch·h·w, e.g. 8192×8192) is far beyond any use of a fixed shape.
+MAX_STATIC_PIXELS = 1 << 26
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 VALUE_RANGES = (255.0, 1.0)
 
@@ -135,13 +141,28 @@ def export_onnx(
     h, w = input_size
     if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1 and isinstance(batch, int) and batch >= 1):
         raise ConfigError(f"input_size must be two ints >= 1 and batch an int >= 1, got {input_size!r}, {batch!r}")
-    if not isinstance(opset, int) or opset < 18:
-        raise ConfigError(f"opset must be an int >= 18 (the dynamo exporter's lowest), got {opset!r}")
-    reference = _resolve_model(model)
+    if not dynamic and batch * h * w > MAX_STATIC_PIXELS:
+        from .tiling import bytes_per_output_pixel
+
+        reference = _resolve_model(model)
+        run = batch * h * w * reference.config.scale ** 2 * bytes_per_output_pixel(reference.config, dtype)
+        example = batch * 3 * h * w * torch.finfo(dtype).bits // 8
+        raise ConfigError(
+            f"a fixed {batch}×{h}×{w} graph is {batch * h * w:,} LR pixels: tracing it allocates "
+            f"{example / 2**30:,.1f} GiB and running it about {run / 2**30:,.0f} GiB; fixed shapes go up to "
+            f"{MAX_STATIC_PIXELS:,} LR pixels (batch·h·w). Export with dynamic shapes for larger images")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ConfigError(f"opset must be an int >= {MIN_OPSET} (the dynamo exporter's lowest), got {opset!r}")
     try:
+        import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
     except ImportError:
         raise ExportError("ONNX export needs onnx and onnxscript: pip install 'msfin_fast[onnx]'") from None
+    highest = onnx.defs.onnx_opset_version()
+    if opset > highest:
+        raise ConfigError(f"opset {opset} is beyond what the installed onnx {onnx.__version__} knows "
+                          f"(opsets {MIN_OPSET} to {highest})")
+    reference = _resolve_model(model)
 
     graph = export_graph(reference, dtype, float(value_range))
     # Dynamic sizes are traced from a 2-image example so that no dimension specialises to 1.
@@ -154,7 +175,10 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"{path}: is a folder; give a file name for the ONNX model")
-    tmp = temporary_beside(path)
+    try:
+        tmp = temporary_beside(path)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         # The exporter prints its progress on stdout; a library keeps stdout for its caller.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -164,9 +188,11 @@ def export_onnx(
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
                 verbose=False,
             )
-        import onnx
-
         proto = program.model_proto
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            raise ExportError(f"the exporter could not convert the graph to opset {opset} (it gave {written}); "
+                              f"nothing was written. Opset {DEFAULT_OPSET} is the default and tested")
         metadata = {
             "msfin_fast.version": __version__,
             "msfin_fast.preset": _preset_of(reference),
@@ -182,6 +208,9 @@ def export_onnx(
         if check:
             onnx.checker.check_model(str(tmp), full_check=True)
         commit(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

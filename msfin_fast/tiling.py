@@ -418,17 +418,96 @@ def bytes_per_output_pixel(config, dtype: torch.dtype = torch.float32) -> float:
     return peak / (side * side)
 
 
+# Where the host says how much memory there is (module attributes, so tests can point them at a
+# made-up tree).
+PROC_MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_available() -> int | None:
+    """What this process's memory cgroup (v2, or v1) still allows: the tightest limit along its path
+    less what is charged to it, counting the reclaimable page cache (inactive files) as available."""
+    try:
+        with open(PROC_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: limits on every level of the path
+            parts = [p for p in path.split("/") if p]
+            folders = [os.path.join(CGROUP_ROOT, *parts[:i]) for i in range(len(parts), -1, -1)]
+            files = ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            folders = [os.path.join(CGROUP_ROOT, "memory", *[p for p in path.split("/") if p]),
+                       os.path.join(CGROUP_ROOT, "memory")]
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        for folder in folders:
+            limit = _read_int(os.path.join(folder, files[0]))
+            used = _read_int(os.path.join(folder, files[1]))
+            if limit is None or used is None or limit >= 1 << 60:  # v1 says "no limit" with a huge number
+                continue
+            inactive = 0
+            try:
+                with open(os.path.join(folder, "memory.stat")) as f:
+                    for row in f:
+                        key, _, value = row.partition(" ")
+                        if key == files[2] and value.strip().isdigit():
+                            inactive = int(value)
+            except OSError:
+                pass
+            free = max(limit - used + inactive, 0)
+            best = free if best is None else min(best, free)
+    return best
+
+
+def host_available_memory() -> int | None:
+    """Bytes the host can give this process without swapping: the kernel's MemAvailable (free
+    memory plus the page cache and other memory it can reclaim; not MemFree, which leaves the cache
+    out), bounded by the process's memory cgroup (a container's limit). None when neither can be read."""
+    available = None
+    try:
+        with open(PROC_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:  # not Linux (or a kernel before 3.14): free pages are all there is to read
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = None
+    limit = _cgroup_available()
+    if limit is not None:
+        available = limit if available is None else min(available, limit)
+    return available
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes a run on ``device`` may use now: free CUDA memory plus what torch's cache holds, or
-    half the host's available memory on CPU (None when that cannot be read)."""
+    half the host's available memory on CPU (:func:`host_available_memory`; None when that cannot
+    be read)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(0.9 * (free + cached))
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
-    except (ValueError, OSError, AttributeError):
-        return None
+    available = host_available_memory()
+    return None if available is None else int(available * 0.5)
 
 
 def fits(config, dtype: torch.dtype, shape: tuple[int, ...], budget: int | None) -> bool:

@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 
 from .config import PRESETS, MSFINConfig, get_config
+from .devices import resolve_device
 from .errors import WeightsError
 from .fileio import atomic_write
 from .model import MSFIN
@@ -165,10 +166,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found" if not path.exists() else f"{path} is not a file")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    # torch.save writes a zip archive; files of torch < 1.6 are a pickle (protocol 2 or later).
+    if not (head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
+        raise WeightsError(f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes "
+                           "nor a pickle); give the .pt/.pth file of a state_dict")
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower() and "global" not in str(exc).lower():
+            raise WeightsError(f"{path} cannot be loaded as a PyTorch checkpoint (corrupt or truncated?): "
+                               f"{(str(exc).strip().splitlines() or ['unreadable pickle'])[0][:160]}") from None
         raise WeightsError(
             f"{path} holds Python objects other than tensors; refused by weights-only loading"
         ) from None
@@ -315,6 +328,7 @@ def load_pretrained(
     fast engine pass the fp32 result to ``msfin_fast.optimize(model, dtype=..., backend=...)``.
     """
     config = get_config(name)
+    device = resolve_device(device)  # a DeviceError naming the problem, before any file is read
     path = Path(weights) if weights is not None else fetch(name, allow_download=allow_download, progress=progress)
     state = read_state_dict(path)
     model = MSFIN(config)

@@ -90,7 +90,7 @@ def test_truncated_file(weights_dir, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    with pytest.raises(WeightsError, match="cannot be loaded"):
+    with pytest.raises(WeightsError, match="is not a PyTorch checkpoint"):
         load_pretrained("msfin-x4", weights=path)
 
 
