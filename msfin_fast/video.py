@@ -14,7 +14,9 @@ stays bounded whatever the clip's length:
 
 Every frame keeps its source timestamp, duration and time base, so variable frame rate survives and
 no frame is dropped or repeated. Audio and subtitle streams are copied packet for packet. Colour tags
-(primaries, transfer, matrix, range) and the sample aspect ratio are carried over.
+(primaries, transfer, matrix, range), the sample aspect ratio and the display matrix (a phone's
+portrait rotation) are carried over. The encoder is opened with the output's settings and frame
+size before any frame is decoded, so a size or option it refuses fails first, not last.
 
 The file is written beside the target under a temporary name and renamed when complete. Ctrl-C (or
 any error) removes it, unless ``keep_partial`` asks for a playable file of the frames done so far.
@@ -50,6 +52,12 @@ CODEC_ALIASES = {"h264": "libx264", "x264": "libx264", "avc": "libx264", "h265":
 CRF_CODECS = {"libx264": (0, 51, 18), "libx265": (0, 51, 22), "libvpx-vp9": (0, 63, 24),
               "libsvtav1": (0, 63, 24)}
 DEFAULT_PIX_FMT = "yuv420p"
+# The speed presets of the encoders users name most, checked before FFmpeg sees them (x264 prints
+# its own complaint on stderr); any other encoder's options are checked by opening it.
+_X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                 "placebo")
+ENCODER_PRESETS = {"libx264": _X26X_PRESETS, "libx265": _X26X_PRESETS,
+                   "libsvtav1": tuple(str(i) for i in range(-1, 14)), "libvpx-vp9": tuple(str(i) for i in range(-8, 9))}
 # After the last selected frame, packets of the copied streams are still read this far (seconds):
 # muxers interleave streams within a second or so, so their packets up to the cut have arrived.
 _TAIL_SECONDS = 10.0
@@ -58,6 +66,69 @@ _TAIL_SECONDS = 10.0
 _SWS_MATRIX = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "SMPTE170M", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
 _BT601 = 6  # AVCOL_SPC_SMPTE170M
 _RANGE_MPEG, _RANGE_JPEG = 1, 2
+
+
+@contextlib.contextmanager
+def _ffmpeg_messages():
+    """FFmpeg's log lines of the block (level, source, text) instead of on stderr."""
+    import av.logging
+
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture() as lines:
+            yield lines
+    finally:
+        av.logging.set_level(previous)
+
+
+def _ffmpeg_said(exc: BaseException, lines) -> str:
+    said = "; ".join(text.strip() for _, _, text in lines if text.strip())
+    return said or str(exc)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_muxer(out_format: str, codec: str, options: tuple, bit_rate: int | None, pix_fmt: str) -> str | None:
+    """None when FFmpeg opens ``codec`` with these settings (64×64 frames) and writes the header of
+    an ``out_format`` file holding it (to nowhere), else what FFmpeg said."""
+    av = _av()
+    with _ffmpeg_messages() as lines:
+        out = av.open(os.devnull, "w", format=out_format)
+        try:
+            stream = out.add_stream(codec, rate=25, options=dict(options))
+            stream.width, stream.height, stream.pix_fmt = 64, 64, pix_fmt
+            if bit_rate is not None:
+                stream.codec_context.bit_rate = bit_rate
+            out.start_encoding()  # opens the encoder, writes the container's header
+            return None
+        except (av.FFmpegError, ValueError) as exc:
+            return _ffmpeg_said(exc, lines)
+        finally:
+            with contextlib.suppress(Exception):
+                out.close()
+
+
+def check_frame_size(codec: str, options: dict, bit_rate: int | None, pix_fmt: str, width: int, height: int,
+                     label: str) -> None:
+    """Open the encoder at the output's frame size (no frame is encoded) and refuse, before any
+    work, a size it does not take (H.264 above 16384 wide or 8192² in all, odd sizes for 4:2:0, …)."""
+    from fractions import Fraction
+
+    av = _av()
+    with _ffmpeg_messages() as lines:
+        try:
+            cc = av.CodecContext.create(codec, "w")
+            cc.width, cc.height, cc.pix_fmt = width, height, pix_fmt
+            cc.time_base, cc.framerate = Fraction(1, 25), Fraction(25)
+            if bit_rate is not None:
+                cc.bit_rate = bit_rate
+            cc.options = dict(options)
+            cc.open()  # freed with the object
+        except (av.FFmpegError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{label}: {codec} cannot encode {width}×{height} frames ({_ffmpeg_said(exc, lines)}); "
+                "choose another codec (--codec libx265, libsvtav1 or ffv1 take larger frames) or a part of "
+                "the picture") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,10 +249,21 @@ class EncodeOptions:
         elif self.crf is not None:
             raise InvalidInputError(f"{name} has no CRF mode (CRF codecs: {', '.join(CRF_CODECS)}); "
                                     "give a bitrate instead")
+        if self.preset is not None and name in ENCODER_PRESETS and str(self.preset) not in ENCODER_PRESETS[name]:
+            what = "cpu-used" if name == "libvpx-vp9" else "preset"
+            raise InvalidInputError(f"preset {self.preset!r} is not a {name} {what}: use one of "
+                                    f"{', '.join(ENCODER_PRESETS[name])}")
         if name == "libvpx-vp9":
-            options.update({"row-mt": "1", "deadline": "good", "cpu-used": self.preset or "4"})
+            options.update({"row-mt": "1", "deadline": "good", "cpu-used": str(self.preset or "4")})
         elif self.preset is not None:
             options["preset"] = str(self.preset)
+        if name == "libx265":
+            options["x265-params"] = "log-level=0"  # errors only: x265 prints its info lines itself, past FFmpeg's log
+        said = _probe_muxer(CONTAINERS[suffix], name, tuple(sorted(options.items())), bit_rate, self.pix_fmt)
+        if said is not None:
+            raise InvalidInputError(f"a {suffix} file of {name} video with these settings "
+                                    f"({', '.join(f'{k}={v}' for k, v in sorted(options.items())) or 'defaults'}, "
+                                    f"{self.pix_fmt}) cannot be written: FFmpeg says {said}")
         return name, options, bit_rate
 
 
@@ -209,6 +291,7 @@ class VideoSummary:
     decoded: int = 0  # frames decoded, selected or not
     interrupted: bool = False
     kept_partial: bool = False
+    rotation: int = 0  # the rotation of the display matrix carried over, in degrees as ``VideoFrame.rotation`` gives it
     # Seconds each stage spent working (not waiting on its queues): decode, compute, encode.
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -227,9 +310,20 @@ class VideoSummary:
             text += f"; {self.corrupt_packets} corrupt packet{'s' if self.corrupt_packets != 1 else ''} skipped"
         if self.fixed_timestamps:
             text += f"; {self.fixed_timestamps} frame timestamp{'s' if self.fixed_timestamps != 1 else ''} repaired"
+        if self.rotation:
+            text += f"; display matrix kept (rotation {self.rotation}°)"
         if self.kept_partial:
             text += "; interrupted, partial file kept"
         return text
+
+
+def _rotation(matrix: tuple[int, ...] | None) -> int:
+    """The rotation of a display matrix in degrees counter-clockwise, as PyAV's ``frame.rotation``."""
+    if matrix is None:
+        return 0
+    import math
+
+    return -round(math.degrees(math.atan2(matrix[1], matrix[0]))) if matrix[0] or matrix[1] else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +420,28 @@ def _video_stream(container):
         if not stream.disposition & type(stream.disposition).attached_pic:  # cover art, not a video
             return stream
     return container.streams.video[0]
+
+
+def display_matrix(src: str | Path, index: int) -> tuple[int, ...] | None:
+    """The display matrix (FFmpeg's 9 int32s: rotation and flips a player applies, e.g. a phone's
+    portrait clip stored landscape) of video stream ``index`` of ``src``, from its first decoded frame;
+    None when it has none (or no frame decodes)."""
+    import struct
+
+    av = _av()
+    try:
+        with av.open(str(src), "r") as container:
+            stream = container.streams[index]
+            stream.thread_type = "AUTO"
+            for packets, frame in enumerate(container.decode(stream)):
+                for data in frame.side_data:
+                    if "DISPLAYMATRIX" in str(data.type):
+                        matrix = struct.unpack("=9i", bytes(data)[:36])
+                        return None if matrix == (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30) else matrix
+                return None
+    except (av.FFmpegError, ValueError, IndexError, struct.error):
+        return None
+    return None
 
 
 def frame_count(stream) -> tuple[int | None, bool]:
@@ -629,7 +745,7 @@ def _colour_out(stream, pix_fmt: str) -> _ColourOut:
 
 
 def _open_output(av, tmp: Path, suffix: str, stream, copies: dict, codec: str, codec_options: dict,
-                 bit_rate: int | None, pix_fmt: str, scale: int):
+                 bit_rate: int | None, pix_fmt: str, scale: int, matrix: tuple[int, ...] | None = None):
     out = av.open(str(tmp), "w", format=CONTAINERS[suffix])
     try:
         cc_in = stream.codec_context
@@ -648,6 +764,9 @@ def _open_output(av, tmp: Path, suffix: str, stream, copies: dict, codec: str, c
         occ.color_primaries, occ.color_trc = colour.primaries, colour.trc
         if cc_in.sample_aspect_ratio:
             occ.sample_aspect_ratio = cc_in.sample_aspect_ratio
+        if matrix is not None:
+            # The same rotation and flips; its translation (16.16 pixels) scales with the picture.
+            ostream.set_display_matrix([*matrix[:6], matrix[6] * scale, matrix[7] * scale, matrix[8]])
         for key, value in stream.metadata.items():
             if key.lower() in ("language", "title", "handler_name"):
                 ostream.metadata[key] = value
@@ -742,9 +861,15 @@ def upscale_video(
         if total is not None:
             start, stop = selection
             total = max(0, min(total, stop if stop is not None else total) - start)
+        check_frame_size(codec_name, codec_options, bit_rate, pix_fmt, cc.width * scale, cc.height * scale, str(dst))
+        matrix = display_matrix(src, stream.index)
         summary = VideoSummary(src, dst, codec_name, size_in=(cc.width, cc.height),
-                               size_out=(cc.width * scale, cc.height * scale), copied_streams=len(copies))
-        tmp = temporary_beside(dst)
+                               size_out=(cc.width * scale, cc.height * scale), copied_streams=len(copies),
+                               rotation=_rotation(matrix))
+        try:
+            tmp = temporary_beside(dst)
+        except OSError as exc:
+            raise ImageWriteError(f"{dst}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         container.close()
         raise
@@ -757,7 +882,7 @@ def upscale_video(
     try:
         try:
             out, ostream, mapped, colour = _open_output(av, tmp, suffix, stream, copies, codec_name,
-                                                        codec_options, bit_rate, pix_fmt, scale)
+                                                        codec_options, bit_rate, pix_fmt, scale, matrix)
         except av.FFmpegError as exc:
             raise ImageWriteError(f"{dst}: cannot write ({exc})") from None
         time_base = stream.time_base  # the decode stage closes the input when it is done
@@ -810,7 +935,10 @@ def upscale_video(
         except av.FFmpegError as exc:
             raise ImageWriteError(f"{dst}: encoding or writing failed ({exc})") from None
         out = None
-        commit(tmp, dst)
+        try:
+            commit(tmp, dst)
+        except OSError as exc:
+            raise ImageWriteError(f"{dst}: cannot write ({exc.strerror or exc})") from None
         summary.seconds = time.perf_counter() - began
         return summary
     except BaseException as exc:

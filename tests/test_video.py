@@ -33,12 +33,15 @@ def picture(i: int, w: int = W, h: int = H) -> np.ndarray:
 
 
 def make_clip(path, *, n=60, rate=NTSC, pts=None, time_base=None, audio=False, subtitles=False,
-              codec="libx264", colour=None, sar=None, fmt=None):
+              codec="libx264", colour=None, sar=None, fmt=None, size=(W, H), rotation=None):
     """Write a test clip: ``pts`` (in ``time_base``) for variable frame rate, AAC audio, SubRip
-    subtitles, colour tags ``(primaries, trc, matrix, range)``, a sample aspect ratio."""
+    subtitles, colour tags ``(primaries, trc, matrix, range)``, a sample aspect ratio, a frame
+    ``size`` (w, h), a display ``rotation`` (degrees, as ``VideoFrame.rotation`` reads it back)."""
     out = av.open(str(path), "w", format=fmt)
     v = out.add_stream(codec, rate=rate)
-    v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+    v.width, v.height, v.pix_fmt = *size, "yuv420p"
+    if rotation is not None:
+        v.set_display_rotation(rotation)
     if time_base is not None:
         v.time_base = v.codec_context.time_base = time_base
     if colour is not None:
@@ -53,7 +56,7 @@ def make_clip(path, *, n=60, rate=NTSC, pts=None, time_base=None, audio=False, s
     mux = out.mux
 
     for i in range(n):
-        frame = av.VideoFrame.from_ndarray(picture(i), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(picture(i, *size), format="rgb24")
         if colour is not None:
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709",
                                    dst_color_range="JPEG" if colour[3] == 2 else "MPEG")
@@ -377,3 +380,97 @@ def test_on_a_gpu_one_graph_serves_the_clip(tmp_path, ntsc_clip):
     for i in (0, 33, 59):
         lr, sr = seen[i]
         assert np.abs(sr.astype(int) - up.upscale_rgb(lr).astype(int)).max() <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# What a hostile user found: rotation, encoder refusals, unwritable outputs, noise, partial files
+
+
+def display_rotation(path) -> tuple[int, bytes | None]:
+    """(rotation, the display matrix's bytes or None) of the first frame, as a player reads them."""
+    with av.open(str(path)) as c:
+        frame = next(c.decode(c.streams.video[0]))
+        matrix = next((bytes(d) for d in frame.side_data if "DISPLAYMATRIX" in str(d.type)), None)
+        return frame.rotation, matrix
+
+
+@pytest.mark.parametrize("rotation", [-90, 90])
+def test_a_portrait_phone_clip_keeps_its_display_rotation(tmp_path, upscaler, rotation):
+    clip = make_clip(tmp_path / "phone.mp4", n=4, rotation=rotation, audio=True)
+    source = display_rotation(clip)
+    assert source[0] == rotation and source[1] is not None
+    summary = upscale_video(clip, tmp_path / "x4.mp4", upscaler)
+    assert display_rotation(tmp_path / "x4.mp4") == source  # the same matrix: players turn it the same way
+    assert summary.rotation == rotation and f"display matrix kept (rotation {rotation}°)" in summary.line()
+    with av.open(str(tmp_path / "x4.mp4")) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (4 * W, 4 * H)  # stored as it came
+    plain = upscale_video(make_clip(tmp_path / "plain.mp4", n=2), tmp_path / "plain4.mp4", upscaler)
+    assert display_rotation(tmp_path / "plain4.mp4") == (0, None) and plain.rotation == 0
+
+
+def test_a_frame_size_the_encoder_refuses_fails_before_any_work(tmp_path, upscaler):
+    clip = make_clip(tmp_path / "wide.mp4", n=3, size=(4400, 16))  # ×4: 17600×64, over H.264's 16384
+    seen = []
+    with pytest.raises(InvalidInputError, match="libx264 cannot encode 17600×64 frames") as info:
+        upscale_video(clip, tmp_path / "x4.mp4", upscaler, on_frame=lambda *a: seen.append(a[0]))
+    assert "--codec libx265" in str(info.value)
+    assert seen == [] and not (tmp_path / "x4.mp4").exists() and not _parts(tmp_path)
+
+
+def test_encoder_settings_ffmpeg_refuses_are_named_before_any_model_loads(tmp_path, ntsc_clip, capfd):
+    for args, out, fragments in [
+        (["--codec", "vp9"], "o.mov", ["a .mov file of libvpx-vp9 video", "vp9 only supported in MP4"]),
+        (["--preset", "bogus"], "o.mp4", ["preset 'bogus' is not a libx264 preset", "veryslow"]),
+        (["--codec", "vp9", "--preset", "fast"], "o.webm", ["preset 'fast' is not a libvpx-vp9 cpu-used"]),
+    ]:
+        assert main(["upscale", "-i", str(ntsc_clip), "-o", str(tmp_path / out), "--model", "msfin-s-x4", *args]) == 1
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("msfin-fast: error:"), err  # no raw FFmpeg lines
+        for fragment in fragments:
+            assert fragment in err[0], err
+    assert not [p for p in tmp_path.iterdir()]
+
+
+@pytest.mark.parametrize("target", ["/proc/x.mp4", "/sys/x.mp4"])
+def test_a_video_to_an_unwritable_place_is_one_line(target, ntsc_clip, one_line_error):
+    assert main(["upscale", "-i", str(ntsc_clip), "-o", target, "--model", "msfin-s-x4", "-q"]) == 1
+    one_line_error(f"{target}: cannot write")
+
+
+def test_a_video_over_an_immutable_file_is_one_line(tmp_path, one_line_error):
+    import shutil
+
+    clip = make_clip(tmp_path / "c.mp4", n=2)
+    target = tmp_path / "x4.mp4"
+    target.write_bytes(b"old")
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode:
+        pytest.skip("chattr +i needs root and a file system that has the flag")
+    try:
+        assert main(["upscale", "-i", str(clip), "-o", str(target), "--model", "msfin-s-x4", "-q"]) == 1
+        one_line_error(f"{target}: cannot write")
+        assert target.read_bytes() == b"old" and not _parts(tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+
+
+def test_quiet_x265_prints_nothing(tmp_path, ntsc_clip, capfd):
+    assert main(["upscale", "-i", str(ntsc_clip), "-o", str(tmp_path / "o.mkv"), "--model", "msfin-s-x4",
+                 "--codec", "libx265", "--frames", "0:3", "-q"]) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err  # x265 prints its info lines past FFmpeg's log unless told not to
+    assert len(video_times(tmp_path / "o.mkv")) == 3
+
+
+def test_keep_partial_interrupted_before_the_first_frame_says_so(tmp_path, ntsc_clip, monkeypatch, capsys):
+    import msfin_fast.video as video
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(video, "_compute", interrupted)
+    out = tmp_path / "x4.mp4"
+    assert main(["upscale", "-i", str(ntsc_clip), "-o", str(out), "--model", "msfin-s-x4", "--keep-partial"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before any frame of ntsc.mp4 was encoded; no partial file to keep" in err
+    assert not out.exists() and not _parts(tmp_path)
