@@ -17,6 +17,12 @@ from .errors import InvalidInputError, MSFINError
 PROG = "msfin-fast"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) written as escapes, so that a
+    progress line stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class Progress:
     """A one-line progress bar on stderr when it is a terminal, one line per item otherwise."""
 
@@ -30,6 +36,7 @@ class Progress:
         self.done += 1
         if not self.enabled:
             return
+        label = printable(label)
         if self.tty:
             width = 30
             filled = width * self.done // max(self.total, 1)
@@ -49,7 +56,7 @@ class FrameProgress:
     """A video's frames: a bar with fps and ETA on a terminal, else a line every few seconds."""
 
     def __init__(self, label: str, stream=None, every: float = 5.0):
-        self.label, self.every = label, every
+        self.label, self.every = printable(label), every
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = self.last = time.perf_counter()
@@ -82,8 +89,13 @@ class FrameProgress:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: temporary files are
-    removed, training saves its checkpoint, and the exit status is 143 (128 + SIGTERM)."""
+    """SIGTERM (or SIGHUP: the terminal closed), raised in the main thread so that it unwinds like
+    Ctrl-C: temporary files are removed, training saves its checkpoint, a local Ray cluster the
+    command started is shut down, and the exit status is 128 + the signal (143, 129)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = int(signum)
 
 
 @contextlib.contextmanager
@@ -93,13 +105,15 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise Terminated()
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _error(message: str) -> None:
@@ -161,6 +175,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .images import DEFAULT_MAX_PIXELS
+    from .resume import MANIFEST_NAME
 
     parser = argparse.ArgumentParser(prog=PROG, description="MSFIN ×4 image super-resolution.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -176,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-r", "--recursive", action="store_true",
                     help="a folder input: its whole tree, mirrored under the output folder")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    up.add_argument("--skip-existing", action="store_true",
+                    help="a folder input: skip the outputs a folder run of this package already made from the "
+                         "same input with the same settings (recorded in the output folder's "
+                         f"{MANIFEST_NAME}); redo the rest, saying why. --ray always does this")
+    up.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                    help="refuse an input image over N pixels (w·h, read from its header, before any work; "
+                         f"default {DEFAULT_MAX_PIXELS:,})")
     vid = up.add_argument_group("video files: .mp4, .mkv, .mov, .webm (pip install 'msfin_fast[video]')")
     vid.add_argument("--codec", default=None,
                      help="video encoder: libx264 (h264; default, webm: libvpx-vp9), libx265 (hevc), "
@@ -195,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="upscale the folder with a pool of Ray workers: on the cluster at ADDRESS (auto, "
                           "host:port or ray://host:port), else RAY_ADDRESS, else a local one. Outputs that "
-                          "are already complete are skipped, so a rerun resumes a killed job")
+                          "were already made from the same input with the same settings are skipped (as --skip-existing), so "
+                          "a rerun resumes a killed job and redoes what a changed model, option or input changes")
     ray.add_argument("--workers", type=_positive_int, default=None, help="Ray workers (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                      help="GPUs per worker; fractions share a GPU (default 0: CPU workers)")
@@ -204,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "CPUs shared among CPU workers; 1 per GPU worker)")
     ray.add_argument("--batch-size", type=_positive_int, default=None,
                      help="images per worker call; same-size ones run as one batch on a GPU (default 8)")
-    ray.add_argument("--overwrite", action="store_true", help="redo outputs that are already complete")
+    ray.add_argument("--overwrite", action="store_true",
+                     help="redo every output, even those already made with the same settings")
 
     ev = sub.add_parser("eval", help="PSNR/SSIM (Y, paper convention) on HR image folders")
     ev.add_argument("--model", nargs="+", default=["msfin-x4"], choices=[*PRESETS, "bicubic"],
@@ -265,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pixel scale of input and output: 255 (default, the model's own) or 1 (0–1 images)")
     ex.add_argument("--static", default=None, metavar="NxHxW",
                     help="fix the input shape, e.g. 1x270x480 (default: dynamic batch, height and width)")
-    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; at least 18)")
+    ex.add_argument("--opset", type=int, default=None,
+                    help="ONNX opset (default 20; 18 up to the newest the installed onnx knows)")
 
     sub.add_parser("info", help="presets, weights, devices and backends")
 
@@ -324,7 +350,7 @@ def _ray_upscale(args) -> int:
         weights=_worker_weights(args),
         tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode, self_ensemble=args.self_ensemble,
         workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
-        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8,
+        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8, max_pixels=args.max_pixels,
     )
 
     def report(row) -> None:
@@ -362,6 +388,9 @@ def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quie
         summary = getattr(exc, "summary", None)
         if summary is not None and summary.kept_partial:
             print(f"{PROG}: kept a playable partial file {out} ({summary.frames} frames)", file=sys.stderr)
+        elif video_options.get("keep_partial"):
+            print(f"{PROG}: interrupted before any frame of {src.name} was encoded; no partial file to keep",
+                  file=sys.stderr)
         raise
     finally:
         if bar is not None:
@@ -376,6 +405,10 @@ def cmd_upscale(args) -> int:
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)
+    if args.skip_existing and args.overwrite:
+        raise InvalidInputError("--skip-existing and --overwrite contradict each other; give one")
+    if args.skip_existing and not src.is_dir():
+        raise InvalidInputError(f"--skip-existing applies to a folder run; {src} is a file")
     if not src.exists():
         raise InvalidInputError(f"{src}: no such file or folder")
     if args.ray is not None:
@@ -412,15 +445,44 @@ def cmd_upscale(args) -> int:
                       f"(e.g. {stale[0]})")
 
     upscaler = _make_upscaler(args.model, args)
+    manifest, made, resumed = None, None, None
+    if src.is_dir():  # a folder run records what made each output, for --skip-existing and --ray
+        from .resume import Manifest, plan, recipe
+
+        manifest = Manifest(dst)
+        image_recipe = recipe(args.model, args.weights, dtype=args.precision, backend=_backend(args),
+                              options=upscaler.options)
+        video_recipe = None if video_options is None else dict(image_recipe, video=recipe_of_video(video_options))
+
+        def made(path):
+            return video_recipe if is_video(path) else image_recipe
+
+        if args.skip_existing:
+            resumed = plan(jobs, manifest, made, lambda path: None if is_video(path) else upscaler.scale)
+            jobs = resumed.todo
     progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
     failures, px_in, px_out, images_done, seconds = [], 0, 0, 0, 0.0
     for src_file, out in jobs:
         start = time.perf_counter()
         try:
             if is_video(src_file):
+                stat = None
+                if manifest is not None:
+                    from .resume import file_stat
+
+                    stat = file_stat(src_file)
                 _upscale_one_video(upscaler, src_file, out, video_options, args.quiet)
+                if manifest is not None:
+                    manifest.record(src_file, out, made(src_file), input_stat=stat)
             else:
-                (w, h), (W, H) = upscaler.upscale_file(src_file, out)
+                record = None
+                if manifest is not None:
+                    from .resume import file_stat
+
+                    stat = file_stat(src_file)  # before it is read: a later change redoes the output
+                    record = lambda tmp, s=src_file, o=out, st=stat: manifest.record(s, o, made(s), tmp, st)  # noqa: E731
+                (w, h), (W, H) = upscaler.upscale_file(src_file, out, max_pixels=args.max_pixels,
+                                                       before_commit=record)
                 px_in, px_out, images_done = px_in + w * h, px_out + W * H, images_done + 1
                 seconds += time.perf_counter() - start
         except MSFINError as exc:
@@ -429,7 +491,7 @@ def cmd_upscale(args) -> int:
             failures.append(str(exc))
             _error(str(exc))
         progress.step(src_file.name)
-    if not args.quiet and len(videos) < len(jobs):
+    if not args.quiet and (len(videos) < len(jobs) or resumed is not None):
         done = images_done
         print(
             f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model}"
@@ -437,8 +499,15 @@ def cmd_upscale(args) -> int:
             f"{upscaler.device} ({args.precision}): {px_in / 1e6:.2f} → {px_out / 1e6:.2f} Mpx in "
             f"{seconds:.2f} s, {px_out / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out"
             + (f"; {len(failures)} failed" if failures else "")
+            + (f"; {resumed.skipped} already done (skipped)" if resumed is not None and resumed.skipped else "")
+            + (f"; {resumed.why()}" if resumed is not None and resumed.redone else "")
         )
     return 1 if failures else 0
+
+
+def recipe_of_video(video_options: dict) -> dict:
+    """The encoder settings that decide a video output, as the resume manifest records them."""
+    return {k: video_options[k] for k in ("codec", "crf", "bitrate", "pix_fmt", "preset", "frames")}
 
 
 def cmd_eval(args) -> int:
@@ -693,9 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             _error("out of memory; try a smaller image or another device")
             return 1
-        except Terminated:
+        except Terminated as exc:
             print(f"{PROG}: terminated", file=sys.stderr)
-            return 143
+            return 128 + exc.signum
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130

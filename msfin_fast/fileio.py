@@ -62,13 +62,16 @@ def commit(tmp: str | Path, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_write(path: str | Path, before_commit=None) -> Iterator[BinaryIO]:
     """Yield a binary file; when the block succeeds it is synced and renamed over ``path``, else
-    deleted. Missing parent folders are created."""
+    deleted. Missing parent folders are created. ``before_commit(tmp)`` runs on the complete
+    temporary file just before the rename (a resume manifest records it there)."""
     tmp = temporary_beside(path)
     try:
         with open(tmp, "wb") as f:
             yield f
+        if before_commit is not None:
+            before_commit(tmp)
         commit(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -322,14 +322,34 @@ def output_is_complete(src: str | Path, out: str | Path, scale: int) -> bool:
         return False
 
 
-def read_image(path: str | Path) -> Picture:
-    """Read an image file (:data:`READ_FORMATS`); the EXIF orientation is applied."""
+# The largest image (LR pixels, w·h) the CLI and Ray jobs take by default: 25 Mpx (5000×5000, a
+# 20000×20000 output) runs in minutes on a CPU. A 100-Mpx PNG can be a 100 KB file; the header
+# says so before anything is decoded.
+DEFAULT_MAX_PIXELS = 25_000_000
+
+
+def pixel_limit(max_pixels: int | None, label: str, flag: str = "--max-pixels"):
+    """A ``check_size`` for :func:`decode_image` that refuses images over ``max_pixels`` (None: no
+    limit but Pillow's own)."""
+    if max_pixels is None:
+        return None
+
+    def check(w: int, h: int) -> None:
+        if w * h > max_pixels:
+            raise InvalidInputError(f"{label}: {w}×{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+                                    f"per image (raise it with {flag})")
+    return check
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
+    """Read an image file (:data:`READ_FORMATS`); the EXIF orientation is applied. An image over
+    ``max_pixels`` (w·h, read from the header) is refused before it is decoded."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, not an image file")
-    return decode_image(path, str(path))
+    return decode_image(path, str(path), pixel_limit(max_pixels, str(path)))
 
 
 def to_pil(picture: Picture) -> Image.Image:
@@ -426,15 +446,16 @@ def encode_image(picture: Picture, fmt: str, label: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def write_image(path: str | Path, picture: Picture) -> None:
+def write_image(path: str | Path, picture: Picture, before_commit=None) -> None:
     """Write atomically; the format follows the suffix (png, jpg, bmp, webp, tif). 16-bit pictures
-    stay 16-bit in PNG and TIFF (:func:`encode_image`)."""
+    stay 16-bit in PNG and TIFF (:func:`encode_image`). ``before_commit(tmp)``: see
+    :func:`~msfin_fast.fileio.atomic_write`."""
     path = Path(path)
     fmt, options = _output_format(path)
     check_writable(path)
     try:
         data = encode_image(picture, fmt, path.name, **options)
-        with atomic_write(path) as f:
+        with atomic_write(path, before_commit) as f:
             f.write(data)
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc.strerror or exc})") from None

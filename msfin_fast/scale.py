@@ -4,17 +4,19 @@ Needs the ``scale`` extra (``pip install 'msfin_fast[scale]'``); nothing here im
 is used.
 
 **Batch** (:func:`upscale_folder`, ``msfin-fast upscale --ray``). The driver lists the input folder
-(its whole tree with ``recursive``), leaves out every image whose output is already complete
-(:func:`msfin_fast.images.output_is_complete`), so a killed job resumes where it stopped, and hands
-the rest to Ray Data as files with their paths (``read_binary_files(include_paths=True)``): the
-object store carries the files' bytes, never decoded pixels (a ×4 output is 16× its input).
-An actor pool of :class:`UpscaleWorker` (``map_batches``) builds the model once per worker. Each
-worker decodes with this package's own reader, which handles alpha, grey, 16-bit grey and EXIF
-orientation, and gives the CLI's errors. It runs a batch's images grouped by shape, through a
-:class:`~msfin_fast.serving.ServingUpscaler`, so a GPU worker gets batches, pinned copies and CUDA
-graphs, and a CPU worker gives the API's bytes. It writes each output atomically to the mirrored
-path under the output root. Every image gives one row ``{path, ok, error, seconds, out_pixels}``;
-a file that cannot be read, run or written is an error row, never a failed job.
+(its whole tree with ``recursive``), leaves out every image whose output was already made from the
+same input with the same settings (the output folder's manifest, :mod:`msfin_fast.resume`), so a
+killed job resumes where it stopped and a changed model, option or input redoes what it changes,
+and hands the rest to Ray Data as paths (``from_items``): the object store carries names, never
+decoded pixels (a ×4 output is 16× its input). An actor pool of :class:`UpscaleWorker`
+(``map_batches``) builds the model once per worker. Each worker reads and decodes its files with
+this package's own reader, which handles alpha, grey, 16-bit grey and EXIF orientation, and gives
+the CLI's errors: a file that is gone, unreadable or over ``max_pixels`` is that file's error row.
+It runs a batch's images grouped by shape, through a :class:`~msfin_fast.serving.ServingUpscaler`,
+so a GPU worker gets batches, pinned copies and CUDA graphs, and a CPU worker gives the API's bytes.
+It writes each output atomically to the mirrored path under the output root, recording it in the
+manifest just before the rename. Every image gives one row ``{path, ok, error, seconds,
+out_pixels}``; a file that cannot be read, run or written is an error row, never a failed job.
 
 **Online** (:func:`service`, ``msfin-fast serve --ray``). A Ray Serve deployment whose replicas
 each hold one ServingUpscaler, so same-shape requests still batch. Each replica serves the
@@ -43,12 +45,13 @@ import numpy as np
 from .config import PRESETS, get_config
 from .errors import InvalidInputError, MSFINError
 from .images import (
+    DEFAULT_MAX_PIXELS,
     Picture,
     check_output_folder,
     check_writable,
     decode_image,
     list_image_files,
-    output_is_complete,
+    pixel_limit,
     write_image,
 )
 from .policy import RunOptions, upscale_alpha
@@ -131,6 +134,7 @@ class JobOptions:
                       and encode threads. None: the cluster's CPUs shared among CPU workers (at
                       most one node's worth); 1 for GPU workers.
     batch_size:       images handed to a worker at once; those of one shape run as one batch on a GPU.
+    max_pixels:       the largest image in LR pixels (w·h, read from its header), else an error row.
     """
 
     model: str = "msfin-x4"
@@ -146,11 +150,13 @@ class JobOptions:
     gpus_per_worker: float = 0
     cpus_per_worker: float | None = None
     batch_size: int = 8
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         _check_engine(self.model, self.dtype, self.backend)
         _check_count("workers", self.workers, 1, integer=True)
         _check_count("batch_size", self.batch_size, 1, integer=True)
+        _check_count("max_pixels", self.max_pixels, 1, integer=True)
         _check_count("gpus_per_worker", self.gpus_per_worker, 0, integer=False)
         if self.cpus_per_worker is not None:
             _check_count("cpus_per_worker", self.cpus_per_worker, 0.01, integer=False)
@@ -171,23 +177,34 @@ class JobOptions:
     def worker_backend(self) -> str:
         return _default_backend(self.backend, self.worker_device, self.tile_mode)
 
+    def recipe(self) -> dict:
+        """What the manifest records as having made an output (:func:`msfin_fast.resume.recipe`)."""
+        from .resume import recipe
+
+        return recipe(self.model, self.weights, dtype=self.dtype, backend=self.worker_backend,
+                      options=self.run_options())
+
 
 class UpscaleWorker:
     """The stateful function of the job's actor pool: ``map_batches(UpscaleWorker, ...)``.
 
-    Built once per actor (the model loads once). Each call takes a batch ``{"path", "bytes"}`` from
-    ``read_binary_files(include_paths=True)`` and returns a row per image: ``path``, ``ok``,
-    ``error`` ("" when ok), ``seconds`` (the image's decode and write, plus its share of its shape
-    group's model time) and ``out_pixels`` (0 on error). The output goes to ``out_root`` / (the
-    path relative to ``in_root``), written atomically, in the input's format.
+    Built once per actor (the model loads once). Each call takes a batch ``{"path"}`` and returns a
+    row per image: ``path``, ``ok``, ``error`` ("" when ok), ``seconds`` (the image's read, decode
+    and write, plus its share of its shape group's model time) and ``out_pixels`` (0 on error). The
+    output goes to ``out_root`` / (the path relative to ``in_root``), written atomically, in the
+    input's format, and is recorded with ``recipe`` in the output root's manifest.
     """
 
-    def __init__(self, in_root: str, out_root: str, options: JobOptions):
+    def __init__(self, in_root: str, out_root: str, options: JobOptions, recipe: dict | None = None):
         import torch
 
+        from .resume import Manifest
         from .serving import ServingUpscaler
 
         self.in_root, self.out_root, self.options = Path(in_root), Path(out_root), options
+        self.recipe = recipe if recipe is not None else options.recipe()
+        self.manifest = Manifest(self.out_root)
+        self.read_stats: dict[str, list[int]] = {}  # path → its file_stat from before it was read
         cpus = _assigned_cpus()
         self.threads = max(1, int(cpus)) if cpus else max(1, torch.get_num_threads())
         torch.set_num_threads(self.threads)
@@ -200,10 +217,21 @@ class UpscaleWorker:
                                                  self_ensemble=options.self_ensemble)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="msfin-io")
 
-    def _decode(self, path: str, blob) -> tuple[Picture | None, str, float]:
+    def _decode(self, path: str) -> tuple[Picture | None, str, float]:
+        from .resume import file_stat
+
         start = time.perf_counter()
         try:
-            return decode_image(io.BytesIO(bytes(blob)), path), "", time.perf_counter() - start
+            try:
+                self.read_stats[path] = file_stat(path)
+                with open(path, "rb") as f:
+                    blob = f.read()
+            except FileNotFoundError:
+                return None, f"{path}: no such file (gone since the job listed it)", time.perf_counter() - start
+            except OSError as exc:
+                return None, f"{path}: cannot read ({exc.strerror or exc})", time.perf_counter() - start
+            check = pixel_limit(self.options.max_pixels, path, "--max-pixels / JobOptions.max_pixels")
+            return decode_image(io.BytesIO(blob), path, check), "", time.perf_counter() - start
         except MSFINError as exc:
             return None, str(exc), time.perf_counter() - start
         except Exception as exc:  # a decoder's own bug: this file's row, not the job
@@ -220,7 +248,9 @@ class UpscaleWorker:
         try:
             alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.upscaler.scale)
             result = Picture(rgb, alpha, picture.grey)
-            write_image(self._output_path(path), result)
+            out = self._output_path(path)
+            stat = self.read_stats.pop(path, None)
+            write_image(out, result, lambda tmp: self.manifest.record(path, out, self.recipe, tmp, stat))
             w, h = result.size
             return "", time.perf_counter() - start, w * h
         except MSFINError as exc:
@@ -230,7 +260,7 @@ class UpscaleWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
-        decoded = list(self.pool.map(self._decode, paths, batch["bytes"]))
+        decoded = list(self.pool.map(self._decode, paths))
         errors = [error for _, error, _ in decoded]
         seconds = [t for _, _, t in decoded]
         out_pixels = [0] * len(paths)
@@ -288,8 +318,10 @@ def _assigned_cpus() -> float | None:
 
 @dataclass
 class JobSummary:
-    """What a batch job did: images written, failures (path and message), outputs already complete
-    and skipped, pixels in and out, wall seconds, and the sum of the rows' worker seconds."""
+    """What a batch job did: images written, failures (path and message), outputs already made with
+    these settings and skipped, why the others that existed were redone (``redone``, as
+    :meth:`msfin_fast.resume.ResumePlan.why` says it), pixels in and out, wall seconds, and the sum
+    of the rows' worker seconds."""
 
     model: str
     options: JobOptions
@@ -300,6 +332,7 @@ class JobSummary:
     seconds: float = 0.0
     worker_seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    redone: str = ""
 
     @property
     def failed(self) -> int:
@@ -318,18 +351,25 @@ class JobSummary:
             text += f"; {self.failed} failed"
         if self.skipped:
             text += f"; {self.skipped} already done (skipped)"
+        if self.redone:
+            text += f"; {self.redone}"
         return text
 
 
-def plan_job(src: str | Path, dst: str | Path, scale: int = 4, *, recursive: bool = False,
-             overwrite: bool = False) -> tuple[list[Path], int]:
-    """(input files to run, count of those skipped because their output is complete).
+def plan_job(src: str | Path, dst: str | Path, options: JobOptions | None = None, *, recursive: bool = False,
+             overwrite: bool = False):
+    """The :class:`~msfin_fast.resume.ResumePlan` of a job: (input, output) pairs to run (``todo``),
+    those whose output was already made from the same input with ``options``' settings (``done``),
+    and why each of the others is run (``reasons``, ``why()``).
 
     Refuses what the CLI refuses: a missing or empty input folder, an output that is a file or the
     input itself, and (walking the tree) an output folder inside the input. Removes temporary files
     left by killed writers.
     """
     from .fileio import remove_stale_parts
+    from .resume import Manifest, plan
+
+    options = options or JobOptions()
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -346,25 +386,58 @@ def plan_job(src: str | Path, dst: str | Path, scale: int = 4, *, recursive: boo
         check_writable(out)
     for folder in sorted({out.parent for out in outputs}):
         remove_stale_parts(folder)
-    if overwrite:
-        return files, 0
-    with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
-        done = list(pool.map(lambda pair: output_is_complete(pair[0], pair[1], scale), zip(files, outputs)))
-    return [f for f, complete in zip(files, done) if not complete], sum(done)
+    made, scale = options.recipe(), get_config(options.model).scale
+    return plan(zip(files, outputs), Manifest(d), lambda _: made, lambda _: scale, overwrite=overwrite,
+                threads=CHECK_THREADS)
+
+
+# Seconds to wait for a Ray cluster's address to answer (Ray itself retries an unreachable GCS for
+# minutes).
+CONNECT_TIMEOUT = 15.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Raise MSFINError unless something accepts a TCP connection at ``address`` (``host:port`` or
+    ``ray://host:port``) within ``timeout`` seconds. ``auto`` and ``local`` are Ray's to resolve."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidInputError(f"Ray address {address!r}: expected auto, host:port or ray://host:port")
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = f"no answer in {timeout:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise MSFINError(f"cannot reach the Ray cluster at {address} ({why}); "
+                         "is it running, and is the address host:port of its head node?") from None
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None):
+def ray_session(address: str | None = None, connect_timeout: float = CONNECT_TIMEOUT):
     """Ray as it is (already initialised), else connected to ``address`` (or ``RAY_ADDRESS``), else a
-    local cluster started for the block; what this starts or connects, it shuts down after."""
+    local cluster started for the block; what this starts or connects, it shuts down after, however
+    the block ends (an error, Ctrl-C, SIGTERM or SIGHUP in the CLI). An address that does not answer
+    within ``connect_timeout`` seconds is an error, not a wait."""
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
     kwargs = {"logging_level": logging.WARNING}
-    if not address and not os.environ.get("RAY_ADDRESS"):
+    target = address or os.environ.get("RAY_ADDRESS")
+    if not target:
         kwargs["include_dashboard"] = False
-    ray.init(address=address or None, **kwargs)
+    else:
+        check_reachable(target, connect_timeout)
+    try:
+        ray.init(address=address or None, **kwargs)
+    except ConnectionError as exc:
+        raise MSFINError(f"cannot connect to Ray at {target or 'a local cluster'}: "
+                         f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     try:
         yield ray
     finally:
@@ -387,16 +460,19 @@ def upscale_folder(src: str | Path, dst: str | Path, options: JobOptions | None 
     """Upscale every image in ``src`` (its tree with ``recursive``) into the mirrored paths under
     ``dst`` with a pool of Ray workers; returns the :class:`JobSummary`.
 
-    Outputs that are already complete are skipped (``overwrite`` redoes them), so a rerun of a
-    killed job does only what is left. ``address``: a Ray cluster to connect to (``"auto"``, an
+    Outputs already made from the same input with the same settings (the output folder's manifest,
+    :mod:`msfin_fast.resume`) are skipped (``overwrite`` redoes them), so a rerun of a killed job
+    does only what is left, and a rerun with another model or option redoes everything it changes;
+    ``JobSummary.redone`` says why. ``address``: a Ray cluster to connect to (``"auto"``, an
     ``ip:port`` or ``ray://…``); None uses Ray as it is initialised in this process, else
     ``RAY_ADDRESS``, else a local cluster for the job. ``progress``: Ray's progress bars.
     ``on_row(row)`` sees every row as it arrives.
     """
     options = options or JobOptions()
     scale = get_config(options.model).scale
-    files, skipped = plan_job(src, dst, scale, recursive=recursive, overwrite=overwrite)
-    summary = JobSummary(options.model, options, skipped=skipped)
+    job = plan_job(src, dst, options, recursive=recursive, overwrite=overwrite)
+    files = [f for f, _ in job.todo]
+    summary = JobSummary(options.model, options, skipped=job.skipped, redone=job.why())
     start = time.perf_counter()
     if not files:
         summary.seconds = time.perf_counter() - start
@@ -408,12 +484,13 @@ def upscale_folder(src: str | Path, dst: str | Path, options: JobOptions | None 
         if not progress:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         cpus = _worker_cpus(ray, options)
-        # Reads take no CPU: they are I/O, and a pool whose workers hold every CPU must still be fed.
-        ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, num_cpus=0)
+        # Paths, not file contents: a worker reads its own files, so a name Ray's path expansion
+        # would misread (a newline in it) or a file gone since the listing is that file's error row.
+        ds = ray.data.from_items([{"path": str(f)} for f in files])
         ds = ds.map_batches(
             UpscaleWorker,
             fn_constructor_kwargs={"in_root": str(Path(src).resolve()), "out_root": str(Path(dst).resolve()),
-                                   "options": options},
+                                   "options": options, "recipe": options.recipe()},
             batch_size=options.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=options.workers),
             num_cpus=cpus, num_gpus=options.gpus_per_worker or None,

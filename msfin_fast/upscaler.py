@@ -142,11 +142,16 @@ class Upscaler:
             "or a float tensor [N, 3, h, w]"
         )
 
-    def upscale_file(self, src: str | Path, dst: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Read ``src``, upscale, write ``dst`` atomically; returns (input size, output size) as (w, h)."""
-        picture = read_image(src)
+    def upscale_file(self, src: str | Path, dst: str | Path, *, max_pixels: int | None = None,
+                     before_commit=None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Read ``src``, upscale, write ``dst`` atomically; returns (input size, output size) as (w, h).
+
+        ``max_pixels``: refuse an input over this many pixels (w·h, from its header) before decoding
+        it. ``before_commit(tmp)`` runs on the finished temporary file before it is renamed to ``dst``.
+        """
+        picture = read_image(src, max_pixels)
         result = self.upscale_picture(picture)
-        write_image(dst, result)
+        write_image(dst, result, before_commit)
         return picture.size, result.size
 
 

@@ -44,7 +44,9 @@ def test_folder_with_every_kind_and_one_bad_file(tmp_path, weights_dir, capsys):
     assert "broken.png: not an image file" in captured.err
     assert "[5/5]" in captured.err  # progress
     assert "upscaled 4 images" in captured.out and "1 failed" in captured.out
-    assert sorted(p.name for p in dst.iterdir()) == ["alpha.webp", "grey.bmp", "photo.jpg", "rgb.png"]
+    # The four outputs, and the manifest that records what made them (for --skip-existing).
+    assert sorted(p.name for p in dst.iterdir()) == [".msfin-fast-manifest.jsonl", "alpha.webp", "grey.bmp",
+                                                     "photo.jpg", "rgb.png"]
     assert Image.open(dst / "grey.bmp").mode == "L" and Image.open(dst / "grey.bmp").size == (28, 36)
     assert Image.open(dst / "alpha.webp").mode == "RGBA"
     assert Image.open(dst / "rgb.png").size == (40, 48)

@@ -38,11 +38,13 @@ from msfin_fast.errors import InvalidInputError, MSFINError  # noqa: E402
 from msfin_fast.scale import (  # noqa: E402
     JobOptions,
     ServiceOptions,
+    UpscaleWorker,
     build_app,
     plan_job,
     service,
     upscale_folder,
 )
+from msfin_fast.resume import MANIFEST_NAME  # noqa: E402
 from msfin_fast.server import Limits  # noqa: E402
 
 from test_server import Running, free_port, request  # noqa: E402
@@ -125,7 +127,9 @@ def reference(archive, tmp_path_factory, weights_dir) -> dict[str, bytes | str]:
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """The images under ``folder`` (not the resume manifest)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def run(archive, out, rows=None, **options) -> object:
@@ -140,6 +144,7 @@ def test_batch_job_writes_what_upscale_file_writes(ray_cluster, archive, referen
     by_name = {Path(r["path"]).relative_to(archive.resolve()).as_posix(): r for r in rows}
     assert sorted(by_name) == sorted([*IMAGES, *BAD]) and len(rows) == len(by_name)
     assert set(rows[0]) == {"path", "ok", "error", "seconds", "out_pixels"}
+    assert (tmp_path / "out" / MANIFEST_NAME).is_file()
     for name, ((w, h), _) in IMAGES.items():
         row = by_name[name]
         assert row["ok"] and row["error"] == "", row
@@ -167,8 +172,9 @@ def test_rerun_does_only_what_is_missing_or_incomplete(ray_cluster, archive, ref
     (out / "sub" / "deeper" / "d.webp").unlink()
     stale = out / "sub" / ".grey.png.999999.AbCdEfGh.part"
     stale.write_bytes(b"half")
-    files, skipped = plan_job(archive, out, 4, recursive=True)
-    assert skipped == 10 and len(files) == 4  # the two damaged ones and the two unreadable ones
+    job = plan_job(archive, out, JobOptions(model=MODEL, cpus_per_worker=1), recursive=True)
+    assert job.skipped == 10 and len(job.todo) == 4  # the two damaged ones and the two unreadable ones
+    assert job.why() == "1 redone: 1 output changed since it was written"
     rows = []
     summary = run(archive, out, rows)
     redone = sorted(Path(r["path"]).relative_to(archive.resolve()).as_posix() for r in rows)
@@ -275,8 +281,9 @@ def test_plan_job_keeps_a_linked_file_at_its_link(tmp_path):
     synthesise(src, {"a.png": ((9, 9), "RGB")})
     (src / "sub").mkdir()
     (src / "sub" / "link.png").symlink_to(elsewhere / "x.png")
-    files, skipped = plan_job(src, tmp_path / "out", recursive=True)
-    assert files == [src.resolve() / "a.png", src.resolve() / "sub" / "link.png"] and skipped == 0
+    job = plan_job(src, tmp_path / "out", recursive=True)
+    files = [f for f, _ in job.todo]
+    assert files == [src.resolve() / "a.png", src.resolve() / "sub" / "link.png"] and job.skipped == 0
 
 
 def test_plain_cli_folder_walks_the_tree_with_recursive(archive, reference, tmp_path, capsys):
@@ -286,6 +293,143 @@ def test_plain_cli_folder_walks_the_tree_with_recursive(archive, reference, tmp_
     flat = tmp_path / "flat"
     assert main(["upscale", "-i", str(archive), "-o", str(flat), "--model", MODEL, "-q"]) == 1
     assert sorted(outputs(flat)) == sorted(n for n in IMAGES if "/" not in n)
+
+
+def test_a_job_redoes_what_other_settings_or_a_changed_input_made(ray_cluster, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    synthesise(src, {"a.png": ((23, 17), "RGB"), "b.tif": ((14, 18), "RGB"), "c.jpg": ((19, 21), "RGB")}, seed=3)
+    assert run(src, out).images == 3
+    first = outputs(out)
+    # Another model: every output is redone (the size-and-trailer rule took them for done).
+    summary = run(src, out, model="msfin-x4")
+    assert (summary.images, summary.skipped) == (3, 0)
+    assert "3 redone: 3 made with other settings (model msfin-s-x4 → msfin-x4" in summary.line()
+    assert all(outputs(out)[name] != first[name] for name in first)
+    assert run(src, out, model="msfin-x4").skipped == 3
+    # An option, an input edited since, a TIFF cut in half: each is redone, and the line says why.
+    summary = run(src, out, model="msfin-x4", self_ensemble=True)
+    assert summary.images == 3 and "(self_ensemble False → True)" in summary.line()
+    synthesise(src, {"a.png": ((23, 17), "RGB")}, seed=4)
+    tif = out / "b.tif"
+    tif.write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
+    rows = []
+    summary = run(src, out, rows, model="msfin-x4", self_ensemble=True)
+    assert sorted(Path(r["path"]).name for r in rows) == ["a.png", "b.tif"] and summary.skipped == 1
+    assert "1 input changed since its output was made" in summary.line()
+    assert "1 output changed since it was written" in summary.line()
+    # The plain CLI folder run reads the same manifest: nothing left to do with these settings.
+    assert main(["upscale", "-i", str(src), "-o", str(out), "--model", "msfin-x4", "--self-ensemble",
+                 "--skip-existing", "-q"]) == 0
+    assert {n: p.stat().st_mtime_ns for n, p in ((n, out / n) for n in first)} == \
+        {n: (out / n).stat().st_mtime_ns for n in first}
+
+
+def test_a_newline_in_a_name_a_vanished_file_and_a_huge_one_are_error_rows(ray_cluster, tmp_path, weights_dir):
+    src, out = tmp_path / "in", tmp_path / "out"
+    synthesise(src, {"ok.png": ((23, 17), "RGB"), "new\nline.png": ((19, 21), "RGB"),
+                     "huge.png": ((90, 80), "RGB")}, seed=5)
+    rows = []
+    summary = run(src, out, rows)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["ok.png"]["ok"] and by_name["new\nline.png"]["ok"], rows
+    assert (out / "new\nline.png").is_file() and (summary.images, summary.failed) == (3, 0)
+    # An image over max_pixels (read from its header): its row, the rest done.
+    rows.clear()
+    summary = run(src, tmp_path / "small", rows, max_pixels=5000)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert (summary.images, summary.failed) == (2, 1) and not (tmp_path / "small" / "huge.png").exists()
+    assert "90×80 is 7,200 pixels, over the limit of 5,000" in by_name["huge.png"]["error"]
+    # A file that goes between the listing and its read: that file's row, the rest complete.
+    worker = UpscaleWorker(str(src.resolve()), str(tmp_path / "w"), JobOptions(model=MODEL, cpus_per_worker=1))
+    gone = src.resolve() / "gone.png"
+    result = worker({"path": np.array([str(gone), str(src.resolve() / "ok.png")], dtype=object)})
+    assert list(result["ok"]) == [False, True]
+    assert result["error"][0] == f"{gone}: no such file (gone since the job listed it)"
+    assert (tmp_path / "w" / "ok.png").is_file()
+
+
+def test_an_address_that_does_not_answer_is_a_one_line_error(tmp_path):
+    synthesise(tmp_path / "in", {"a.png": ((9, 9), "RGB")})
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "msfin_fast", "upscale", "-i", str(tmp_path / "in"), "-o",
+                           str(tmp_path / "out"), "--ray", f"127.0.0.1:{port}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - started < 60, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"msfin-fast: error: cannot reach the Ray cluster at 127.0.0.1:{port} (Connection refused); "
+                     "is it running, and is the address host:port of its head node?"], proc.stderr
+    # A host that does not answer at all: the wait is bounded.
+    from msfin_fast.scale import check_reachable
+
+    started = time.monotonic()
+    with pytest.raises(MSFINError, match="cannot reach the Ray cluster at 192.0.2.1:6379"):
+        check_reachable("192.0.2.1:6379", timeout=1.0)  # TEST-NET-1: never routed
+    assert time.monotonic() - started < 10
+    with pytest.raises(InvalidInputError, match="expected auto, host:port or ray://host:port"):
+        check_reachable("nohost")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_hangup_shuts_the_local_cluster_down(tmp_path):
+    """The terminal closing (SIGHUP) unwinds the driver like Ctrl-C: the local cluster it started
+    stops with it, instead of Ray's processes lingering for a minute."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    synthesise(src, {f"{i:02d}.png": ((128, 96), "RGB") for i in range(40)}, seed=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "msfin_fast", "upscale", "-i", str(src), "-o", str(out),
+                             "--model", MODEL, "--ray", "--cpus-per-worker", "1", "--batch-size", "1", "-q"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(out.glob("*.png")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the job wrote nothing in 240 s"
+            time.sleep(0.05)
+        started = descendants(proc.pid)
+        assert started, "the driver started no cluster processes"
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 129, err
+        assert "msfin-fast: terminated" in err
+        left = {pid for pid in started if alive(pid)}
+        wait = time.monotonic() + 20
+        while left and time.monotonic() < wait:
+            time.sleep(0.2)
+            left = {pid for pid in left if alive(pid)}
+        assert not left, f"Ray processes still running after the driver ended: {sorted(left)}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
