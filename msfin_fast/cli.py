@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray = up.add_argument_group("scale-out on Ray (pip install 'msfin_fast[scale]')")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="upscale the folder with a pool of Ray workers: on the cluster at ADDRESS (auto, "
-                          "host:port or ray://host:port), else RAY_ADDRESS, else a local one. Outputs that "
-                          "were already made from the same input with the same settings are skipped (as --skip-existing), so "
-                          "a rerun resumes a killed job and redoes what a changed model, option or input changes")
+                          "host:port or ray://host:port), else RAY_ADDRESS, else a local one. Outputs "
+                          "already made from the same input with the same settings are skipped (as "
+                          "--skip-existing), so a rerun resumes a killed job and redoes what a changed model, "
+                          "option or input changes")
     ray.add_argument("--workers", type=_positive_int, default=None, help="Ray workers (default 1)")
     ray.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                      help="GPUs per worker; fractions share a GPU (default 0: CPU workers)")
@@ -407,10 +408,10 @@ def cmd_upscale(args) -> int:
     _ray_only(args, RAY_UPSCALE_OPTIONS)
     if args.skip_existing and args.overwrite:
         raise InvalidInputError("--skip-existing and --overwrite contradict each other; give one")
-    if args.skip_existing and not src.is_dir():
-        raise InvalidInputError(f"--skip-existing applies to a folder run; {src} is a file")
     if not src.exists():
         raise InvalidInputError(f"{src}: no such file or folder")
+    if args.skip_existing and not src.is_dir():
+        raise InvalidInputError(f"--skip-existing applies to a folder run; {src} is a file")
     if args.ray is not None:
         return _ray_upscale(args)
     if src.is_dir():
@@ -446,13 +447,15 @@ def cmd_upscale(args) -> int:
 
     upscaler = _make_upscaler(args.model, args)
     manifest, made, resumed = None, None, None
-    if src.is_dir():  # a folder run records what made each output, for --skip-existing and --ray
-        from .resume import Manifest, plan, recipe
+    from .resume import Manifest, file_stat, plan, recipe
 
+    if src.is_dir():  # a folder run records what made each output, for --skip-existing and --ray
         manifest = Manifest(dst)
         image_recipe = recipe(args.model, args.weights, dtype=args.precision, backend=_backend(args),
                               options=upscaler.options)
-        video_recipe = None if video_options is None else dict(image_recipe, video=recipe_of_video(video_options))
+        video_recipe = None if video_options is None else recipe(
+            args.model, args.weights, dtype=args.precision, backend=_backend(args), options=upscaler.options,
+            video=recipe_of_video(video_options))
 
         def made(path):
             return video_recipe if is_video(path) else image_recipe
@@ -460,29 +463,25 @@ def cmd_upscale(args) -> int:
         if args.skip_existing:
             resumed = plan(jobs, manifest, made, lambda path: None if is_video(path) else upscaler.scale)
             jobs = resumed.todo
+            if not args.quiet:
+                print(resumed.line(), flush=True)
     progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
     failures, px_in, px_out, images_done, seconds = [], 0, 0, 0, 0.0
     for src_file, out in jobs:
         start = time.perf_counter()
+        # The input's size and time before it is read: a change after that redoes the output.
+        stat = file_stat(src_file) if manifest is not None else None
         try:
             if is_video(src_file):
-                stat = None
-                if manifest is not None:
-                    from .resume import file_stat
-
-                    stat = file_stat(src_file)
                 _upscale_one_video(upscaler, src_file, out, video_options, args.quiet)
                 if manifest is not None:
                     manifest.record(src_file, out, made(src_file), input_stat=stat)
             else:
-                record = None
-                if manifest is not None:
-                    from .resume import file_stat
+                def record(tmp, src_file=src_file, out=out, stat=stat):
+                    manifest.record(src_file, out, made(src_file), tmp, stat)
 
-                    stat = file_stat(src_file)  # before it is read: a later change redoes the output
-                    record = lambda tmp, s=src_file, o=out, st=stat: manifest.record(s, o, made(s), tmp, st)  # noqa: E731
                 (w, h), (W, H) = upscaler.upscale_file(src_file, out, max_pixels=args.max_pixels,
-                                                       before_commit=record)
+                                                       before_commit=record if manifest is not None else None)
                 px_in, px_out, images_done = px_in + w * h, px_out + W * H, images_done + 1
                 seconds += time.perf_counter() - start
         except MSFINError as exc:
@@ -491,7 +490,7 @@ def cmd_upscale(args) -> int:
             failures.append(str(exc))
             _error(str(exc))
         progress.step(src_file.name)
-    if not args.quiet and (len(videos) < len(jobs) or resumed is not None):
+    if not args.quiet and jobs and len(videos) < len(jobs):
         done = images_done
         print(
             f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model}"
@@ -499,8 +498,6 @@ def cmd_upscale(args) -> int:
             f"{upscaler.device} ({args.precision}): {px_in / 1e6:.2f} → {px_out / 1e6:.2f} Mpx in "
             f"{seconds:.2f} s, {px_out / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out"
             + (f"; {len(failures)} failed" if failures else "")
-            + (f"; {resumed.skipped} already done (skipped)" if resumed is not None and resumed.skipped else "")
-            + (f"; {resumed.why()}" if resumed is not None and resumed.redone else "")
         )
     return 1 if failures else 0
 

@@ -197,9 +197,15 @@ class ResumePlan:
         return sum(n for reason, n in self.reasons.items() if reason != MISSING)
 
     def why(self) -> str:
-        """``"2 redone: 1 made with other settings (model …), 1 input changed since"`` or ""."""
+        """``"2 redone: 1 made with other settings (model …); 1 input changed since …"`` or ""."""
         parts = [f"{n} {reason}" for reason, n in self.reasons.most_common() if reason != MISSING]
         return f"{self.redone} redone: " + "; ".join(parts) if parts else ""
+
+    def line(self) -> str:
+        """What a resumed run is about to do, e.g. ``resuming: 3 to do, 10 already done (skipped);
+        2 redone: …``."""
+        text = f"resuming: {len(self.todo)} to do, {self.skipped} already done (skipped)"
+        return text + (f"; {self.why()}" if self.redone else "")
 
 
 def plan(pairs, manifest: Manifest, made, scale, *, overwrite: bool = False, threads: int = 16) -> ResumePlan:

@@ -43,7 +43,10 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 
 def summary_line(capsys) -> str:
-    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("upscaled")][-1]
+    """The resume line and the summary of the last run, as one string."""
+    lines = capsys.readouterr().out.splitlines()
+    resumed = [line for line in lines if line.startswith("resuming:")]
+    return " | ".join(resumed[-1:] + [line for line in lines if line.startswith("upscaled")][-1:])
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ def test_a_folder_run_records_what_made_each_output(folder, tmp_path, capsys):
     capsys.readouterr()
     assert run(folder, dst) == 0
     line = summary_line(capsys)
-    assert "upscaled 0 images" in line and "3 already done (skipped)" in line
+    assert line == "resuming: 0 to do, 3 already done (skipped)"
     assert outputs(dst) == made
 
 

@@ -474,3 +474,19 @@ def test_keep_partial_interrupted_before_the_first_frame_says_so(tmp_path, ntsc_
     err = capsys.readouterr().err
     assert "interrupted before any frame of ntsc.mp4 was encoded; no partial file to keep" in err
     assert not out.exists() and not _parts(tmp_path)
+
+
+def test_skip_existing_resumes_a_folder_of_videos(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_clip(src / "a.mp4", n=3)
+    make_clip(src / "b.mkv", n=2)
+    args = ["upscale", "-i", str(src), "-o", str(tmp_path / "out"), "--model", "msfin-s-x4", "--skip-existing"]
+    assert main(args) == 0
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert main(args) == 0  # nothing left to do
+    assert "2 already done (skipped)" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == made
+    assert main([*args, "--crf", "30"]) == 0  # another encoder setting redoes both
+    assert "2 redone: 2 made with other settings (video" in capsys.readouterr().out
