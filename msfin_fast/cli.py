@@ -447,15 +447,13 @@ def cmd_upscale(args) -> int:
 
     upscaler = _make_upscaler(args.model, args)
     manifest, made, resumed = None, None, None
-    from .resume import Manifest, file_stat, plan, recipe
+    from .resume import Manifest, extend, file_stat, plan, recipe
 
     if src.is_dir():  # a folder run records what made each output, for --skip-existing and --ray
         manifest = Manifest(dst)
         image_recipe = recipe(args.model, args.weights, dtype=args.precision, backend=_backend(args),
                               options=upscaler.options)
-        video_recipe = None if video_options is None else recipe(
-            args.model, args.weights, dtype=args.precision, backend=_backend(args), options=upscaler.options,
-            video=recipe_of_video(video_options))
+        video_recipe = None if video_options is None else extend(image_recipe, video=recipe_of_video(video_options))
 
         def made(path):
             return video_recipe if is_video(path) else image_recipe

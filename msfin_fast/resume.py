@@ -58,8 +58,13 @@ def recipe(model: str, weights: str | os.PathLike | None, *, dtype: str, backend
     made = {"model": model, "weights": weights_id(model, weights), "dtype": dtype, "backend": backend,
             "tile": options.tile, "tile_pad": options.tile_pad,
             "tile_mode": options.tile_mode, "self_ensemble": bool(options.self_ensemble)}
-    made.update({k: v for k, v in extra.items()})
-    return json.loads(json.dumps(made))  # as it reads back: lists, not tuples
+    return extend(made, **extra)
+
+
+def extend(made: dict, **extra) -> dict:
+    """``made`` with ``extra`` added, in the form the manifest reads back (lists, not tuples), so
+    that a recipe compares equal to its record."""
+    return json.loads(json.dumps({**made, **extra}))
 
 
 def file_stat(path: str | os.PathLike) -> list[int] | None:
@@ -232,4 +237,4 @@ def plan(pairs, manifest: Manifest, made, scale, *, overwrite: bool = False, thr
     return result
 
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ResumePlan", "file_stat", "plan", "recipe", "weights_id"]
+__all__ = ["MANIFEST_NAME", "Manifest", "ResumePlan", "extend", "file_stat", "plan", "recipe", "weights_id"]

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -177,8 +178,11 @@ class JobOptions:
     def worker_backend(self) -> str:
         return _default_backend(self.backend, self.worker_device, self.tile_mode)
 
+    @functools.cached_property
     def recipe(self) -> dict:
-        """What the manifest records as having made an output (:func:`msfin_fast.resume.recipe`)."""
+        """What the manifest records as having made an output (:func:`msfin_fast.resume.recipe`):
+        computed once (custom weights are hashed once), and pickled with the options, so workers
+        record what the driver checks."""
         from .resume import recipe
 
         return recipe(self.model, self.weights, dtype=self.dtype, backend=self.worker_backend,
@@ -192,17 +196,16 @@ class UpscaleWorker:
     row per image: ``path``, ``ok``, ``error`` ("" when ok), ``seconds`` (the image's read, decode
     and write, plus its share of its shape group's model time) and ``out_pixels`` (0 on error). The
     output goes to ``out_root`` / (the path relative to ``in_root``), written atomically, in the
-    input's format, and is recorded with ``recipe`` in the output root's manifest.
+    input's format, and is recorded with ``options.recipe`` in the output root's manifest.
     """
 
-    def __init__(self, in_root: str, out_root: str, options: JobOptions, recipe: dict | None = None):
+    def __init__(self, in_root: str, out_root: str, options: JobOptions):
         import torch
 
         from .resume import Manifest
         from .serving import ServingUpscaler
 
         self.in_root, self.out_root, self.options = Path(in_root), Path(out_root), options
-        self.recipe = recipe if recipe is not None else options.recipe()
         self.manifest = Manifest(self.out_root)
         self.read_stats: dict[str, list[int]] = {}  # path → its file_stat from before it was read
         cpus = _assigned_cpus()
@@ -250,7 +253,7 @@ class UpscaleWorker:
             result = Picture(rgb, alpha, picture.grey)
             out = self._output_path(path)
             stat = self.read_stats.pop(path, None)
-            write_image(out, result, lambda tmp: self.manifest.record(path, out, self.recipe, tmp, stat))
+            write_image(out, result, lambda tmp: self.manifest.record(path, out, self.options.recipe, tmp, stat))
             w, h = result.size
             return "", time.perf_counter() - start, w * h
         except MSFINError as exc:
@@ -386,7 +389,7 @@ def plan_job(src: str | Path, dst: str | Path, options: JobOptions | None = None
         check_writable(out)
     for folder in sorted({out.parent for out in outputs}):
         remove_stale_parts(folder)
-    made, scale = options.recipe(), get_config(options.model).scale
+    made, scale = options.recipe, get_config(options.model).scale
     return plan(zip(files, outputs), Manifest(d), lambda _: made, lambda _: scale, overwrite=overwrite,
                 threads=CHECK_THREADS)
 
@@ -490,7 +493,7 @@ def upscale_folder(src: str | Path, dst: str | Path, options: JobOptions | None 
         ds = ds.map_batches(
             UpscaleWorker,
             fn_constructor_kwargs={"in_root": str(Path(src).resolve()), "out_root": str(Path(dst).resolve()),
-                                   "options": options, "recipe": options.recipe()},
+                                   "options": options},
             batch_size=options.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=options.workers),
             num_cpus=cpus, num_gpus=options.gpus_per_worker or None,

@@ -180,3 +180,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def locked(tmp_path):
+    """``locked(name)``: a file ``b"old"`` in tmp_path made immutable (chattr +i, as root), unlocked
+    after the test; the test is skipped where the flag cannot be set."""
+    import shutil
+    import subprocess
+
+    made = []
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"old")
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
+                                                            capture_output=True).returncode:
+            pytest.skip("chattr +i needs root and a file system that has the flag")
+        made.append(path)
+        return path
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)

@@ -8,11 +8,8 @@ on one line. (Ray jobs: test_scale.py; videos: test_video.py.)"""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,26 +229,6 @@ def test_export_to_an_unwritable_place_is_one_line(target, one_line_error):
     pytest.importorskip("onnxscript") if not os.environ.get("CI") else None
     assert main(["export", target, "--model", MODEL]) == 1
     one_line_error(f"{target}: cannot write")
-
-
-def immutable(path: Path) -> Path:
-    """``path`` made immutable (chattr +i, as root), or the test is skipped where that cannot be done."""
-    path.write_bytes(b"old")
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("chattr +i needs root and a file system that has the flag")
-    return path
-
-
-@pytest.fixture
-def locked(tmp_path):
-    made = []
-
-    def make(name):
-        made.append(immutable(tmp_path / name))
-        return made[-1]
-    yield make
-    for path in made:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
 
 
 def test_export_over_an_immutable_file_is_one_line(locked, one_line_error):

@@ -437,20 +437,12 @@ def test_a_video_to_an_unwritable_place_is_one_line(target, ntsc_clip, one_line_
     one_line_error(f"{target}: cannot write")
 
 
-def test_a_video_over_an_immutable_file_is_one_line(tmp_path, one_line_error):
-    import shutil
-
+def test_a_video_over_an_immutable_file_is_one_line(tmp_path, locked, one_line_error):
     clip = make_clip(tmp_path / "c.mp4", n=2)
-    target = tmp_path / "x4.mp4"
-    target.write_bytes(b"old")
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode:
-        pytest.skip("chattr +i needs root and a file system that has the flag")
-    try:
-        assert main(["upscale", "-i", str(clip), "-o", str(target), "--model", "msfin-s-x4", "-q"]) == 1
-        one_line_error(f"{target}: cannot write")
-        assert target.read_bytes() == b"old" and not _parts(tmp_path)
-    finally:
-        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+    target = locked("x4.mp4")
+    assert main(["upscale", "-i", str(clip), "-o", str(target), "--model", "msfin-s-x4", "-q"]) == 1
+    one_line_error(f"{target}: cannot write")
+    assert target.read_bytes() == b"old" and not _parts(tmp_path)
 
 
 def test_quiet_x265_prints_nothing(tmp_path, ntsc_clip, capfd):
