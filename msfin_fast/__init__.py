@@ -23,6 +23,7 @@ from .errors import (
 )
 from .engine import Engine, optimize
 from .export import export_onnx  # onnx and onnxscript are imported only when a model is exported
+from .folders import FileResult, FolderSummary, upscale_folder
 from .model import MSFIN, msfin_s_x4, msfin_x4
 from .serving import ServingUpscaler
 from .upscaler import Upscaler
@@ -32,6 +33,7 @@ from .weights import load_pretrained
 __all__ = [
     "PRESETS", "MSFINConfig", "get_config",
     "MSFIN", "msfin_x4", "msfin_s_x4", "load_pretrained", "Upscaler", "ServingUpscaler", "optimize", "Engine",
+    "upscale_folder", "FolderSummary", "FileResult",
     "upscale_video", "EncodeOptions", "VideoSummary", "export_onnx",
     "MSFINError", "ConfigError", "DeviceError", "ImageReadError", "ImageWriteError",
     "InvalidInputError", "NonFiniteOutputError", "QueueFullError", "WeightsError",

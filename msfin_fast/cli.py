@@ -133,21 +133,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(precision="fp32")
     p.add_argument("--weights", type=Path, default=None,
                    help="your own checkpoint for the preset's architecture instead of the released file")
-    p.add_argument("--backend", default=None, choices=["native", "cpu", "reference", "auto", "triton", "cuda"],
+    from .engine.backends import CHOICES
+
+    p.add_argument("--backend", default=None, choices=CHOICES,
                    help="default: auto on a CPU (native: the C++ CPU kernels, the fastest CPU path, else cpu: "
                         "PyTorch fp32 channels-last; the reference for exact tiles), reference on a GPU; "
                         "triton/cuda: the fused GPU engine (msfin_fast.optimize; not yet verified on a GPU)")
-
-
-def _backend(args) -> str:
-    """The backend the command runs: as given, else the device's default (see --backend)."""
-    if args.backend is not None:
-        return args.backend
-    from .devices import resolve_device
-
-    from .engine import default_backend
-
-    return default_backend(resolve_device(args.device), getattr(args, "tile_mode", "plain"))
 
 
 def _positive_int(text: str) -> int:
@@ -309,7 +300,7 @@ def _make_upscaler(model: str, args):
 
     return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights,
                     tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode,
-                    self_ensemble=args.self_ensemble, backend=_backend(args))
+                    self_ensemble=args.self_ensemble, backend=args.backend)
 
 
 VIDEO_OPTIONS = ("codec", "crf", "bitrate", "pix_fmt", "preset", "frames", "frame_batch", "keep_partial")
@@ -366,43 +357,32 @@ def _ray_upscale(args) -> int:
     return 1 if summary.failures else 0
 
 
-def _video_options(args, suffixes) -> dict:
-    """upscale_video's keyword arguments from the command line, checked for each output suffix
-    before any model loads."""
-    from .video import EncodeOptions, parse_frames
-
-    encode = dict(codec=args.codec, crf=args.crf, bitrate=args.bitrate, pix_fmt=args.pix_fmt or "yuv420p",
-                  preset=args.preset)
-    for suffix in sorted(suffixes):
-        EncodeOptions(**encode).resolve(suffix)
-    frames = parse_frames(args.frames) if args.frames is not None else None
-    return dict(encode, frames=frames, batch_size=args.frame_batch or 8, keep_partial=args.keep_partial)
+def _video_args(args) -> dict:
+    """upscale_video's keyword arguments from the command line (checked by the folder plan or by
+    ``folders.video_options`` for each output's container, before any model loads)."""
+    return dict(codec=args.codec, crf=args.crf, bitrate=args.bitrate, pix_fmt=args.pix_fmt, preset=args.preset,
+                frames=args.frames, batch_size=args.frame_batch, keep_partial=args.keep_partial)
 
 
-def _upscale_one_video(upscaler, src: Path, out: Path, video_options: dict, quiet: bool) -> None:
-    from .video import upscale_video
+def _say_partial(exc: KeyboardInterrupt, video: dict | None) -> None:
+    """After Ctrl-C in a video: whether a playable partial file was kept."""
+    from .folders import is_video
 
-    bar = None if quiet else FrameProgress(src.name)
-    try:
-        summary = upscale_video(src, out, upscaler, progress=bar, **video_options)
-    except KeyboardInterrupt as exc:
-        summary = getattr(exc, "summary", None)
-        if summary is not None and summary.kept_partial:
-            print(f"{PROG}: kept a playable partial file {out} ({summary.frames} frames)", file=sys.stderr)
-        elif video_options.get("keep_partial"):
-            print(f"{PROG}: interrupted before any frame of {src.name} was encoded; no partial file to keep",
-                  file=sys.stderr)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if not quiet:
-        print(summary.line())
+    source = getattr(exc, "source", None)
+    if source is None or not is_video(source):
+        return
+    summary = getattr(exc, "summary", None)
+    if summary is not None and summary.kept_partial:
+        print(f"{PROG}: kept a playable partial file {exc.output} ({summary.frames} frames)", file=sys.stderr)
+    elif (video or {}).get("keep_partial"):
+        print(f"{PROG}: interrupted before any frame of {source.name} was encoded; no partial file to keep",
+              file=sys.stderr)
 
 
 def cmd_upscale(args) -> int:
-    from .images import READ_SUFFIXES, check_output_folder, check_writable, list_files
-    from .video import VIDEO_SUFFIXES, is_video
+    from .folders import FolderSummary, is_video, plan_folder, remove_stale, run_file, video_options
+    from .images import check_writable
+    from .video import VIDEO_SUFFIXES
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)
@@ -414,95 +394,64 @@ def cmd_upscale(args) -> int:
         raise InvalidInputError(f"--skip-existing applies to a folder run; {src} is a file")
     if args.ray is not None:
         return _ray_upscale(args)
+    given, video = _given(args, VIDEO_OPTIONS), _video_args(args)
+    plan = None
     if src.is_dir():
-        files = list_files(src, READ_SUFFIXES + VIDEO_SUFFIXES, recursive=args.recursive)  # one walk
-        if not files:
-            raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) or videos "
-                                    f"({', '.join(VIDEO_SUFFIXES)}) in this folder{' tree' if args.recursive else ''}")
-        check_output_folder(src, dst, args.recursive)
-        jobs = [(f, dst / f.relative_to(src)) for f in files]
+        plan = plan_folder(src, dst, recursive=args.recursive, video=video)  # checks everything, before the model
+        any_video, video = bool(plan.videos), plan.video
     else:
         if dst.is_dir():
             raise InvalidInputError(f"{dst}: is a folder; give an output file name such as {dst / src.name}")
         if dst.resolve() == src.resolve():
             raise InvalidInputError(f"{dst}: would overwrite the input; choose another output name")
-        if is_video(src) != is_video(dst):
-            kind = "a video" if is_video(src) else "an image"
+        any_video = is_video(src)
+        if any_video != is_video(dst):
+            kind = "a video" if any_video else "an image"
             raise InvalidInputError(f"{dst}: {src} is {kind}, so the output must be one too "
                                     f"(videos: {', '.join(VIDEO_SUFFIXES)})")
-        jobs = [(src, dst)]
-    videos = [job for job in jobs if is_video(job[0])]
-    given = _given(args, VIDEO_OPTIONS)
-    if given and not videos:
+    if given and not any_video:
         raise InvalidInputError(f"{', '.join(given)} only apply to videos ({', '.join(VIDEO_SUFFIXES)})")
-    video_options = _video_options(args, {out.suffix.lower() for _, out in videos}) if videos else None
-    for job, out in jobs:
-        check_writable(out, image=not is_video(job))
-    from .fileio import remove_stale_parts
-
-    stale = [p for folder in sorted({out.parent for _, out in jobs}) for p in remove_stale_parts(folder)]
-    if stale:
-        warnings.warn(f"removed {len(stale)} temporary file(s) left by an interrupted earlier run "
-                      f"(e.g. {stale[0]})")
+    if plan is None:
+        video = video_options(video, {dst.suffix.lower()}) if any_video else None
+        check_writable(dst, image=not any_video)
+        remove_stale([dst.parent])
 
     upscaler = _make_upscaler(args.model, args)
-    manifest, made, resumed = None, None, None
-    from .resume import Manifest, extend, file_stat, plan, recipe
+    frames = None if args.quiet else (lambda path: FrameProgress(path.name))
+    progress = Progress(0, enabled=False)
 
-    if src.is_dir():  # a folder run records what made each output, for --skip-existing and --ray
-        manifest = Manifest(dst)
-        image_recipe = recipe(args.model, args.weights, dtype=args.precision, backend=_backend(args),
-                              options=upscaler.options)
-        video_recipe = None if video_options is None else extend(image_recipe, video=recipe_of_video(video_options))
+    def start(summary) -> None:
+        nonlocal progress
+        if args.skip_existing and not args.quiet:
+            print(summary.resumed.line(), flush=True)
+        progress = Progress(summary.todo, enabled=summary.todo > 1 and not args.quiet)
 
-        def made(path):
-            return video_recipe if is_video(path) else image_recipe
+    def done(result) -> None:
+        if not result.ok:
+            _error(result.error)
+        elif result.video is not None and not args.quiet:
+            print(result.video.line())
+        progress.step(result.src.name)
 
-        if args.skip_existing:
-            resumed = plan(jobs, manifest, made, lambda path: None if is_video(path) else upscaler.scale)
-            jobs = resumed.todo
-            if not args.quiet:
-                print(resumed.line(), flush=True)
-    progress = Progress(len(jobs), enabled=len(jobs) > 1 and not args.quiet)
-    failures, px_in, px_out, images_done, seconds = [], 0, 0, 0, 0.0
-    for src_file, out in jobs:
-        start = time.perf_counter()
-        # The input's size and time before it is read: a change after that redoes the output.
-        stat = file_stat(src_file) if manifest is not None else None
-        try:
-            if is_video(src_file):
-                _upscale_one_video(upscaler, src_file, out, video_options, args.quiet)
-                if manifest is not None:
-                    manifest.record(src_file, out, made(src_file), input_stat=stat)
-            else:
-                def record(tmp, src_file=src_file, out=out, stat=stat):
-                    manifest.record(src_file, out, made(src_file), tmp, stat)
-
-                (w, h), (W, H) = upscaler.upscale_file(src_file, out, max_pixels=args.max_pixels,
-                                                       before_commit=record if manifest is not None else None)
-                px_in, px_out, images_done = px_in + w * h, px_out + W * H, images_done + 1
-                seconds += time.perf_counter() - start
-        except MSFINError as exc:
-            if len(jobs) == 1:
-                raise
-            failures.append(str(exc))
-            _error(str(exc))
-        progress.step(src_file.name)
-    if not args.quiet and jobs and len(videos) < len(jobs):
-        done = images_done
-        print(
-            f"upscaled {done} image{'s' if done != 1 else ''} ×{upscaler.scale} with {args.model}"
-            f"{'+' if args.self_ensemble else ''} on "
-            f"{upscaler.device} ({args.precision}): {px_in / 1e6:.2f} → {px_out / 1e6:.2f} Mpx in "
-            f"{seconds:.2f} s, {px_out / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out"
-            + (f"; {len(failures)} failed" if failures else "")
-        )
-    return 1 if failures else 0
-
-
-def recipe_of_video(video_options: dict) -> dict:
-    """The encoder settings that decide a video output, as the resume manifest records them."""
-    return {k: video_options[k] for k in ("codec", "crf", "bitrate", "pix_fmt", "preset", "frames")}
+    try:
+        if plan is not None:
+            summary = plan.run(upscaler, skip_existing=args.skip_existing, max_pixels=args.max_pixels,
+                               on_start=start, on_file=done, frame_progress=frames)
+            results, line = summary.results, summary.line()
+        else:
+            result = run_file(upscaler, src, dst, max_pixels=args.max_pixels, video=video, frame_progress=frames)
+            if not result.ok:
+                _error(result.error)
+                return 1
+            done(result)
+            summary = FolderSummary(upscaler.describe(), upscaler.scale, todo=1, results=[result])
+            results, line = summary.results, summary.line()
+    except KeyboardInterrupt as exc:
+        _say_partial(exc, video)
+        raise
+    if not args.quiet and any(not r.is_video for r in results):
+        print(line)
+    return 1 if any(not r.ok for r in results) else 0
 
 
 def cmd_eval(args) -> int:
@@ -700,7 +649,7 @@ def cmd_serve(args) -> int:
     upscaler = ServingUpscaler(
         args.model, device=args.device, dtype=args.precision, weights=args.weights,
         max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000, max_queue=args.max_queue,
-        graph_cache=args.graph_cache, backend=_backend(args),
+        graph_cache=args.graph_cache, backend=args.backend,
     )
     server = make_server(upscaler, args.host, args.port, limits)
     print(f"serving {args.model} on {upscaler.device} ({args.precision}) at http://{args.host}:{args.port} "

@@ -41,13 +41,24 @@ OUTPUT_CHANGED = "output changed since it was written"
 OVERWRITE = "overwrite asked"
 
 
-def weights_id(model: str, weights: str | os.PathLike | None) -> str:
-    """The SHA-256 of the weights a run loads: the released file's (the loader verifies it) or the
-    given file's."""
+def weights_id(model: str, weights) -> str:
+    """The SHA-256 of the weights a run loads: the released file's (the loader verifies it), the
+    given file's, or (a module) that of its parameters' and buffers' names, shapes and bytes."""
+    import hashlib
+
+    import torch
+
     from .weights import registry_entry, sha256_of
 
     if weights is None:
         return registry_entry(model).sha256
+    if isinstance(weights, torch.nn.Module):
+        digest = hashlib.sha256()
+        for name, tensor in weights.state_dict().items():
+            t = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{name}{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
     return sha256_of(weights)
 
 

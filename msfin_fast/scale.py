@@ -48,10 +48,7 @@ from .errors import InvalidInputError, MSFINError
 from .images import (
     DEFAULT_MAX_PIXELS,
     Picture,
-    check_output_folder,
-    check_writable,
     decode_image,
-    list_image_files,
     pixel_limit,
     write_image,
 )
@@ -59,7 +56,6 @@ from .policy import RunOptions, upscale_alpha
 from .tiling import DEFAULT_TILE_PAD
 
 _NEEDS_EXTRA = "scale-out needs Ray: pip install 'msfin_fast[scale]'"
-BACKEND_CHOICES = ("native", "cpu", "reference", "auto", "triton", "cuda")
 # Threads of the driver that check which outputs are complete (file headers: I/O-bound).
 CHECK_THREADS = 16
 
@@ -90,8 +86,10 @@ def _check_engine(model: str, dtype: str, backend: str | None) -> None:
         raise InvalidInputError(f"model must be one of {', '.join(PRESETS)}, got {model!r}")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise InvalidInputError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}")
-    if backend is not None and backend not in BACKEND_CHOICES:
-        raise InvalidInputError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+    from .engine.backends import CHOICES
+
+    if backend is not None and backend not in CHOICES:
+        raise InvalidInputError(f"backend must be one of {', '.join(CHOICES)}, got {backend!r}")
 
 
 def _device_for(device: str, gpus: float, owner: str) -> str:
@@ -107,14 +105,12 @@ def _device_for(device: str, gpus: float, owner: str) -> str:
     return device
 
 
-def _default_backend(backend: str | None, device: str, tile_mode: str) -> str:
-    """As the CLI: auto on a CPU (the native kernels, else the cpu backend; the reference for exact
-    tiles), the reference on a GPU."""
+def _backend_for(backend: str | None, device: str, tile_mode: str) -> str:
+    """``backend``, else every door's default for a worker's or replica's device
+    (:func:`msfin_fast.engine.default_backend`)."""
     from .engine import default_backend
 
-    if backend is not None:
-        return backend
-    return default_backend("cpu" if device == "cpu" else "cuda", tile_mode)
+    return backend if backend is not None else default_backend(device, tile_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +159,7 @@ class JobOptions:
             _check_count("cpus_per_worker", self.cpus_per_worker, 0.01, integer=False)
         self.run_options()  # tile, tile_pad, tile_mode
         device = _device_for(self.device, self.gpus_per_worker, "worker")
-        if self.tile_mode == "exact" and _default_backend(self.backend, device, self.tile_mode) != "reference":
+        if self.tile_mode == "exact" and _backend_for(self.backend, device, self.tile_mode) != "reference":
             raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference' "
                                     "(--backend reference)")
 
@@ -176,7 +172,7 @@ class JobOptions:
 
     @property
     def worker_backend(self) -> str:
-        return _default_backend(self.backend, self.worker_device, self.tile_mode)
+        return _backend_for(self.backend, self.worker_device, self.tile_mode)
 
     @functools.cached_property
     def recipe(self) -> dict:
@@ -342,21 +338,16 @@ class JobSummary:
         return len(self.failures)
 
     def line(self) -> str:
-        """The CLI's summary: images, failures, output Mpx/s."""
+        """The CLI's summary (:func:`msfin_fast.folders.images_line`): images, failures, output Mpx/s,
+        skipped outputs and why others were redone."""
+        from .folders import images_line
+
         o = self.options
         where = (f"Ray ({o.workers} worker{'s' if o.workers != 1 else ''}, "
                  f"{o.worker_device}{f' ×{o.gpus_per_worker:g} GPU' if o.gpus_per_worker else ''}, {o.dtype})")
-        text = (f"upscaled {self.images} image{'s' if self.images != 1 else ''} ×{get_config(self.model).scale} "
-                f"with {self.model}{'+' if o.self_ensemble else ''} on {where}: "
-                f"{self.in_pixels / 1e6:.2f} → {self.out_pixels / 1e6:.2f} Mpx in {self.seconds:.2f} s, "
-                f"{self.out_pixels / max(self.seconds, 1e-9) / 1e6:.2f} Mpx/s out")
-        if self.failures:
-            text += f"; {self.failed} failed"
-        if self.skipped:
-            text += f"; {self.skipped} already done (skipped)"
-        if self.redone:
-            text += f"; {self.redone}"
-        return text
+        return images_line(self.images, get_config(self.model).scale, f"{self.model}{'+' if o.self_ensemble else ''}",
+                           where, self.in_pixels, self.out_pixels, self.seconds, failed=self.failed,
+                           skipped=self.skipped, redone=self.redone)
 
 
 def plan_job(src: str | Path, dst: str | Path, options: JobOptions | None = None, *, recursive: bool = False,
@@ -369,29 +360,20 @@ def plan_job(src: str | Path, dst: str | Path, options: JobOptions | None = None
     input itself, and (walking the tree) an output folder inside the input. Removes temporary files
     left by killed writers.
     """
-    from .fileio import remove_stale_parts
+    from .folders import plan_folder
     from .resume import Manifest, plan
 
     options = options or JobOptions()
-
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InvalidInputError(f"{src}: not a folder (a Ray job upscales a folder of images)")
-    check_output_folder(src, dst, recursive)
+    listed = plan_folder(src, dst, recursive=recursive, videos=False)
+    # Workers may run elsewhere: each file keeps its path under the resolved roots (a link to a
+    # file elsewhere is read through the link and written at the link's mirrored path).
     s, d = src.resolve(), dst.resolve()
-    # Each file keeps its path under the (resolved) root: a link to a file elsewhere is read
-    # through the link and written at the link's mirrored path.
-    files = [s / f.relative_to(src) for f in list_image_files(src, recursive=recursive)]
-    if not files:
-        raise InvalidInputError(f"{src}: no images in this folder{' tree' if recursive else ''}")
-    outputs = [d / f.relative_to(s) for f in files]
-    for out in outputs:
-        check_writable(out)
-    for folder in sorted({out.parent for out in outputs}):
-        remove_stale_parts(folder)
+    pairs = [(s / f.relative_to(src), d / out.relative_to(dst)) for f, out in listed.pairs]
     made, scale = options.recipe, get_config(options.model).scale
-    return plan(zip(files, outputs), Manifest(d), lambda _: made, lambda _: scale, overwrite=overwrite,
-                threads=CHECK_THREADS)
+    return plan(pairs, Manifest(d), lambda _: made, lambda _: scale, overwrite=overwrite, threads=CHECK_THREADS)
 
 
 # Seconds to wait for a Ray cluster's address to answer (Ray itself retries an unreachable GCS for
@@ -556,7 +538,7 @@ class ServiceOptions:
         device = _device_for(self.device, self.gpus_per_replica, "replica")
         return dict(model=self.model, device=device, dtype=self.dtype, weights=self.weights,
                     max_batch=self.max_batch, batch_window=self.batch_window, max_queue=self.max_queue,
-                    graph_cache=self.graph_cache, backend=_default_backend(self.backend, device, "plain"))
+                    graph_cache=self.graph_cache, backend=_backend_for(self.backend, device, "plain"))
 
 
 class MSFINReplica:

@@ -5,6 +5,7 @@ the reference, ``optimize`` (the engine)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .devices import resolve_device, resolve_dtype
+from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError
 from .images import Picture, from_pil, picture_from_array, picture_to_array, read_image, to_pil, write_image
 from .model import MSFIN, check_input
@@ -56,11 +57,11 @@ class Upscaler:
         self.options = RunOptions(tile, tile_pad, tile_mode, self_ensemble, auto_tile)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        if backend is None:  # as the CLI: the engine on a CPU, the reference on a GPU and for exact tiles
+        if backend is None:  # every door's default: the engine on a CPU, the reference on a GPU and for exact tiles
             from .engine import default_backend
 
-            custom = isinstance(model, torch.nn.Module) and not isinstance(model, MSFIN)
-            backend = "reference" if custom else default_backend(self.device, tile_mode)
+            backend = default_backend(self.device, tile_mode, model)
+        self.weights, self.requested_backend = weights, backend
         if self.dtype == torch.float16 and self.device.type == "cpu" and backend == "reference":
             warnings.warn("float16 on the CPU is slow and no more accurate; prefer float32 there")
         # The engine is built from the fp32 model and runs in self.dtype; the reference runs in it.
@@ -96,6 +97,23 @@ class Upscaler:
     @property
     def scale(self) -> int:
         return getattr(self.model, "scale", 4)
+
+    @functools.cached_property
+    def recipe(self) -> dict:
+        """What decides this upscaler's pixels, as a folder run's manifest records it
+        (:func:`msfin_fast.resume.recipe`): model, weights hash, dtype, backend as asked, run options."""
+        from .resume import recipe
+
+        weights = self.weights
+        if self.name == "custom":
+            weights = self.model  # hashed from its parameters
+        return recipe(self.name, weights, dtype=dtype_name(self.dtype), backend=self.requested_backend,
+                      options=self.options)
+
+    def describe(self) -> tuple[str, str]:
+        """(model, where) as the summaries say them: ``("msfin-x4+", "cpu (fp32)")``."""
+        return (f"{self.name}{'+' if self.options.self_ensemble else ''}",
+                f"{self.device} ({dtype_name(self.dtype)})")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = run_forward(self.model, x, self.options)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from msfin_fast.cli import main
+from msfin_fast.errors import InvalidInputError
 
 RNG = np.random.default_rng(0)
 
@@ -237,22 +238,48 @@ def test_an_output_that_overflows_is_an_error_not_a_black_image(tmp_path, weight
     assert not (tmp_path / "o.png").exists() and _parts(tmp_path) == []
 
 
-def test_default_backend_is_cpu_on_a_cpu_and_the_reference_for_exact_tiles():
-    """The CLI's default on a CPU is the cpu backend (fp32 channels_last), except for exact tiles,
-    which walk the reference's graph; on a GPU the reference; an explicit --backend always wins."""
-    import argparse
-
+def test_every_door_takes_its_default_backend_from_one_function(monkeypatch, weights_dir):
+    """engine.default_backend decides the backend where none is named: auto on a CPU (the native
+    kernels, else the cpu backend), the reference for exact tiles, on a GPU and for a custom module.
+    Replaced, every door follows it: Upscaler, ServingUpscaler, the CLI, Ray jobs and services."""
     import torch
 
-    from msfin_fast.cli import _backend
+    import msfin_fast.engine as engine
+    from msfin_fast import ServingUpscaler, Upscaler
+    from msfin_fast.cli import _make_upscaler, build_parser
+    from msfin_fast.engine import default_backend
+    from msfin_fast.scale import JobOptions, ServiceOptions
 
-    def args(**kw):
-        return argparse.Namespace(**{"backend": None, "device": "cpu", "tile_mode": "plain", **kw})
+    assert default_backend("cpu") == "auto"
+    assert default_backend("cpu", "exact") == "reference"
+    assert default_backend("cuda") == "reference"
+    assert default_backend("cpu", "plain", torch.nn.Identity()) == "reference"
 
-    assert _backend(args()) == "auto"  # on a CPU: the native kernels, else the cpu backend
-    assert _backend(args(tile_mode="exact")) == "reference"
-    assert _backend(args(backend="reference")) == "reference"
-    assert _backend(args(device="auto")) == ("reference" if torch.cuda.is_available() else "auto")
+    asked = []
+
+    def decided(device, tile_mode="plain", model=None):
+        asked.append((torch.device(device).type, tile_mode))
+        return "cpu"
+
+    monkeypatch.setattr(engine, "default_backend", decided)
+    up = Upscaler("msfin-s-x4", device="cpu")
+    assert (up.requested_backend, up.backend) == ("cpu", "cpu")
+    serving = ServingUpscaler("msfin-s-x4", device="cpu")
+    try:
+        assert serving.backend == "cpu"
+    finally:
+        serving.close()
+    args = build_parser().parse_args(["upscale", "-i", "a.png", "-o", "b.png", "--model", "msfin-s-x4",
+                                      "--device", "cpu", "--tile", "16", "--tile-mode", "exact"])
+    with pytest.raises(InvalidInputError, match="exact tiles"):  # the default was asked, and said cpu
+        _make_upscaler(args.model, args)
+    assert JobOptions(device="cpu").worker_backend == "cpu"
+    assert ServiceOptions(device="cpu").upscaler_kwargs()["backend"] == "cpu"
+    assert asked == [("cpu", "plain")] * 2 + [("cpu", "exact")] + [("cpu", "plain")] * 2
+    # an explicit backend always wins
+    assert Upscaler("msfin-s-x4", device="cpu", backend="reference").backend == "reference"
+    assert JobOptions(device="cpu", backend="reference").worker_backend == "reference"
+    assert len(asked) == 5
 
 
 def test_bf16_on_a_cpu_runs_the_native_kernels_within_a_grey_level(tmp_path, weights_dir, capsys):

@@ -307,10 +307,13 @@ class Engine(nn.Module):
                 f"conv_kernels={self.conv_kernels}, fuse_rrcab={self.fuse_rrcab}")
 
 
-def default_backend(device: torch.device | str, tile_mode: str = "plain") -> str:
-    """The backend every door (the CLI, ``Upscaler``, ``ServingUpscaler``, Ray jobs) runs when none is
-    named: ``auto`` on a CPU (the native C++ kernels, else the cpu backend), ``reference`` on a GPU
-    (the engine is not yet verified on one) and for exact tiles (which walk the reference's graph)."""
+def default_backend(device: torch.device | str, tile_mode: str = "plain", model=None) -> str:
+    """The backend every door (the CLI, ``Upscaler``, ``ServingUpscaler``, Ray jobs and services) runs
+    when none is named: ``auto`` on a CPU (the native C++ kernels, else the cpu backend), ``reference``
+    on a GPU (the engine is not yet verified on one), for exact tiles (which walk the reference's
+    graph) and for a ``model`` that is a module but not the reference MSFIN (the engine is built from one)."""
+    if isinstance(model, nn.Module) and not isinstance(model, MSFIN):
+        return "reference"
     return "auto" if torch.device(device).type == "cpu" and tile_mode != "exact" else "reference"
 
 

@@ -38,6 +38,11 @@ MODULES = {
     "reference": "pytorch",
 }
 NAMES = tuple(MODULES)
+#: Backends for checking kernels, never for images: ``optimize`` takes them, the doors do not.
+CHECKING = ("emulate",)
+#: What every door offers (the CLI's ``--backend``, Ray's options, ``msfin-fast info``): ``auto``
+#: and every backend that is not only for checking.
+CHOICES = ("auto",) + tuple(n for n in NAMES if n not in CHECKING)
 
 
 @dataclass(frozen=True)
