@@ -565,7 +565,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import Picture, write_image
+    from .images import write_image
+    from .pictures import Picture
     from .sample import sample_lr
 
     if not 16 <= args.size <= 4096:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, ImageWriteError, InvalidInputError, MSFINError
 from .fileio import atomic_write
+from .pictures import Picture, from_pil, grey_of, picture_from_array, to_pil
 
 # suffix → (Pillow format, save options)
 WRITE_FORMATS: dict[str, tuple[str, dict]] = {
@@ -41,40 +41,6 @@ READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")
 _FORMAT_NAMES = "PNG, JPEG, BMP, WebP or TIFF"
 _NO_ALPHA_FORMATS = {"JPEG"}
 
-
-@dataclass
-class Picture:
-    """An image as the model sees it: RGB samples, plus what is needed to give it back its form.
-
-    rgb:   H×W×3 uint8, or uint16 for a 16-bit source.
-    alpha: H×W of the same dtype, or None when the source had no transparency.
-    grey:  the source was single-channel (it is replicated into ``rgb``; written back as grey).
-    """
-
-    rgb: np.ndarray
-    alpha: np.ndarray | None = None
-    grey: bool = False
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.rgb.shape[1], self.rgb.shape[0]
-
-    @property
-    def depth(self) -> int:
-        """Bits per sample: 8 or 16."""
-        return 16 if self.rgb.dtype == np.uint16 else 8
-
-    def as_8bit(self) -> "Picture":
-        """The picture with 8-bit samples (16-bit ones rounded: v · 255 / 65535)."""
-        if self.depth == 8:
-            return self
-        alpha = None if self.alpha is None else to_8bit(self.alpha)
-        return Picture(to_8bit(self.rgb), alpha, self.grey)
-
-
-def to_8bit(values: np.ndarray) -> np.ndarray:
-    """uint16 samples → uint8, rounded to the nearest of the 256 levels."""
-    return np.round(values.astype(np.float32) * np.float32(255 / 65535)).astype(np.uint8)
 
 
 def list_files(folder: str | Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
@@ -97,78 +63,6 @@ def list_image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files (by suffix) in ``folder``, as :func:`list_files` lists them."""
     return list_files(folder, READ_SUFFIXES, recursive)
 
-
-def from_pil(img: Image.Image) -> Picture:
-    """Convert any Pillow image to a Picture (palette, CMYK, 16-bit grey and 1-bit handled)."""
-    mode = img.mode
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode == "PA":
-        img = img.convert("RGBA")
-    elif mode in ("I", "F") or mode.startswith("I;16"):
-        # 16-bit (or 32-bit) greyscale, which Pillow reads exactly: kept as 16-bit samples.
-        if mode == "F":
-            raise ImageReadError("unsupported image mode 'F' (floating-point samples); save it as 8- or 16-bit")
-        values = np.asarray(img, dtype=np.int64)
-        lo, hi = values.min(initial=0), values.max(initial=0)
-        if lo < 0 or hi > 65535:
-            # Refused rather than clipped: a clipped picture would be a different picture, silently.
-            raise ImageReadError(
-                f"unsupported 32-bit grey samples from {lo} to {hi}; only 0–65535 (16-bit) "
-                "grey is read, and out-of-range values are refused rather than clipped"
-            )
-        return picture_from_array(values.astype(np.uint16))
-    elif mode == "1":
-        img = img.convert("L")
-    elif mode == "La":
-        img = img.convert("LA")
-    elif mode == "RGBa":
-        img = img.convert("RGBA")
-    elif mode not in ("L", "LA", "RGB", "RGBA"):
-        img = img.convert("RGB")
-
-    return picture_from_array(np.asarray(img, dtype=np.uint8))
-
-
-def picture_from_array(arr: np.ndarray) -> Picture:
-    """uint8 or uint16 H×W (grey), H×W×1, H×W×2 (grey + alpha), H×W×3 (RGB) or H×W×4 (RGBA) → Picture."""
-    if not isinstance(arr, np.ndarray) or arr.dtype not in (np.uint8, np.uint16):
-        raise InvalidInputError(
-            f"expected a uint8 or uint16 image array, got {getattr(arr, 'dtype', type(arr).__name__)}; "
-            "for float data use a tensor [N, 3, h, w] with values in 0–255"
-        )
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or not 1 <= arr.shape[2] <= 4:
-        raise InvalidInputError(
-            f"expected an image array H×W, H×W×1, H×W×2, H×W×3 or H×W×4, got shape {arr.shape}"
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise InvalidInputError(f"empty image: shape {arr.shape}")
-    grey = arr.shape[2] <= 2
-    colour = np.repeat(arr[..., :1], 3, axis=2) if grey else arr[..., :3].copy()
-    alpha = arr[..., -1].copy() if arr.shape[2] in (2, 4) else None
-    return Picture(colour, alpha, grey)
-
-
-def picture_to_array(picture: Picture, channels: int) -> np.ndarray:
-    """Inverse of picture_from_array: H×W when ``channels`` is 0, else H×W×channels."""
-    if picture.grey:
-        colour = grey_of(picture.rgb)[..., None]
-    else:
-        colour = picture.rgb
-    parts = [colour] if picture.alpha is None else [colour, picture.alpha[..., None]]
-    out = np.concatenate(parts, axis=2) if len(parts) > 1 else colour
-    return out[..., 0] if channels == 0 else out
-
-
-def grey_of(rgb: np.ndarray) -> np.ndarray:
-    """H×W×3 → H×W grey of the same dtype, with Pillow's "L" conversion (ITU-R 601-2 luma) for
-    uint8, and the same weights, rounded, for uint16."""
-    if rgb.dtype == np.uint8:
-        return np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"))
-    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    return np.clip(np.round(luma), 0, 65535).astype(np.uint16)
 
 
 def _rawmode(img: Image.Image) -> str:
@@ -351,26 +245,6 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
         raise ImageReadError(f"{path}: is a folder, not an image file")
     return decode_image(path, str(path), pixel_limit(max_pixels, str(path)))
 
-
-def to_pil(picture: Picture) -> Image.Image:
-    """A Pillow image in the form of the source: L / LA for grey, RGB / RGBA otherwise; a 16-bit
-    grey picture without alpha gives I;16 (Pillow has no other 16-bit mode)."""
-    rgb, alpha = picture.rgb, picture.alpha
-    if picture.depth == 16 and picture.grey and alpha is None and rgb.ndim == 3:
-        return Image.fromarray(grey_of(rgb))
-    if picture.depth == 16:
-        raise InvalidInputError(
-            "Pillow has no 16-bit colour mode; write 16-bit colour with write_image (PNG or TIFF), "
-            "take it as a uint16 array, or reduce it with Picture.as_8bit()"
-        )
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InvalidInputError(f"expected uint8 H×W×3 RGB, got {rgb.dtype} {rgb.shape}")
-    img = Image.fromarray(rgb, mode="RGB")
-    if picture.grey:
-        img = img.convert("L")
-    if alpha is not None:
-        img.putalpha(Image.fromarray(alpha, mode="L"))
-    return img
 
 
 def _output_format(path: Path) -> tuple[str, dict]:

@@ -19,7 +19,7 @@ from .errors import InvalidInputError
 
 # The feature pyramid halves the full-resolution map twice, so the network's internal size must be a
 # multiple of 4. ×4 inputs always are; other scales are padded, run, and cropped back.
-_PYRAMID_MULTIPLE = 4
+PYRAMID_MULTIPLE = 4
 
 
 def conv3x3(c_in: int, c_out: int, *, stride: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -272,14 +272,23 @@ class MSFIN(nn.Module):
         """
         check_finite = check_finite and not torch.compiler.is_compiling()
         check_input(x, self.head.weight.dtype, check_finite=check_finite)
-        s = self.config.scale
-        y = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s > 1 else x
+        y = self.upsample(x)
         H, W = y.shape[-2:]
-        pad_h, pad_w = -H % _PYRAMID_MULTIPLE, -W % _PYRAMID_MULTIPLE
-        if pad_h or pad_w:
-            y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
-        out = self.add_mean(self.tail2(self.features(self.sub_mean(y))))
+        out = self.add_mean(self.tail2(self.features(self.sub_mean(pyramid_pad(y)))))
         return out[..., :H, :W]
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's first step: the LR image bilinearly ×scale (align_corners=False)."""
+        s = self.config.scale
+        return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s > 1 else x
+
+
+def pyramid_pad(y: torch.Tensor) -> torch.Tensor:
+    """``y`` replicate-padded at the bottom and right to a multiple of the down-sampling pyramid's
+    stride (``PYRAMID_MULTIPLE``), as the network pads its upsampled input; the output is cropped back."""
+    H, W = y.shape[-2:]
+    pad_h, pad_w = -H % PYRAMID_MULTIPLE, -W % PYRAMID_MULTIPLE
+    return F.pad(y, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else y
 
 
 def msfin_x4() -> MSFIN:

@@ -65,7 +65,7 @@ def weights_id(model: str, weights) -> str:
 def recipe(model: str, weights: str | os.PathLike | None, *, dtype: str, backend: str, options,
            **extra) -> dict:
     """What decides an output's pixels, as the manifest records it. ``options`` is a
-    :class:`~msfin_fast.policy.RunOptions`; ``extra`` adds anything else (a video's encoder)."""
+    :class:`~msfin_fast.run.RunOptions`; ``extra`` adds anything else (a video's encoder)."""
     made = {"model": model, "weights": weights_id(model, weights), "dtype": dtype, "backend": backend,
             "tile": options.tile, "tile_pad": options.tile_pad,
             "tile_mode": options.tile_mode, "self_ensemble": bool(options.self_ensemble)}

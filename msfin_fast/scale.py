@@ -45,14 +45,9 @@ import numpy as np
 
 from .config import PRESETS, get_config
 from .errors import InvalidInputError, MSFINError
-from .images import (
-    DEFAULT_MAX_PIXELS,
-    Picture,
-    decode_image,
-    pixel_limit,
-    write_image,
-)
-from .policy import RunOptions, upscale_alpha
+from .images import DEFAULT_MAX_PIXELS, decode_image, pixel_limit, write_image
+from .pictures import Picture, upscaled
+from .run import RunOptions, check_exact_tiles
 from .tiling import DEFAULT_TILE_PAD
 
 _NEEDS_EXTRA = "scale-out needs Ray: pip install 'msfin_fast[scale]'"
@@ -159,9 +154,8 @@ class JobOptions:
             _check_count("cpus_per_worker", self.cpus_per_worker, 0.01, integer=False)
         self.run_options()  # tile, tile_pad, tile_mode
         device = _device_for(self.device, self.gpus_per_worker, "worker")
-        if self.tile_mode == "exact" and _backend_for(self.backend, device, self.tile_mode) != "reference":
-            raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference' "
-                                    "(--backend reference)")
+        if self.tile_mode == "exact":
+            check_exact_tiles(self.tile_mode, _backend_for(self.backend, device, self.tile_mode))
 
     def run_options(self) -> RunOptions:
         return RunOptions(self.tile, self.tile_pad, self.tile_mode, self.self_ensemble)
@@ -245,8 +239,7 @@ class UpscaleWorker:
     def _write(self, path: str, picture: Picture, rgb: np.ndarray) -> tuple[str, float, int]:
         start = time.perf_counter()
         try:
-            alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.upscaler.scale)
-            result = Picture(rgb, alpha, picture.grey)
+            result = upscaled(picture, rgb, self.upscaler.scale)
             out = self._output_path(path)
             stat = self.read_stats.pop(path, None)
             write_image(out, result, lambda tmp: self.manifest.record(path, out, self.options.recipe, tmp, stat))

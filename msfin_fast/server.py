@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ImageReadError, InvalidInputError, MSFINError, QueueFullError
-from .images import Picture, decode_image, encode_image
-from .policy import MIN_TILE, TILE_MODES, RunOptions, estimated_work, upscale_alpha
+from .images import decode_image, encode_image
+from .pictures import Picture, upscaled
+from .run import MIN_TILE, TILE_MODES, RunOptions, estimated_work
 from .serving import ServingUpscaler
 
 _NEEDS_EXTRA = "serving needs starlette, uvicorn and prometheus-client: pip install 'msfin_fast[serve]'"
@@ -198,8 +199,7 @@ def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None
 
 def encode_png(picture: Picture, rgb: np.ndarray, scale: int) -> bytes:
     """The result as PNG bytes, in the upload's form: grey, alpha, and 16 bits stay."""
-    alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, scale)
-    return encode_image(Picture(rgb, alpha, picture.grey), "PNG", "the result", compress_level=1)
+    return encode_image(upscaled(picture, rgb, scale), "PNG", "the result", compress_level=1)
 
 
 def _flag(value: str, name: str) -> bool:

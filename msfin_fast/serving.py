@@ -8,19 +8,16 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .engine.executor import ShapeCache
-from .engine.graphs import CapturedGraph
-from .ensemble import self_ensemble as run_self_ensemble
 from .errors import InvalidInputError, QueueFullError
 from .model import MSFIN
-from .policy import RunOptions, model_config, non_finite_error, quantize, run_forward, to_model_input, unchecked
-from .tiling import DEFAULT_TILE_PAD, available_memory, fits, prepare_exact
-from .upscaler import Upscaler, check_rgb
+from .pictures import check_rgb
+from .run import BatchRunner, RunOptions, check_exact_tiles, non_finite_error
+from .tiling import prepare_exact
+from .upscaler import Upscaler
 
 # ---------------------------------------------------------------------------------------------
 # Serving
@@ -65,22 +62,12 @@ class ServingUpscaler:
     graphs off); on the CPU, no graphs.
     """
 
-    def __init__(
-        self,
-        model: str | torch.nn.Module = "msfin-x4",
-        *,
-        device: str | torch.device | None = "auto",
-        dtype: str | torch.dtype = torch.float32,
-        weights: str | Path | None = None,
-        allow_download: bool = True,
-        max_batch: int = 8,
-        batch_window: float = 0.002,
-        max_queue: int = 64,
-        graph_cache: int = 8,
-        tile_pad: int = DEFAULT_TILE_PAD,
-        auto_tile: bool = True,
-        backend: str | None = None,
-    ):
+    def __init__(self, upscaler: Upscaler | str | torch.nn.Module = "msfin-x4", *, max_batch: int = 8,
+                 batch_window: float = 0.002, max_queue: int = 64, graph_cache: int = 8, **upscaler_options):
+        """``upscaler``: the :class:`Upscaler` to serve (its model, device, dtype, backend and options;
+        its options are a request's defaults), or its model (a preset name or a module) with the
+        Upscaler's keyword arguments in ``upscaler_options`` (``device``, ``dtype``, ``weights``,
+        ``backend``, ``tile_pad``, …)."""
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise InvalidInputError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if not (isinstance(max_queue, int) and max_queue >= 1):
@@ -89,19 +76,24 @@ class ServingUpscaler:
             raise InvalidInputError(f"graph_cache must be an int >= 0, got {graph_cache!r}")
         if not batch_window >= 0:
             raise InvalidInputError(f"batch_window must be >= 0 seconds, got {batch_window!r}")
-        self._upscaler = Upscaler(model, device=device, dtype=dtype, weights=weights,
-                                  allow_download=allow_download, backend=backend)
-        self.model, self.device, self.dtype = self._upscaler.model, self._upscaler.device, self._upscaler.dtype
-        self.name, self.scale, self.backend = self._upscaler.name, self._upscaler.scale, self._upscaler.backend
+        if isinstance(upscaler, Upscaler):
+            if upscaler_options:
+                raise InvalidInputError(f"{', '.join(sorted(upscaler_options))}: give these to the Upscaler, "
+                                        "which is built already")
+        else:
+            upscaler = Upscaler(upscaler, **upscaler_options)
+        self.upscaler = upscaler
+        self.model, self.device, self.dtype = upscaler.model, upscaler.device, upscaler.dtype
+        self.name, self.scale, self.backend = upscaler.name, upscaler.scale, upscaler.backend
         if isinstance(self.model, MSFIN):
             prepare_exact(self.model)  # requests may ask for exact tiles: nothing is walked while serving
         self.max_batch, self.batch_window, self.max_queue = max_batch, float(batch_window), max_queue
-        self.default_options = RunOptions(tile_pad=tile_pad, auto_tile=auto_tile)
+        self.default_options = upscaler.options
         self.stats = ServingStats()
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._runner = BatchRunner(self._upscaler, graph_cache, on_graph=self._count_graph)
+        self._runner = BatchRunner(upscaler, graph_cache, on_graph=self._count_graph)
         self._worker = threading.Thread(target=self._serve, name="msfin-serving", daemon=True)
         self._worker.start()
 
@@ -125,10 +117,7 @@ class ServingUpscaler:
         for rgb in images:
             check_rgb(rgb)
         options = options or self.default_options
-        if options.tile_mode == "exact" and not isinstance(self.model, MSFIN):
-            raise InvalidInputError(
-                f"exact tiles walk the reference MSFIN's graph; this service runs the {self.backend} backend "
-                "(start it with --backend reference for exact tiles)")
+        check_exact_tiles(options.tile_mode, self.backend, self.model)
         now = time.monotonic()
         requests = [_Request(np.ascontiguousarray(rgb), options, Future(), now) for rgb in images]
         with self._cond:
@@ -244,93 +233,3 @@ class ServingUpscaler:
                 self.stats.graph_captures += 1
 
 
-class BatchRunner:
-    """Runs batches of same-shape uint8 (or uint16) H×W×3 images through an :class:`Upscaler`'s
-    model, giving (s·H)×(s·W)×3 images of the same dtype and a finite flag per image. Used by one thread at a time (the
-    serving worker, the video pipeline's compute stage).
-
-    On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
-    replay captured CUDA graphs, one per (batch shape, options), kept in an LRU of ``graph_cache``
-    entries (0: no graphs); ``on_graph(hit)`` hears of each replay (True) and capture (False). On
-    the CPU images run one at a time, through the same steps as ``Upscaler.upscale_rgb``.
-    """
-
-    def __init__(self, upscaler: Upscaler, graph_cache: int = 8, on_graph=None):
-        self.model, self.device, self.dtype = upscaler.model, upscaler.device, upscaler.dtype
-        self.scale = upscaler.scale
-        self._cuda = self.device.type == "cuda"
-        self._graph_cache = graph_cache if self._cuda else 0
-        self.graphs = ShapeCache(max(graph_cache, 1))  # (batch shape, options) → CapturedGraph
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._on_graph = on_graph or (lambda hit: None)
-
-    @torch.inference_mode()
-    def _infer(self, pixels: torch.Tensor, options: RunOptions,
-               whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8/uint16 NHWC on the device → (NHWC of that dtype, a bool per image: finite) on the
-        device. ``whole``: the graphed path, no tiles and no host sync (integer input is finite)."""
-        x = to_model_input(pixels, self.dtype)
-        if whole:
-            model = unchecked(self.model)
-            y = run_self_ensemble(model, x) if options.self_ensemble else model(x)
-        else:
-            y = run_forward(self.model, x, options)
-        finite = torch.isfinite(y).flatten(1).all(1)
-        return quantize(y, pixels.dtype).permute(0, 2, 3, 1).contiguous(), finite
-
-    def run(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
-        if not self._cuda:
-            # Image by image: oneDNN's grouped convolutions round differently at different batch
-            # sizes, so a batch would not give the bytes the API gives; on a CPU one image at a time
-            # is also faster (4 × 64² MSFIN-S: 0.68 s against 1.03 s as one batch).
-            outs, flags = [], []
-            for i in range(len(images)):
-                out, finite = self._infer(torch.from_numpy(images[i:i + 1]), options)
-                outs.append(out.numpy()[0])
-                flags.append(bool(finite[0]))
-            return np.stack(outs), np.array(flags)
-        dtype = torch.from_numpy(images[:0]).dtype
-        host_in = torch.empty(images.shape, dtype=dtype, pin_memory=True)
-        host_in.numpy()[...] = images
-        n, h, w, c = images.shape
-        host_out = torch.empty((n, h * self.scale, w * self.scale, c), dtype=dtype, pin_memory=True)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            entry = self._graph_for(images.shape, dtype, options)
-            if entry is not None:
-                static_out, static_finite = entry.replay(host_in)
-                host_out.copy_(static_out, non_blocking=True)
-                finite = static_finite.clone()
-            else:
-                y, finite = self._infer(host_in.to(self.device, non_blocking=True), options)
-                host_out.copy_(y, non_blocking=True)
-            self._stream.synchronize()
-        return host_out.numpy(), finite.cpu().numpy()
-
-    def _graph_for(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph | None:
-        """The cached graph for this batch, capturing it on a miss; None when it cannot be graphed."""
-        if not self._graph_cache or options.tile is not None:
-            return None
-        key = (shape, dtype, options)
-        entry = self.graphs.get(key)
-        if entry is not None:
-            self._on_graph(True)
-            return entry
-        config = model_config(self.model)
-        batch = shape[0] * (8 if options.self_ensemble else 1)
-        if options.auto_tile and config is not None and not fits(
-                config, self.dtype, (batch, 3, shape[1], shape[2]), available_memory(self.device)):
-            return None
-        try:
-            entry = self._capture(shape, dtype, options)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return None
-        self.graphs.put(key, entry)
-        self._on_graph(False)
-        return entry
-
-    def _capture(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph:
-        static_in = torch.zeros(shape, dtype=dtype, device=self.device)
-        # Two warm-ups (kernel selection, lazy init) outside the capture, on the serving stream.
-        return CapturedGraph(lambda x: self._infer(x, options, whole=True), (static_in,), warmup=2,
-                             stream=self._stream)

@@ -36,12 +36,11 @@ from fractions import Fraction
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import InvalidInputError
 from .graph import record, trace_features
-from .model import _PYRAMID_MULTIPLE, MSFIN, RRCAB, check_input
+from .model import MSFIN, RRCAB, check_input, pyramid_pad
 
 DEFAULT_TILE_PAD = 10
 MIN_TILE = 8
@@ -330,18 +329,14 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
     tiler = _Tiler(tile * s, compute, storage)
     x = x.to(storage)
 
-    # The pre- and post-processing of MSFIN.forward: bilinear ×s, replicate pad, mean shifts.
+    # The pre- and post-processing of MSFIN.forward: its upsample, pyramid pad and mean shifts.
     def upsample(crop: torch.Tensor) -> torch.Tensor:
-        if s > 1:
-            crop = F.interpolate(crop, scale_factor=s, mode="bilinear", align_corners=False)
-        return model.sub_mean(crop)
+        return model.sub_mean(model.upsample(crop))
 
     y = tiler.apply(upsample, Footprint(Fraction(s), Fraction(1 if s > 1 else 0)), x)
     H, W = y.shape[-2:]
-    pad_h, pad_w = -H % _PYRAMID_MULTIPLE, -W % _PYRAMID_MULTIPLE
-    if pad_h or pad_w:
-        # sub_mean is pointwise, so padding after it equals the reference's padding before it.
-        y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
+    # sub_mean is pointwise, so padding after it equals the reference's padding before it.
+    y = pyramid_pad(y)
 
     graph = features_graph(model)
     freed = _graph_last_uses(graph)

@@ -15,9 +15,20 @@ from PIL import Image
 
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError
-from .images import Picture, from_pil, picture_from_array, picture_to_array, read_image, to_pil, write_image
+from .images import read_image, write_image
 from .model import MSFIN, check_input
-from .policy import RunOptions, check_output, prepare, quantize, run_forward, to_model_input, upscale_alpha
+from .pictures import (
+    Picture,
+    check_rgb,
+    from_pil,
+    picture_from_array,
+    picture_to_array,
+    quantize,
+    to_model_input,
+    to_pil,
+    upscaled,
+)
+from .run import RunOptions, check_exact_tiles, check_output, prepare, run_forward
 from .tiling import DEFAULT_TILE_PAD
 from .weights import check_values, load_pretrained
 
@@ -62,6 +73,7 @@ class Upscaler:
 
             backend = default_backend(self.device, tile_mode, model)
         self.weights, self.requested_backend = weights, backend
+        check_exact_tiles(tile_mode, backend)  # before any weights load
         if self.dtype == torch.float16 and self.device.type == "cpu" and backend == "reference":
             warnings.warn("float16 on the CPU is slow and no more accurate; prefer float32 there")
         # The engine is built from the fp32 model and runs in self.dtype; the reference runs in it.
@@ -79,19 +91,13 @@ class Upscaler:
             if not isinstance(self.model, MSFIN):
                 raise InvalidInputError(f"backend={backend!r} builds the engine from an MSFIN model, "
                                         f"not {type(self.model).__name__}")
-            if tile_mode == "exact":
-                raise InvalidInputError("exact tiles walk the reference MSFIN's graph; use backend='reference'")
             from .engine import optimize
 
             # bf16 holds 0–255 only to 0.5–1 grey levels: the image comes back fp32, rounded once
             out = torch.float32 if self.dtype == torch.bfloat16 else None
             self.model = optimize(self.model, dtype=self.dtype, backend=backend, output_dtype=out)
         self.backend = getattr(self.model, "backend", "reference")
-        if tile_mode == "exact" and not isinstance(self.model, MSFIN):
-            raise InvalidInputError(
-                f"exact tiles walk the reference MSFIN's graph; {type(self.model).__name__} is not one. "
-                "Use tile_mode='plain'"
-            )
+        check_exact_tiles(tile_mode, self.backend, self.model)
         prepare(self.model, self.dtype, self.options)
 
     @property
@@ -143,9 +149,7 @@ class Upscaler:
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
-        rgb = self.upscale_rgb(picture.rgb)
-        alpha = None if picture.alpha is None else upscale_alpha(picture.alpha, self.scale)
-        return Picture(rgb, alpha, picture.grey)
+        return upscaled(picture, self.upscale_rgb(picture.rgb), self.scale)
 
     def upscale(self, image):
         if isinstance(image, Image.Image):
@@ -173,11 +177,3 @@ class Upscaler:
         return picture.size, result.size
 
 
-def check_rgb(rgb: np.ndarray) -> None:
-    """Raise InvalidInputError unless ``rgb`` is a non-empty uint8 or uint16 H×W×3 array."""
-    if not (isinstance(rgb, np.ndarray) and rgb.dtype in (np.uint8, np.uint16) and rgb.ndim == 3
-            and rgb.shape[2] == 3 and rgb.size):
-        raise InvalidInputError(
-            "expected a non-empty uint8 or uint16 H×W×3 RGB array, got "
-            f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
-        )

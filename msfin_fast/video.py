@@ -6,7 +6,7 @@ stays bounded whatever the clip's length:
   decode   (a thread)  demuxes, decodes the video stream with FFmpeg's own threads, converts each
                        frame to RGB with the stream's colour matrix and range; audio and subtitle
                        packets pass along untouched, in file order;
-  compute  (a thread)  batches same-size frames through a :class:`~.serving.BatchRunner`: on a GPU one
+  compute  (a thread)  batches same-size frames through a :class:`~.run.BatchRunner`: on a GPU one
                        captured CUDA graph and pinned copies serve the whole clip; on a CPU the frames
                        run one at a time, exactly as ``Upscaler.upscale_rgb`` runs them;
   encode   (the caller's thread) converts back to the output pixel format and colour matrix, encodes,
@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ImageReadError, ImageWriteError, InvalidInputError, NonFiniteOutputError
-from .policy import non_finite_error
+from .run import non_finite_error
 
 # Output container by suffix (FFmpeg muxer name), and the video codec each gets by default.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
@@ -829,7 +829,7 @@ def upscale_video(
     av = _av()
     from .fileio import commit, temporary_beside
     from .images import check_writable
-    from .serving import BatchRunner
+    from .run import BatchRunner
     from .upscaler import Upscaler
 
     src, dst = Path(src), Path(dst)

@@ -20,7 +20,8 @@ cv2 = require_module("cv2")
 
 from msfin_fast import ImageReadError, ServingUpscaler, Upscaler  # noqa: E402
 from msfin_fast.cli import main  # noqa: E402
-from msfin_fast.images import _ORIENT, Picture, decode_image, read_image, write_image  # noqa: E402
+from msfin_fast.images import _ORIENT, decode_image, read_image, write_image  # noqa: E402
+from msfin_fast.pictures import Picture  # noqa: E402
 
 RNG = np.random.default_rng(16)
 COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels → PNG colour type (grey, grey+alpha, RGB, RGBA)

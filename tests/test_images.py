@@ -8,7 +8,8 @@ from PIL import Image
 
 import msfin_fast.images as images
 from msfin_fast import ImageReadError, ImageWriteError
-from msfin_fast.images import Picture, read_image, write_image
+from msfin_fast.images import read_image, write_image
+from msfin_fast.pictures import Picture
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (9, 13, 3), dtype=np.uint8)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msfin_fast import MSFIN, InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
-from msfin_fast.policy import RunOptions
+from msfin_fast.run import RunOptions
 
 RNG = np.random.default_rng(0)
 
@@ -153,7 +153,7 @@ def test_every_cached_graph_keeps_alive_the_arenas_it_replays_into(monkeypatch):
 
     from fakes import EagerGraph
 
-    from msfin_fast import serving
+    from msfin_fast import run as run_layer
     from msfin_fast.engine.executor import Executor
 
     recording: list | None = None
@@ -174,11 +174,11 @@ def test_every_cached_graph_keeps_alive_the_arenas_it_replays_into(monkeypatch):
                 self.arenas_run_over, recording = recording, None
 
     monkeypatch.setattr(Executor, "run", run)
-    monkeypatch.setattr(serving, "CapturedGraph", Recording)
+    monkeypatch.setattr(run_layer, "CapturedGraph", Recording)
     torch.manual_seed(0)
     model = MSFIN("msfin-s-x4").eval()
     upscaler = Upscaler(model, device="cpu", backend="emulate")
-    runner = serving.BatchRunner(upscaler, graph_cache=8)
+    runner = run_layer.BatchRunner(upscaler, graph_cache=8)
     runner._graph_cache = 8  # as on CUDA (the CPU path runs no graphs)
     plain, ensemble = RunOptions(), RunOptions(self_ensemble=True)
     requests = [((1, 4, 5, 3), plain), ((1, 5, 6, 3), ensemble), ((2, 4, 5, 3), plain),
@@ -269,3 +269,37 @@ def test_submit_many_queues_together_so_one_shape_runs_as_one_batch():
     assert [int(o[0, 0, 0]) for o in outs[:5]] == [0, 1, 2, 3, 4] and outs[5].shape == (16, 24, 3)
     # Five of one shape in batches of at most 3, the other shape on its own, whichever order.
     assert stats.batch_sizes == {3: 1, 2: 1, 1: 1}
+
+
+def test_serving_takes_an_upscaler_whose_options_are_the_requests_default(weights_dir):
+    """ServingUpscaler serves a built Upscaler (no second list of its arguments): its options are
+    what a request without options runs, and the bytes are the Upscaler's."""
+    up = Upscaler("msfin-s-x4", device="cpu", tile=8, tile_pad=2)
+    rgb = RNG.integers(0, 256, (13, 11, 3), dtype=np.uint8)
+    with ServingUpscaler(up, max_batch=2, batch_window=0) as service:
+        assert service.upscaler is up and service.default_options == up.options
+        assert service.options(self_ensemble=True).tile_pad == 2
+        assert np.array_equal(service.upscale(rgb, timeout=60), up.upscale(rgb))
+    with pytest.raises(InvalidInputError, match="give these to the Upscaler"):
+        ServingUpscaler(up, device="cpu")
+    with ServingUpscaler("msfin-s-x4", device="cpu", tile_pad=3) as built:  # or its model and arguments
+        assert isinstance(built.upscaler, Upscaler) and built.default_options.tile_pad == 3
+
+
+def test_a_batch_is_graphed_only_when_the_engines_own_arena_fits(monkeypatch):
+    """The fit check before a capture is the one before a run (run.fits_whole): an engine's own
+    arena with its headroom, not the reference's estimate."""
+    from fakes import EagerGraph
+
+    from msfin_fast import run as run_layer
+
+    torch.manual_seed(0)
+    upscaler = Upscaler(MSFIN("msfin-s-x4").eval(), device="cpu", backend="emulate")
+    runner = run_layer.BatchRunner(upscaler, graph_cache=8)
+    runner._graph_cache = 8  # as on CUDA
+    monkeypatch.setattr(run_layer, "CapturedGraph", EagerGraph)
+    need = upscaler.model.arena_bytes(1, 24, 20) * run_layer.ENGINE_HEADROOM
+    monkeypatch.setattr(run_layer, "available_memory", lambda device: int(need * 0.97))
+    assert runner._graph_for((1, 24, 20, 3), torch.uint8, RunOptions()) is None
+    monkeypatch.setattr(run_layer, "available_memory", lambda device: int(need * 1.03))
+    assert runner._graph_for((1, 24, 20, 3), torch.uint8, RunOptions()) is not None

@@ -145,7 +145,7 @@ def test_whole_run_that_would_not_fit_falls_back_to_exact_tiles(pretrained, monk
     whole = Upscaler(model, device="cpu").upscale(rgb)
     per_px = bytes_per_output_pixel(model.config)
     monkeypatch.setattr(tiling, "available_memory", lambda device: int(tiling.HEADROOM * per_px * 16 * 18 * 18))
-    import msfin_fast.policy as upscaler_module
+    import msfin_fast.run as upscaler_module
 
     monkeypatch.setattr(upscaler_module, "available_memory", tiling.available_memory)
     with pytest.warns(UserWarning, match="would not fit"):

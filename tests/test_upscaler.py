@@ -138,7 +138,7 @@ def test_upscaler_backend_builds_the_engine_and_falls_back_where_kernels_cannot_
 
 def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
     """An engine that would not fit runs tiles sized from its own arena estimate."""
-    import msfin_fast.policy as up_mod
+    import msfin_fast.run as up_mod
     from msfin_fast import MSFIN, optimize
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_engine_auto_tiles_from_its_arena_plan(monkeypatch):
 def test_bad_tensors_are_named_before_any_work(upscaler, monkeypatch, x, message):
     """The memory estimate used to run first, so an integer tensor gave a raw TypeError and a 3-D
     one an unpacking error."""
-    import msfin_fast.policy as module
+    import msfin_fast.run as module
 
     monkeypatch.setattr(module, "available_memory", lambda device: pytest.fail("estimated memory first"))
     with pytest.raises(InvalidInputError, match=message):

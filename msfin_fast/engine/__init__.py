@@ -31,8 +31,8 @@ from ..model import MSFIN, check_input
 from . import backends as B
 from . import library
 from . import plan as P
-from .executor import Arena, Executor, ShapeCache
-from .graphs import CapturedGraph
+from .executor import Arena, Executor
+from .graphs import CapturedGraph, ShapeCache
 
 BACKENDS = ("auto",) + B.NAMES
 DTYPES = ENGINE_DTYPES

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -263,31 +262,3 @@ class Executor:
         return [made[v] for v in launch.outputs()]
 
 
-class ShapeCache:
-    """Per-input-shape state (arenas, captured CUDA graphs), least recently used dropped beyond
-    ``capacity``: a service that sees many sizes keeps a bounded number of them alive."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.entries: OrderedDict = OrderedDict()
-
-    def get(self, key):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key, entry) -> None:
-        self.entries[key] = entry
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-
-    def values(self):
-        return self.entries.values()
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-    def __len__(self) -> int:
-        return len(self.entries)

@@ -2,7 +2,8 @@
 
 The engine captures its launches per input shape (``cuda_graphs=True``); the serving upscaler
 captures a whole request (uint8 in, uint8 and a finite flag per image out) per batch shape and
-options. Both use :class:`CapturedGraph` and the engine's :class:`~.executor.ShapeCache`.
+options. Both use :class:`CapturedGraph`, kept in a :class:`ShapeCache` (an LRU the engine also
+keeps its arenas in).
 
 A graph replays into the addresses it was captured on. Memory the captured function allocates
 during the capture belongs to the graph's private pool and lives as long as the graph; memory it
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -86,3 +88,33 @@ class CapturedGraph:
             static.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.outputs
+
+
+class ShapeCache:
+    """Per-input-shape state (arenas, captured CUDA graphs), least recently used dropped beyond
+    ``capacity``: a service that sees many sizes keeps a bounded number of them alive."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry) -> None:
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def values(self):
+        return self.entries.values()
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)

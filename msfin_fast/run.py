@@ -1,6 +1,12 @@
-"""How one forward runs: the run options, tiling and memory policy, self-ensemble, and the checks
-around it (model input layout, non-finite output). The Upscaler, the serving upscaler and the
-service all run images through here."""
+"""Running the model on images: one layer under every door.
+
+:class:`RunOptions` (whole image, plain or exact tiles, self-ensemble), the work a run costs
+(:func:`estimated_work`, which services cap), whether a whole run fits in memory (:func:`fits_whole`:
+the engine's own arena where it plans one, else the reference's estimate), the fall-back to tiles
+and the retry on a GPU's out-of-memory error, self-ensemble, and the checks around a forward (exact
+tiles need the reference; a non-finite output is an error). :func:`run_forward` runs one batch
+tensor; :class:`BatchRunner` runs batches of pixel arrays (pinned copies and CUDA graphs on a GPU)
+for the serving worker and the video pipeline. The Upscaler, serving, video and Ray all run here."""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import MSFINConfig
+from .engine.graphs import CapturedGraph, ShapeCache
 from .ensemble import self_ensemble as run_self_ensemble
 from .errors import DeviceError, InvalidInputError, NonFiniteOutputError
 from .model import MSFIN
+from .pictures import quantize, to_model_input
 from .tiling import (
     DEFAULT_TILE_PAD,
     MIN_TILE,
@@ -30,44 +37,6 @@ from .tiling import (
 
 TILE_MODES = ("plain", "exact")
 
-
-# 16-bit samples run on the model's 0–255 scale: v · 255 / 65535, in float, and back.
-_U16_TO_255 = 255.0 / 65535.0
-
-
-def to_model_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 or uint16 [N, H, W, 3] → float [N, 3, H, W] on the 0–255 scale, with the same strides
-    on every path (channels-last, the faster layout for the reference on a CPU). Convolution
-    libraries pick their algorithm by layout, and a different algorithm may round a pixel the other
-    way, so the API, the CLI and the service all go through here to give byte-identical images.
-    16-bit values are scaled in fp32 before any cast (65535 is past fp16's largest value)."""
-    n, h, w, c = pixels.shape
-    x = torch.empty((n, c, h, w), dtype=dtype, device=pixels.device, memory_format=torch.channels_last)
-    if pixels.dtype == torch.uint16:
-        return x.copy_(pixels.permute(0, 3, 1, 2).float().mul_(_U16_TO_255))
-    return x.copy_(pixels.permute(0, 3, 1, 2))
-
-
-def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
-    """H×W uint8 or uint16 alpha → (s·H)×(s·W) of the same dtype, bicubic, computed on the CPU
-    wherever the model runs (so every path gives the same bytes)."""
-    a = torch.from_numpy(np.ascontiguousarray(alpha)).float()[None, None]
-    a = F.interpolate(a, scale_factor=scale, mode="bicubic", align_corners=False)
-    if alpha.dtype == np.uint16:
-        return a[0, 0].clamp_(0, 65535).round_().to(torch.uint16).numpy()
-    return to_uint8(a[0, 0])
-
-
-def to_uint8(t: torch.Tensor) -> np.ndarray:
-    """Float pixels in 0–255 (any shape) → uint8 numpy, clamped and rounded."""
-    return quantize(t).cpu().numpy()
-
-
-def quantize(t: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Float pixels in 0–255 → uint8 (or uint16: 0–65535) on the same device, clamped and rounded."""
-    if dtype == torch.uint16:
-        return t.float().mul_(1.0 / _U16_TO_255).clamp_(0, 65535).round_().to(torch.uint16)
-    return t.float().clamp_(0, 255).round_().to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -170,6 +139,19 @@ def _engine_arena(model: torch.nn.Module):
     return model.arena_bytes if getattr(model, "has_arena", False) else None
 
 
+def fits_whole(model: torch.nn.Module, n: int, h: int, w: int, dtype: torch.dtype, budget: int | None) -> bool:
+    """Whether a whole run of ``n`` h×w LR images fits in ``budget`` bytes (None: unknown, taken as
+    fitting): the engine's arena (with headroom) where it plans one, else the reference's estimate
+    for an MSFIN; a module of neither kind is taken as fitting (its out-of-memory error is caught)."""
+    if budget is None:
+        return True
+    arena = _engine_arena(model)
+    if arena is not None:
+        return arena(n, h, w) * ENGINE_HEADROOM <= budget
+    config = model_config(model)
+    return config is None or fits(config, dtype, (n, 3, h, w), budget)
+
+
 def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions) -> torch.Tensor:
     if options.tile is not None:
         return _tiled(model, x, options.tile, options)
@@ -178,7 +160,7 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
         return model(x)
     budget = available_memory(x.device)
     arena = _engine_arena(model)
-    if arena is not None and budget is not None and arena(*_lr_shape(x)) * ENGINE_HEADROOM > budget:
+    if arena is not None and not fits_whole(model, *_lr_shape(x), x.dtype, budget):
         # The engine plans its activations per shape, so its own arena size is the estimate.
         n, h, w = _lr_shape(x)
         tile = max(h, w)
@@ -190,7 +172,7 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
             f"{budget / 2**30:.1f} GiB free on {x.device}; running {options.tile_mode} tiles of {tile} px"
         )
         return _tiled(model, x, tile, options)
-    if arena is None and config is not None and budget is not None and not fits(config, x.dtype, tuple(x.shape), budget):
+    if arena is None and not fits_whole(model, *_lr_shape(x), x.dtype, budget):
         tile = choose_tile(config, x.dtype, x.shape[0], budget, options.tile_pad)
         warnings.warn(
             f"a whole {x.shape[-2]}×{x.shape[-1]} run (batch {x.shape[0]}) would not fit in "
@@ -257,11 +239,114 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype, options: RunOptions) -> 
         prepare_exact(model)
 
 
+def check_exact_tiles(tile_mode: str, backend: str, model: torch.nn.Module | None = None) -> None:
+    """Exact tiles walk the reference MSFIN's graph: refuse them on any other backend (checked
+    before a model is built) or with a module that is not an MSFIN."""
+    if tile_mode != "exact":
+        return
+    if backend != "reference":
+        raise InvalidInputError(f"exact tiles walk the reference MSFIN's graph, which the {backend} backend "
+                                "does not run; use backend='reference' (--backend reference)")
+    if model is not None and not isinstance(model, MSFIN):
+        raise InvalidInputError(f"exact tiles walk the reference MSFIN's graph; {type(model).__name__} is not "
+                                "one. Use tile_mode='plain'")
+
+
+def ensembled(forward, x: torch.Tensor, options: RunOptions) -> torch.Tensor:
+    """``forward(x)``, averaged over the 8 flips and rotations when ``options`` ask for self-ensemble."""
+    return run_self_ensemble(forward, x) if options.self_ensemble else forward(x)
+
+
 def run_forward(model: torch.nn.Module, x: torch.Tensor, options: RunOptions) -> torch.Tensor:
     """``model(x)`` with the tiling and self-ensemble that ``options`` ask for ([N,3,h,w] 0–255)."""
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return _whole_or_tiled(model, batch, options)
+    return ensembled(lambda batch: _whole_or_tiled(model, batch, options), x, options)
 
-    if options.self_ensemble:
-        return run_self_ensemble(forward, x)
-    return forward(x)
+
+class BatchRunner:
+    """Runs batches of same-shape uint8 (or uint16) H×W×3 images through an :class:`Upscaler`'s
+    model, giving (s·H)×(s·W)×3 images of the same dtype and a finite flag per image. Used by one thread at a time (the
+    serving worker, the video pipeline's compute stage).
+
+    On CUDA the copies go through pinned host memory on a dedicated stream, and whole-image runs
+    replay captured CUDA graphs, one per (batch shape, options), kept in an LRU of ``graph_cache``
+    entries (0: no graphs); ``on_graph(hit)`` hears of each replay (True) and capture (False). On
+    the CPU images run one at a time, through the same steps as ``Upscaler.upscale_rgb``.
+    """
+
+    def __init__(self, upscaler, graph_cache: int = 8, on_graph=None):
+        self.model, self.device, self.dtype = upscaler.model, upscaler.device, upscaler.dtype
+        self.scale = upscaler.scale
+        self._cuda = self.device.type == "cuda"
+        self._graph_cache = graph_cache if self._cuda else 0
+        self.graphs = ShapeCache(max(graph_cache, 1))  # (batch shape, options) → CapturedGraph
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._on_graph = on_graph or (lambda hit: None)
+
+    @torch.inference_mode()
+    def _infer(self, pixels: torch.Tensor, options: RunOptions,
+               whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8/uint16 NHWC on the device → (NHWC of that dtype, a bool per image: finite) on the
+        device. ``whole``: the graphed path, no tiles and no host sync (integer input is finite)."""
+        x = to_model_input(pixels, self.dtype)
+        if whole:
+            y = ensembled(unchecked(self.model), x, options)
+        else:
+            y = run_forward(self.model, x, options)
+        finite = torch.isfinite(y).flatten(1).all(1)
+        return quantize(y, pixels.dtype).permute(0, 2, 3, 1).contiguous(), finite
+
+    def run(self, images: np.ndarray, options: RunOptions) -> tuple[np.ndarray, np.ndarray]:
+        if not self._cuda:
+            # Image by image: oneDNN's grouped convolutions round differently at different batch
+            # sizes, so a batch would not give the bytes the API gives; on a CPU one image at a time
+            # is also faster (4 × 64² MSFIN-S: 0.68 s against 1.03 s as one batch).
+            outs, flags = [], []
+            for i in range(len(images)):
+                out, finite = self._infer(torch.from_numpy(images[i:i + 1]), options)
+                outs.append(out.numpy()[0])
+                flags.append(bool(finite[0]))
+            return np.stack(outs), np.array(flags)
+        dtype = torch.from_numpy(images[:0]).dtype
+        host_in = torch.empty(images.shape, dtype=dtype, pin_memory=True)
+        host_in.numpy()[...] = images
+        n, h, w, c = images.shape
+        host_out = torch.empty((n, h * self.scale, w * self.scale, c), dtype=dtype, pin_memory=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            entry = self._graph_for(images.shape, dtype, options)
+            if entry is not None:
+                static_out, static_finite = entry.replay(host_in)
+                host_out.copy_(static_out, non_blocking=True)
+                finite = static_finite.clone()
+            else:
+                y, finite = self._infer(host_in.to(self.device, non_blocking=True), options)
+                host_out.copy_(y, non_blocking=True)
+            self._stream.synchronize()
+        return host_out.numpy(), finite.cpu().numpy()
+
+    def _graph_for(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph | None:
+        """The cached graph for this batch, capturing it on a miss; None when it cannot be graphed."""
+        if not self._graph_cache or options.tile is not None:
+            return None
+        key = (shape, dtype, options)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self._on_graph(True)
+            return entry
+        batch = shape[0] * (8 if options.self_ensemble else 1)
+        if options.auto_tile and not fits_whole(self.model, batch, shape[1], shape[2], self.dtype,
+                                                available_memory(self.device)):
+            return None
+        try:
+            entry = self._capture(shape, dtype, options)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
+        self.graphs.put(key, entry)
+        self._on_graph(False)
+        return entry
+
+    def _capture(self, shape: tuple[int, ...], dtype: torch.dtype, options: RunOptions) -> CapturedGraph:
+        static_in = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Two warm-ups (kernel selection, lazy init) outside the capture, on the serving stream.
+        return CapturedGraph(lambda x: self._infer(x, options, whole=True), (static_in,), warmup=2,
+                             stream=self._stream)
