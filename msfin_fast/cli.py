@@ -3,117 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 from . import __version__
+from .console import FrameProgress, Progress, Terminated, stop_signals_interrupt
 from .errors import InvalidInputError, MSFINError
 
 PROG = "msfin-fast"
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (a newline in a file name) written as escapes, so that a
-    progress line stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal, one line per item otherwise."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        label = printable(label)
-        if self.tty:
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            self.stream.write(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{rate:.2f} img/s  {label[:40]:<40}"
-            )
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"[{self.done}/{self.total}] {label}\n")
-        self.stream.flush()
-
-
-class FrameProgress:
-    """A video's frames: a bar with fps and ETA on a terminal, else a line every few seconds."""
-
-    def __init__(self, label: str, stream=None, every: float = 5.0):
-        self.label, self.every = printable(label), every
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int, total: int | None, exact: bool) -> None:
-        now = time.perf_counter()
-        finished = total is not None and done >= total
-        if not (self.tty or finished or now - self.last >= self.every):
-            return
-        self.last = now
-        fps = done / max(now - self.start, 1e-9)
-        if total:
-            eta = max(total - done, 0) / max(fps, 1e-9)
-            count = f"{done}/{'' if exact else '~'}{total} frames, {fps:.1f} fps, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-            width = 30
-            filled = min(width, width * done // total)
-            text = f"[{'#' * filled}{'.' * (width - filled)}] {count}"
-        else:
-            text = f"{done} frames, {fps:.1f} fps"
-        if self.tty:
-            self.stream.write(f"\r{self.label[:30]}: {text}   ")
-        else:
-            self.stream.write(f"{self.label}: {text}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP: the terminal closed), raised in the main thread so that it unwinds like
-    Ctrl-C: temporary files are removed, training saves its checkpoint, a local Ray cluster the
-    command started is shut down, and the exit status is 128 + the signal (143, 129)."""
-
-    def __init__(self, signum: int = signal.SIGTERM):
-        super().__init__()
-        self.signum = int(signum)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 def _error(message: str) -> None:
@@ -696,7 +596,7 @@ COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings(), _sigterm_as_interrupt():
+    with warnings.catch_warnings(), stop_signals_interrupt():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
         try:

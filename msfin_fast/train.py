@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import PRESETS, get_config
+from .console import Bar, on_signals
 from .errors import ConfigError, DatasetError, DeviceError, ImageReadError, TrainingError
 from .evaluate import hr_lr_pair, psnr, rgb2y
 from .fileio import atomic_write
@@ -425,47 +426,30 @@ class TrainSummary:
     interrupted: bool = False
 
 
-class _Progress:
-    """A one-line bar on a terminal (redrawn at most 10 times a second); plain lines otherwise."""
+class _Progress(Bar):
+    """Training steps: a bar with steps/s, learning rate, loss, validation PSNR and the ETA on a
+    terminal (redrawn at most 10 times a second); a plain line per logged step otherwise."""
 
     def __init__(self, total: int, start: int, enabled: bool, stream=None):
-        self.total, self.start_step, self.enabled = total, start, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = self.last_draw = time.perf_counter()
+        super().__init__(total, enabled=enabled, stream=stream, start=start)
         self.last_val: float | None = None
 
     def update(self, step: int, loss: float | None, lr: float, val: float | None, logged: bool) -> None:
         if not self.enabled:
             return
-        now = time.perf_counter()
         if self.tty and val is None:
             val = self.last_val
         self.last_val = val
-        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
-        text = f"{step}/{self.total} {rate:.2f} steps/s  lr {lr:.3g}"
+        text = f"{step}/{self.total} {self.rate(step):.2f} steps/s  lr {lr:.3g}"
         if loss is not None:
             text += f"  loss {loss:.4f}"
         if val is not None:
             text += f"  val {val:.3f} dB"
         if self.tty:
-            if not (logged or step == self.total or now - self.last_draw >= 0.1):
-                return
-            self.last_draw = now
-            width = 30
-            filled = width * step // max(self.total, 1)
-            eta = (self.total - step) / max(rate, 1e-9)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}  eta {eta:.0f} s ")
-            if step == self.total:
-                self.stream.write("\n")
+            if logged or step == self.total or self.due(0.1):
+                self.draw(f"{self.bar(step)} {text}  eta {self.eta(step):.0f} s ", final=step == self.total)
         elif logged:
-            self.stream.write(f"[{text}]\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+            self.draw(f"[{text}]", keep=True)
 
 
 class Trainer:
@@ -771,22 +755,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigint_requests_stop(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
         def handler(signum, frame):
             if self._stop.is_set():
                 raise KeyboardInterrupt
             self.stop_signal = signum
             self.request_stop()
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            yield
+            with on_signals(handler, (signal.SIGINT, signal.SIGTERM)):
+                yield
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
             self._stop.clear()
 
 

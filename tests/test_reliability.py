@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import ROOT
 
 from msfin_fast import DeviceError, Upscaler, WeightsError
-from msfin_fast.cli import Progress, main
+from msfin_fast.cli import main
+from msfin_fast.console import Progress
 from msfin_fast.resume import MANIFEST_NAME, Manifest
 
 MODEL = "msfin-s-x4"

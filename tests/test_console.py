@@ -1,0 +1,65 @@
+"""msfin_fast.console: the progress displays (a folder's files, a video's frames) and signals."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import pytest
+
+from msfin_fast.console import FrameProgress, Progress, Terminated, clock, on_signals, stop_signals_interrupt
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_folder_bar_on_a_terminal_is_one_line_with_rate_and_eta():
+    stream = Terminal()
+    bar = Progress(3, stream=stream)
+    for name in ("a.png", "b.png", "c\nd.png"):
+        bar.step(name)
+    out = stream.getvalue()
+    assert out.count("\r") == 3 and out.count("\n") == 1 and out.endswith("\n")  # one line, ended at the end
+    assert "3/3" in out and "img/s, ETA 0:00" in out and "c\\nd.png" in out
+    assert "[" + "#" * 30 + "]" in out
+
+
+def test_off_a_terminal_each_file_is_its_own_line():
+    stream = io.StringIO()
+    bar = Progress(2, stream=stream)
+    bar.step("a.png")
+    bar.step("b.png")
+    assert stream.getvalue() == "[1/2] a.png\n[2/2] b.png\n"
+    quiet = io.StringIO()
+    Progress(2, enabled=False, stream=quiet).step("a.png")
+    assert quiet.getvalue() == ""
+
+
+def test_frames_off_a_terminal_are_a_line_every_few_seconds_and_at_the_end():
+    stream = io.StringIO()
+    frames = FrameProgress("clip.mp4", stream=stream, every=3600)
+    for done in range(1, 5):
+        frames(done, 4, exact=False)
+    assert stream.getvalue().splitlines() == [stream.getvalue().splitlines()[-1]]  # only the last
+    assert "clip.mp4: [" in stream.getvalue() and "4/~4 frames" in stream.getvalue()
+
+
+def test_clock():
+    assert (clock(0), clock(65), clock(3725), clock(-3)) == ("0:00", "1:05", "1:02:05", "0:00")
+
+
+def test_signals_are_handled_in_the_block_and_put_back_after():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    with on_signals(lambda signum, frame: seen.append(signum)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(Terminated) as caught, stop_signals_interrupt():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(1)
+    assert caught.value.signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) is not None
