@@ -7,7 +7,7 @@ Synthesises ``--images`` PNGs, then times, one after the other, in this process:
   cli        ``msfin-fast upscale -i IN -o OUT`` as the CLI runs it (model built, images one by one,
              torch's default threads);
   ray init   starting a local Ray cluster with every CPU (paid once per job, not per image);
-  ray ×W     ``msfin_fast.scale.upscale_folder`` with W workers on that cluster, the CPUs shared
+  ray ×W     ``msfin_fast.cluster.run_job`` with W workers on that cluster, the CPUs shared
              among them (so each run uses the whole machine), the default batch size.
 Each Ray run's wall time counts its actors' start-up and model load; "first row" is when its first
 results came back. Writes NAME.md (the table) and NAME.json (rows and environment) to --out-dir.
@@ -57,7 +57,7 @@ def main() -> int:
 
     from msfin_fast import __version__
     from msfin_fast.cli import main as cli
-    from msfin_fast.scale import JobOptions, upscale_folder
+    from msfin_fast.cluster import JobOptions, run_job
 
     cpus = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="msfin-scale-"))
@@ -88,7 +88,7 @@ def main() -> int:
         options = JobOptions(model=args.model, workers=workers, cpus_per_worker=max(1, cpus // workers),
                              batch_size=args.batch_size)
         start = time.perf_counter()
-        summary = upscale_folder(src, tmp / f"ray{workers}", options, progress=False,
+        summary = run_job(src, tmp / f"ray{workers}", options, progress=False,
                                  on_row=lambda row: first or first.append(time.perf_counter()))
         seconds = time.perf_counter() - start
         assert summary.images == args.images and not summary.failures, summary.failures

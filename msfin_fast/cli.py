@@ -225,7 +225,8 @@ def _ray_only(args, names) -> None:
 
 
 def _ray_upscale(args) -> int:
-    from .scale import JobOptions, upscale_folder
+    from .cluster import JobOptions, run_job
+    from .run import RunOptions
     from .video import list_video_files
 
     if not args.input.is_dir():
@@ -239,8 +240,7 @@ def _ray_upscale(args) -> int:
                       "upscales images; run without --ray for the videos")
     options = JobOptions(
         model=args.model, dtype=args.precision, backend=args.backend, device=args.device,
-        weights=_worker_weights(args),
-        tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode, self_ensemble=args.self_ensemble,
+        weights=_worker_weights(args), run=RunOptions(args.tile, args.tile_pad, args.tile_mode, args.self_ensemble),
         workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8, max_pixels=args.max_pixels,
     )
@@ -249,7 +249,7 @@ def _ray_upscale(args) -> int:
         if not row["ok"]:
             _error(row["error"])
 
-    summary = upscale_folder(args.input, args.output, options, address=args.ray or None,
+    summary = run_job(args.input, args.output, options, address=args.ray or None,
                              recursive=args.recursive, overwrite=args.overwrite, progress=not args.quiet,
                              on_row=report)
     if not args.quiet:
@@ -563,7 +563,7 @@ def cmd_serve(args) -> int:
 
 
 def _ray_serve(args, limits) -> int:
-    from .scale import ServiceOptions, ray_session, run_service
+    from .cluster import ServiceOptions, ray_session, run_service
 
     options = ServiceOptions(
         model=args.model, dtype=args.precision, backend=args.backend, device=args.device,

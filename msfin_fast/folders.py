@@ -1,7 +1,7 @@
 """Folder runs: every image (and video) of a folder upscaled into the mirrored paths of another.
 
 The one implementation behind ``msfin-fast upscale -i FOLDER``, :func:`upscale_folder` and the Ray
-job planner (:func:`msfin_fast.scale.plan_job`, which keeps its own execution):
+job planner (:func:`msfin_fast.cluster.plan_job`, which keeps its own execution):
 
 - :func:`plan_folder` lists the inputs (the whole tree with ``recursive``, hidden folders left out),
   mirrors them under the output folder, and refuses what cannot work before any model loads: a

@@ -3,7 +3,7 @@
 Weights come from ``MSFIN_WEIGHTS_DIR``, else ``../shared/weights``, else ``shared/weights`` inside the
 checkout (the git-ignored copy a GPU machine gets); images likewise from ``MSFIN_DATA_DIR`` or
 ``data``. Without them the tests that need them skip on a developer's CPU and fail under CI, on
-any machine with a GPU and with ``MSFIN_STRICT_TESTS=1`` (:func:`missing`): a GPU run is too rare to
+any machine with a GPU and with ``MSFIN_STRICT_TESTS=1`` (``helpers.missing``): a GPU run is too rare to
 lose tests to a missing folder, a module or a tool.
 Tests never touch the network or the user's torch hub cache. Every test runs with TF32 off, so
 an fp32 reference on a GPU is true fp32 (see ``msfin_fast.devices.true_fp32``).
@@ -17,41 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIRS = [ROOT.parent / "shared", ROOT / "shared"]
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
-HAS_CUDA = torch.cuda.is_available()
-# Where something a test needs may not be missing: CI, any machine with CUDA, and runs that ask for
-# it (the GPU scripts set MSFIN_STRICT_TESTS=1, so a GPU run can never turn green by skipping).
-STRICT_ENV = "MSFIN_STRICT_TESTS"
-
-
-def strict() -> bool:
-    return IN_CI or HAS_CUDA or os.environ.get(STRICT_ENV, "") == "1"
-
-
-def missing(message: str) -> None:
-    """A test cannot run because ``message`` is missing: a skip on a developer's CPU, a failure that
-    names what is missing wherever :func:`strict` holds. Works at module level too."""
-    if strict():
-        why = "CI" if IN_CI else "a machine with CUDA" if HAS_CUDA else f"{STRICT_ENV}=1"
-        pytest.fail(f"{message} [missing is a failure here: {why}]", pytrace=False)
-    pytest.skip(message, allow_module_level=True)
-
-
-def require_module(name: str):
-    """``pytest.importorskip`` that fails where :func:`strict` holds."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        missing(f"the module {name!r} is not installed ({exc})")
-
 # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. The flag is read
-# when a kernel is decorated, so it has to be set before any test imports msfin_fast.kernels.
-if not HAS_CUDA:
+# when a kernel is decorated, so it has to be set before anything imports msfin_fast.kernels.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import HAS_CUDA, SHARED_DIRS, missing  # noqa: E402  (after the flag)
 
 
 def find_resource(env: str, sub: str, needed: list[str]) -> tuple[Path | None, str]:

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bounds import ENGINE_FP32_CPU
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,13 +42,15 @@ def test_floor_counts_one_read_and_write_per_pass():
     assert latency.floor_bytes(model, 1, 8, 8, 2) == 2 * 2 * (full + half + quarter)
 
 
-def test_bad_size_is_rejected():
+def test_bad_size_is_rejected(capsys):
     latency = load_latency()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         latency.main(["--sizes", "12by4"])
+    assert exited.value.code == 2  # argparse's usage error, not any exit
+    assert "size must look like 180x320 (LR height x width), got '12by4'" in capsys.readouterr().err
 
 
-def test_latency_check_warm_only_and_dry_run(tmp_path, capsys):
+def test_latency_check_warm_only_and_dry_run(tmp_path, capsys, monkeypatch):
     latency = load_latency()
     common = ["--models", "msfin-s-x4", "--sizes", "4x6", "--batch", "1", "--backends", "ref-fp32", "engine-fp16-graph",
               "--device", "cpu", "--out-dir", str(tmp_path)]
@@ -58,6 +61,23 @@ def test_latency_check_warm_only_and_dry_run(tmp_path, capsys):
     ref, engine = json.loads((tmp_path / "c.json").read_text())["results"]
     assert ref["max_abs_err"] == 0.0  # the fp32 reference against itself, TF32 or not
     assert "skipped" in engine  # no GPU here
+    # --check measures each backend against the true fp32 reference: the native kernels within the
+    # engine's fp32 bound, and a backend planted 3 grey levels off is reported 3 off.
+    real_build = latency.build
+
+    def build(backend, model, shape):
+        fn, dtype = real_build(backend, model, shape)
+        if backend == "cpu-fp32":
+            return (lambda x: fn(x) + 3.0), dtype
+        return fn, dtype
+
+    monkeypatch.setattr(latency, "build", build)
+    checked = common[:common.index("--backends")] + ["--backends", "native-fp32", "cpu-fp32", "--device", "cpu",
+                                                     "--out-dir", str(tmp_path)]
+    assert latency.main(checked + ["--iters", "1", "--warmup", "0", "--check", "--name", "k"]) == 0
+    native, planted = json.loads((tmp_path / "k.json").read_text())["results"]
+    assert native["backend"] == "native-fp32" and native["max_abs_err"] <= ENGINE_FP32_CPU
+    assert planted["backend"] == "cpu-fp32" and abs(planted["max_abs_err"] - 3.0) < ENGINE_FP32_CPU
     assert latency.main(common + ["--warm-only", "--name", "w"]) == 0
     ref = json.loads((tmp_path / "w.json").read_text())["results"][0]
     assert ref["skipped"].startswith("warm-up only") and "median_ms" not in ref
@@ -127,7 +147,7 @@ def test_quick_on_a_cpu_is_small_and_says_so(tmp_path, capsys, monkeypatch):
 def test_onnxruntime_is_the_cpu_peer(tmp_path, capsys):
     """The CPU run times ONNX Runtime on the exported graph beside the reference, and --check shows
     it computes the same image (the export's own tolerance, 1e-3 on 0–255)."""
-    from conftest import require_module
+    from helpers import require_module
 
     require_module("onnxruntime")
     latency = load_latency()
@@ -284,7 +304,6 @@ def test_on_a_cpu_the_backends_of_a_shape_are_timed_interleaved(tmp_path, monkey
     """One (model, size, batch) at a time, every backend built and warmed up first, then rounds of
     one untimed and one timed call each; a backend that fails is its row's error and the others are
     still timed; each row says its settings, the files say the protocol and the load."""
-    import torch
 
     latency = load_latency()
     calls = []
@@ -322,7 +341,7 @@ def test_on_a_cpu_the_backends_of_a_shape_are_timed_interleaved(tmp_path, monkey
 
 def test_the_cpu_peers_record_their_settings(tmp_path):
     """ONNX Runtime and OpenVINO (where installed) say the threads, shapes and precision they ran with."""
-    from conftest import require_module
+    from helpers import require_module
 
     require_module("onnxruntime")
     latency = load_latency()

@@ -248,7 +248,7 @@ def test_every_door_takes_its_default_backend_from_one_function(monkeypatch, wei
     from msfin_fast import ServingUpscaler, Upscaler
     from msfin_fast.cli import _make_upscaler, build_parser
     from msfin_fast.engine import default_backend
-    from msfin_fast.scale import JobOptions, ServiceOptions
+    from msfin_fast.cluster import JobOptions, ServiceOptions
 
     assert default_backend("cpu") == "auto"
     assert default_backend("cpu", "exact") == "reference"

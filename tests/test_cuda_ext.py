@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bounds import Guarded, assert_close, ca_length, initial_sums, tolerance
-from conftest import HAS_CUDA, missing
+from helpers import HAS_CUDA, missing
 
 import msfin_fast
 from msfin_fast.engine.backends import cuda as cuda_backend

@@ -16,24 +16,13 @@ import warnings
 import pytest
 import torch
 from bounds import ENGINE_FP32_CPU, check_engine_output
-from conftest import require_module
+from helpers import random_model, require_module
 
 import msfin_fast
 from msfin_fast import MSFIN, optimize
 from msfin_fast.engine import plan as P
 from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
 
-
-def random_model(preset: str, seed: int = 0) -> MSFIN:
-    """Seeded random weights, with MeanShifts that are not identities (as trained ones are not):
-    the head and tail kernels fold their 3×3 matrices, and an identity would hide a fold that drops one."""
-    torch.manual_seed(seed)
-    model = MSFIN(preset).eval()
-    with torch.no_grad():
-        for shift in (model.sub_mean, model.add_mean):
-            shift.weight.add_(torch.randn_like(shift.weight) * 0.03)
-            shift.bias.add_(torch.randn_like(shift.bias) * 3)
-    return model
 
 
 def lr_batch(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
@@ -186,7 +175,7 @@ def test_an_engine_serves_calls_in_and_out_of_inference_mode(backend, first, the
 def test_a_captured_graph_replays_in_and_out_of_inference_mode():
     """The graph's static inputs outlive the call that captured it; the CPU stand-in below captures
     by running ``fn`` and replays by running it again (the copy into the inputs is the real code)."""
-    from fakes import EagerGraph
+    from helpers import EagerGraph
 
     with torch.inference_mode():
         graph = EagerGraph(lambda x: x * 2, (torch.ones(3),))

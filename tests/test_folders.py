@@ -133,7 +133,7 @@ def test_plan_folder_refuses_before_any_work(tmp_path, case, message):
 def test_plan_folder_lists_the_ray_jobs_files_and_cleans_stale_parts(tree, tmp_path):
     """Ray's planner lists through plan_folder (images only, paths resolved); a temporary file of a
     writer that is gone is removed, with a warning."""
-    from msfin_fast.scale import JobOptions, plan_job
+    from msfin_fast.cluster import JobOptions, plan_job
 
     dst = tmp_path / "out"
     (dst / "sub").mkdir(parents=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import require_module
+from helpers import require_module
 
 cv2 = require_module("cv2")
 

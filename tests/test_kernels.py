@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 from bounds import UNIT_ROUNDOFF, Guarded, assert_close, ca_length, initial_sums, tolerance, triton_tf32x3
-from conftest import require_module
+from helpers import require_module
 
 require_module("triton")
 

@@ -21,8 +21,8 @@ import warnings
 import pytest
 import torch
 from bounds import ENGINE_FP32_CPU, Guarded, assert_close, ca_length, check_engine_output, initial_sums, tolerance
-from conftest import missing
-from test_engine import random_model  # seeded weights, MeanShifts that are not identities
+from helpers import missing
+from helpers import random_model  # seeded weights, MeanShifts that are not identities
 
 from msfin_fast import MSFIN, optimize
 from msfin_fast.engine import plan as P

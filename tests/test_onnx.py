@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_module
+from helpers import require_module
 
 onnx = require_module("onnx")
 ort = require_module("onnxruntime")

@@ -3,12 +3,11 @@ folder run records what made each output and ``--skip-existing`` redoes what ano
 input would change; the CPU memory budget reads MemAvailable and the cgroup; unwritable outputs,
 impossible opsets and fixed shapes are one-line errors before any work; ``--max-pixels`` bounds an
 input from its header; a file that is not a checkpoint says so; a newline in a name keeps the progress
-on one line. (Ray jobs: test_scale.py; videos: test_video.py.)"""
+on one line. (Ray jobs: test_cluster.py; videos: test_video.py.)"""
 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from helpers import ROOT, require_module
 
 from msfin_fast import DeviceError, Upscaler, WeightsError
 from msfin_fast.cli import main
@@ -214,7 +213,7 @@ def test_the_budget_on_this_machine_is_at_least_half_of_mem_available():
 
 
 def test_export_refuses_bad_opsets_and_huge_fixed_shapes_before_any_work(tmp_path, one_line_error):
-    pytest.importorskip("onnx") if not os.environ.get("CI") else None
+    require_module("onnx")
     out = tmp_path / "m.onnx"
     assert main(["export", str(out), "--model", MODEL, "--opset", "99"]) == 1
     one_line_error("opset 99 is beyond what the installed onnx", "opsets 18 to")
@@ -227,13 +226,13 @@ def test_export_refuses_bad_opsets_and_huge_fixed_shapes_before_any_work(tmp_pat
 
 @pytest.mark.parametrize("target", ["/proc/x.onnx", "/sys/x.onnx"])
 def test_export_to_an_unwritable_place_is_one_line(target, one_line_error):
-    pytest.importorskip("onnxscript") if not os.environ.get("CI") else None
+    require_module("onnxscript")
     assert main(["export", target, "--model", MODEL]) == 1
     one_line_error(f"{target}: cannot write")
 
 
 def test_export_over_an_immutable_file_is_one_line(locked, one_line_error):
-    pytest.importorskip("onnxscript") if not os.environ.get("CI") else None
+    require_module("onnxscript")
     target = locked("m.onnx")
     assert main(["export", str(target), "--model", MODEL]) == 1
     one_line_error(f"{target}: cannot write")

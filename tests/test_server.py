@@ -3,87 +3,27 @@ with the right status, a full queue answers 503, and /metrics counts what happen
 
 import io
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-if os.environ.get("CI", "").lower() in ("", "0", "false"):  # CI installs the serve extra: no skip there
-    pytest.importorskip("starlette")
-    pytest.importorskip("uvicorn")
+from helpers import require_module  # noqa: E402
+
+require_module("starlette")  # the serve extra: a failure where it may not be missing (CI)
+require_module("uvicorn")
 
 from msfin_fast import ServingUpscaler, Upscaler  # noqa: E402
-from msfin_fast.server import Limits, make_server  # noqa: E402
+from msfin_fast.server import Limits  # noqa: E402
 
-from test_serving import Gate, close_enough  # noqa: E402
+from helpers import Gate, Running, close_enough, free_port, png, request, wait_until_serving  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def request(port, path, data=None, timeout=60):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
-def wait_until_serving(proc, port, seconds=60):
-    """Wait for a ``msfin-fast serve`` process to answer /healthz; fail with its output if it exits."""
-    deadline = time.monotonic() + seconds
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if request(port, "/healthz", timeout=2)[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        assert time.monotonic() < deadline, f"msfin-fast serve did not come up in {seconds} s"
-        time.sleep(0.1)
-
-
-class Running:
-    """A server on a free port in a thread, stopped on exit."""
-
-    def __init__(self, upscaler, limits=Limits()):
-        self.upscaler, self.port = upscaler, free_port()
-        self.server = make_server(upscaler, "127.0.0.1", self.port, limits)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.upscaler.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ are bounded, every refusal is the app's own (counted, with Retry-After on 503), 
 refused before they run, and a client that leaves takes its queued work with it."""
 
 import io
-import os
 import socket
 import time
 
@@ -12,15 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-if os.environ.get("CI", "").lower() in ("", "0", "false"):  # CI installs the serve extra: no skip there
-    pytest.importorskip("starlette")
-    pytest.importorskip("uvicorn")
+from helpers import require_module  # noqa: E402
+
+require_module("starlette")  # the serve extra: a failure where it may not be missing (CI)
+require_module("uvicorn")
 
 from msfin_fast import ServingUpscaler, Upscaler  # noqa: E402
 from msfin_fast.server import Limits  # noqa: E402
 
-from test_server import Running, png, request  # noqa: E402
-from test_serving import Gate  # noqa: E402
+from helpers import Running, png, request  # noqa: E402
+from helpers import Gate  # noqa: E402
 
 RNG = np.random.default_rng(3)
 FAST = dict(header_timeout=1.0, body_timeout=1.0, slot_wait=0.2)
@@ -275,7 +275,7 @@ def test_the_service_the_api_and_the_cli_give_the_same_bytes(model, tmp_path, we
 
 
 def test_nan_output_is_a_500_with_its_reason_not_a_black_png():
-    from test_serving import HalfBroken
+    from helpers import HalfBroken
 
     up = ServingUpscaler(HalfBroken(), device="cpu")
     with Running(up) as srv:

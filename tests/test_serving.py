@@ -1,46 +1,22 @@
 """ServingUpscaler: concurrent requests come back right, same-shape requests share a batch, a full
 queue refuses instead of growing, and a failing batch fails only its own requests."""
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from msfin_fast import MSFIN, InvalidInputError, QueueFullError, ServingUpscaler, Upscaler
 from msfin_fast.run import RunOptions
+
+from helpers import Gate, HalfBroken, close_enough
 
 RNG = np.random.default_rng(0)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-def close_enough(a, b):
-    """Batched fp32 convs may round a pixel the other way: at most 1 apart, and rarely."""
-    diff = np.abs(a.astype(int) - b.astype(int))
-    return a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() < 1e-3
-
-
-class Gate(nn.Module):
-    """×4 nearest that blocks until released, so a test can hold the worker still."""
-
-    scale = 4
-
-    def __init__(self):
-        super().__init__()
-        self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
-
-    def forward(self, x):
-        self.batches.append(x.shape[0])
-        self.entered.set()
-        assert self.release.wait(30)
-        if (x > 250).all():
-            raise RuntimeError("white images are refused by this test model")
-        return F.interpolate(x, scale_factor=4, mode="nearest")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +99,7 @@ def test_bad_settings(kwargs, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_graphs_match_eager_and_the_cache_is_bounded():
     torch.manual_seed(0)
     from msfin_fast.model import MSFIN
@@ -151,7 +127,7 @@ def test_every_cached_graph_keeps_alive_the_arenas_it_replays_into(monkeypatch):
     import gc
     import weakref
 
-    from fakes import EagerGraph
+    from helpers import EagerGraph
 
     from msfin_fast import run as run_layer
     from msfin_fast.engine.executor import Executor
@@ -200,7 +176,7 @@ def test_every_cached_graph_keeps_alive_the_arenas_it_replays_into(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_engine_graphs_replay_after_many_shapes(dtype):
     """The same on a GPU for real: more shapes than the engine keeps arenas, then replay the first."""
@@ -217,15 +193,6 @@ def test_engine_graphs_replay_after_many_shapes(dtype):
         stats = up.snapshot()
     assert stats.graph_captures == 7 and stats.graph_hits == 2
 
-
-class HalfBroken(nn.Module):
-    """×4 nearest that makes NaN of images whose first pixel is 7 (as an fp16 overflow would)."""
-
-    scale = 4
-
-    def forward(self, x):
-        y = F.interpolate(x, scale_factor=4, mode="nearest")
-        return torch.where(x[:, :1, :1, :1] == 7, torch.full_like(y, float("nan")), y)
 
 
 def test_nan_output_fails_only_its_own_image_and_is_never_an_image():
@@ -289,7 +256,7 @@ def test_serving_takes_an_upscaler_whose_options_are_the_requests_default(weight
 def test_a_batch_is_graphed_only_when_the_engines_own_arena_fits(monkeypatch):
     """The fit check before a capture is the one before a run (run.fits_whole): an engine's own
     arena with its headroom, not the reference's estimate."""
-    from fakes import EagerGraph
+    from helpers import EagerGraph
 
     from msfin_fast import run as run_layer
 

@@ -15,17 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-if os.environ.get("CI", "").lower() in ("", "0", "false"):
-    pytest.importorskip("starlette")
-    pytest.importorskip("uvicorn")
+from helpers import require_module  # noqa: E402
+
+require_module("starlette")  # the serve extra: a failure where it may not be missing (CI)
+require_module("uvicorn")
 
 from msfin_fast import Upscaler  # noqa: E402
 
-from test_server import free_port, png, request, wait_until_serving  # noqa: E402
+from helpers import free_port, png, request, wait_until_serving  # noqa: E402
 
 CLIENTS = 16
 ROUNDS = 16         # each round: the whole mix below (16 requests); all rounds shuffled together

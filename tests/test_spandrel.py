@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import require_module
+from helpers import require_module
 
 
 def _import_spandrel():

@@ -3,7 +3,7 @@
 On a developer's CPU a test whose file, module, compiler or GPU extension is missing skips. Under CI,
 on any machine with CUDA, and with ``MSFIN_STRICT_TESTS=1`` (which the GPU script sets), the same
 test fails with a message that names what is missing: a rare GPU run must not turn green by testing
-nothing (conftest.missing).
+nothing (helpers.missing).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import conftest
+import helpers
 import pytest
-from conftest import missing, require_module
+from helpers import missing, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,30 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def laptop(monkeypatch):
     """Neither CI nor CUDA nor the strict variable."""
-    monkeypatch.setattr(conftest, "IN_CI", False)
-    monkeypatch.setattr(conftest, "HAS_CUDA", False)
-    monkeypatch.delenv(conftest.STRICT_ENV, raising=False)
+    monkeypatch.setattr(helpers, "IN_CI", False)
+    monkeypatch.setattr(helpers, "HAS_CUDA", False)
+    monkeypatch.delenv(helpers.STRICT_ENV, raising=False)
 
 
 def test_missing_is_a_skip_on_a_laptop_and_a_failure_where_strict(laptop, monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="the widget"):
         missing("the widget is not installed")
-    monkeypatch.setenv(conftest.STRICT_ENV, "1")
+    monkeypatch.setenv(helpers.STRICT_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match=r"the widget is not installed \[.*MSFIN_STRICT_TESTS=1"):
         missing("the widget is not installed")
-    monkeypatch.delenv(conftest.STRICT_ENV)
+    monkeypatch.delenv(helpers.STRICT_ENV)
     for where, reason in (("HAS_CUDA", "a machine with CUDA"), ("IN_CI", "CI")):
-        monkeypatch.setattr(conftest, where, True)
+        monkeypatch.setattr(helpers, where, True)
         with pytest.raises(pytest.fail.Exception, match=reason):
             missing("the widget is not installed")
-        monkeypatch.setattr(conftest, where, False)
+        monkeypatch.setattr(helpers, where, False)
 
 
 def test_require_module(laptop, monkeypatch):
     assert require_module("json").dumps([1]) == "[1]"
     with pytest.raises(pytest.skip.Exception, match="'no_such_module_msfin'"):
         require_module("no_such_module_msfin")
-    monkeypatch.setenv(conftest.STRICT_ENV, "1")
+    monkeypatch.setenv(helpers.STRICT_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="'no_such_module_msfin' is not installed"):
         require_module("no_such_module_msfin")
 
@@ -58,11 +58,11 @@ def test_without_nvcc_the_host_emulation_fails_by_name_where_strict(tmp_path):
     nvcc = shutil.which("nvcc")
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
             if not (nvcc and Path(d, "nvcc").exists())]
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "CI", conftest.STRICT_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "CI", helpers.STRICT_ENV)}
     env.update(PATH=os.pathsep.join(path), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "tests/test_cuda_ext.py::test_kernel_source_matches_the_reference_on_the_cpu",
            "-k", "C16G4-fp32", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts="]
-    if conftest.HAS_CUDA:
+    if helpers.HAS_CUDA:
         pytest.skip("this machine has CUDA: every run here is strict")
     lax = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert lax.returncode == 0 and "1 skipped" in lax.stdout and "nvcc" in lax.stdout, lax.stdout[-2000:]

@@ -425,7 +425,6 @@ def test_cli_names_the_bad_image(tmp_path, capsys, one_line_error):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cuda(hr_dir, tmp_path, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():

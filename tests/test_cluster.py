@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, require_module
+from helpers import ROOT, require_module
 
 ray = require_module("ray")
 require_module("ray.data")
@@ -35,19 +35,20 @@ require_module("starlette")
 from msfin_fast import Upscaler  # noqa: E402
 from msfin_fast.cli import main  # noqa: E402
 from msfin_fast.errors import InvalidInputError, MSFINError  # noqa: E402
-from msfin_fast.scale import (  # noqa: E402
+from msfin_fast.cluster import (  # noqa: E402
     JobOptions,
     ServiceOptions,
     UpscaleWorker,
     build_app,
     plan_job,
     service,
-    upscale_folder,
+    run_job,
 )
 from msfin_fast.resume import MANIFEST_NAME  # noqa: E402
+from msfin_fast.run import RunOptions  # noqa: E402
 from msfin_fast.server import Limits  # noqa: E402
 
-from test_server import Running, free_port, request  # noqa: E402
+from helpers import Running, free_port, request  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 MODEL = "msfin-s-x4"
@@ -134,7 +135,7 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def run(archive, out, rows=None, **options) -> object:
     options = {"model": MODEL, "cpus_per_worker": 1, **options}
-    return upscale_folder(archive, out, JobOptions(**options), recursive=True, progress=False,
+    return run_job(archive, out, JobOptions(**options), recursive=True, progress=False,
                           on_row=None if rows is None else rows.append)
 
 
@@ -185,7 +186,7 @@ def test_rerun_does_only_what_is_missing_or_incomplete(ray_cluster, archive, ref
     rows.clear()
     assert run(archive, out, rows, workers=1).skipped == 12 and len(rows) == 2  # only the unreadable two
     rows.clear()
-    summary = upscale_folder(archive, out, JobOptions(model=MODEL, cpus_per_worker=1), recursive=True, overwrite=True,
+    summary = run_job(archive, out, JobOptions(model=MODEL, cpus_per_worker=1), recursive=True, overwrite=True,
                              progress=False, on_row=rows.append)
     assert len(rows) == 14 and summary.images == 12
     assert outputs(out) == {name: reference[name] for name in IMAGES}
@@ -219,7 +220,7 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, tmp_path, weights_di
         time.sleep(0.1)
     assert 3 <= len(done) < len(names), f"the job was not stopped half-way ({len(done)} of {len(names)})"
     rows = []
-    summary = upscale_folder(src, out, JobOptions(model=MODEL, workers=2, cpus_per_worker=1, batch_size=3),
+    summary = run_job(src, out, JobOptions(model=MODEL, workers=2, cpus_per_worker=1, batch_size=3),
                              progress=False,
                              on_row=rows.append)
     assert summary.skipped == len(done) and summary.images == len(names) - len(done) and not summary.failures
@@ -253,14 +254,16 @@ def test_bad_job_options_are_refused_before_any_work(archive, tmp_path, capsys):
         ({"gpus_per_worker": -1}, "gpus_per_worker must be a number >= 0"),
         ({"device": "cuda"}, "needs GPUs per worker > 0"),
         ({"device": "cuda:1", "gpus_per_worker": 1}, "device must be auto, cpu or cuda"),
-        ({"tile": 16, "tile_mode": "exact", "backend": "cpu"}, "use backend='reference'"),
-        ({"tile": 2}, "tile=2 is too small"),
+        ({"run": {"tile": 16, "tile_mode": "exact"}, "backend": "cpu"}, "use backend='reference'"),
+        ({"run": {"tile": 2}}, "tile=2 is too small"),
         ({"model": "msfin-x2"}, "model must be one of"),
         ({"dtype": "int8"}, "dtype must be fp32, fp16 or bf16"),
     ]:
         with pytest.raises(InvalidInputError, match=message):
-            JobOptions(**options)
-    assert JobOptions(tile=16, tile_mode="exact").worker_backend == "reference"  # as the CLI's default
+            JobOptions(**{k: RunOptions(**v) if k == "run" else v for k, v in options.items()})
+    with pytest.raises(InvalidInputError, match="run must be a RunOptions"):
+        JobOptions(run={"tile": 16})
+    assert JobOptions(run=RunOptions(tile=16, tile_mode="exact")).worker_backend == "reference"  # the default
     with pytest.raises(InvalidInputError, match="is inside the input folder"):
         plan_job(archive, archive / "out", recursive=True)
     with pytest.raises(InvalidInputError, match="output folder is the input folder"):
@@ -307,13 +310,13 @@ def test_a_job_redoes_what_other_settings_or_a_changed_input_made(ray_cluster, t
     assert all(outputs(out)[name] != first[name] for name in first)
     assert run(src, out, model="msfin-x4").skipped == 3
     # An option, an input edited since, a TIFF cut in half: each is redone, and the line says why.
-    summary = run(src, out, model="msfin-x4", self_ensemble=True)
+    summary = run(src, out, model="msfin-x4", run=RunOptions(self_ensemble=True))
     assert summary.images == 3 and "(self_ensemble False → True)" in summary.line()
     synthesise(src, {"a.png": ((23, 17), "RGB")}, seed=4)
     tif = out / "b.tif"
     tif.write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
     rows = []
-    summary = run(src, out, rows, model="msfin-x4", self_ensemble=True)
+    summary = run(src, out, rows, model="msfin-x4", run=RunOptions(self_ensemble=True))
     assert sorted(Path(r["path"]).name for r in rows) == ["a.png", "b.tif"] and summary.skipped == 1
     assert "1 input changed since its output was made" in summary.line()
     assert "1 output changed since it was written" in summary.line()
@@ -362,7 +365,7 @@ def test_an_address_that_does_not_answer_is_a_one_line_error(tmp_path):
     assert lines == [f"msfin-fast: error: cannot reach the Ray cluster at 127.0.0.1:{port} (Connection refused); "
                      "is it running, and is the address host:port of its head node?"], proc.stderr
     # A host that does not answer at all: the wait is bounded.
-    from msfin_fast.scale import check_reachable
+    from msfin_fast.cluster import check_reachable
 
     started = time.monotonic()
     with pytest.raises(MSFINError, match="cannot reach the Ray cluster at 192.0.2.1:6379"):
@@ -468,7 +471,7 @@ def test_service_over_http_with_two_replicas_answers_like_msfin_fast_serve(ray_c
     from ray import serve
 
     from msfin_fast import ServingUpscaler
-    from msfin_fast.scale import run_service
+    from msfin_fast.cluster import run_service
 
     limits = Limits(max_body=200_000, max_pixels=600)
     port = free_port()
@@ -550,7 +553,7 @@ def test_build_app_for_serve_run_takes_string_arguments():
 
 
 def test_a_replica_fails_its_health_check_once_its_model_thread_stops(weights_dir):
-    from msfin_fast.scale import MSFINReplica
+    from msfin_fast.cluster import MSFINReplica
 
     replica = MSFINReplica(ServiceOptions(model=MODEL))
     replica.check_health()
