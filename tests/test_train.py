@@ -127,7 +127,7 @@ def test_patch_stream_depends_on_seed_step_and_slot_only(hr_dir, tmp_path):
 
 
 def test_cache_holds_the_eval_pair_and_is_reused(hr_dir, tmp_path, monkeypatch):
-    import msfin_fast.train as train_module
+    import msfin_fast.train.data as train_data
 
     pairs = prepare_pairs(hr_dir, 3, tmp_path / "cache", min_hr=24)
     assert len(pairs) == 4
@@ -140,7 +140,7 @@ def test_cache_holds_the_eval_pair_and_is_reused(hr_dir, tmp_path, monkeypatch):
     def no_resize(*args):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(train_module, "hr_lr_pair", no_resize)
+    monkeypatch.setattr(train_data, "hr_lr_pair", no_resize)
     assert prepare_pairs(hr_dir, 3, tmp_path / "cache", min_hr=24) == pairs  # all from the cache
 
     # A changed source file is a new cache entry.

@@ -471,13 +471,13 @@ def test_quiet_x265_prints_nothing(tmp_path, ntsc_clip, capfd):
 
 
 def test_keep_partial_interrupted_before_the_first_frame_says_so(tmp_path, ntsc_clip, monkeypatch, capsys):
-    import msfin_fast.video as video
+    import msfin_fast.video.job as job
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
         yield
 
-    monkeypatch.setattr(video, "_compute", interrupted)
+    monkeypatch.setattr(job, "compute", interrupted)
     out = tmp_path / "x4.mp4"
     assert main(["upscale", "-i", str(ntsc_clip), "-o", str(out), "--model", "msfin-s-x4", "--keep-partial"]) == 130
     err = capsys.readouterr().err
