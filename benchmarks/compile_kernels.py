@@ -92,7 +92,7 @@ def record_launches(preset: str, dtype: torch.dtype, fuse_rrcab: bool = False) -
                                      fuse_rrcab=fuse_rrcab)
         # The Triton backend over the same plan (emulate builds Triton's), its weights re-packed in
         # its own layouts; the launches are recorded, not run.
-        engine.impl = TritonBackend(fuse_rrcab=fuse_rrcab)
+        engine.backend_object = TritonBackend(fuse_rrcab=fuse_rrcab)
         engine._version = None
         engine(torch.rand(2, 3, 8, 12) * 255)
     finally:

@@ -46,6 +46,7 @@ from triton.runtime.jit import KernelParam, create_function_from_signature  # no
 
 import msfin_fast  # noqa: E402
 from msfin_fast.engine import executor  # noqa: E402
+from msfin_fast.engine import cuda_ext  # noqa: E402
 from msfin_fast.engine.backends import cuda, triton  # noqa: E402
 from msfin_fast.kernels import conv, head, materialize, rrcab, rrcab_fused, tail  # noqa: E402
 
@@ -101,10 +102,10 @@ def recording(keys: dict):
         recorders.append(recorder)
         patch(module, name, recorder)
     patch(rrcab_fused, "programs", lambda device, jobs: min(jobs, 4 * H100_SMS))
-    patch(triton, "unavailable_reason", lambda device: None)
+    patch(triton, "device_problem", lambda device: None)
     patch(cuda.CudaBackend, "unavailable_reason", lambda self, model: None)
-    patch(cuda, "_C", None)  # packing without the extension's check; the pass itself is a no-op below
-    patch(cuda, "rrcab_pass", lambda *a, **k: None)
+    patch(cuda_ext, "_C", None)  # packing without the extension's check; the pass itself is a no-op below
+    patch(cuda_ext, "rrcab_pass", lambda *a, **k: None)
     patch(executor.Executor, "arena", _meta_arena(executor.Executor.arena))
     try:
         yield lambda group: [setattr(r, "group", group) for r in recorders]

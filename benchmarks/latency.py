@@ -271,7 +271,7 @@ def cpu_peer(backend: str, model: msfin_fast.MSFIN, shape: tuple, cuda: bool):
             return f"cannot run here ({exc})", None
         stored = ", addends stored in bf16, fp32 image" if precision == "bf16" else ""
         settings = (f"msfin_fast {name} backend, {precision}{stored}, {torch.get_num_threads()} threads"
-                    + (f", {engine.impl.__module__.rsplit('.', 1)[-1]} kernels with {native_isa()}" if name == "native" else
+                    + (f", {engine.backend_object.__module__.rsplit('.', 1)[-1]} kernels with {native_isa()}" if name == "native" else
                        ", PyTorch (oneDNN) channels_last"))
         return Peer(lambda x: engine(x, check_finite=False), settings), torch.float32
     raise ValueError(f"unknown CPU backend {backend!r}")

@@ -69,7 +69,7 @@ def profile(preset: str, h: int, w: int, iters: int, dtype: torch.dtype = torch.
     """({kind: (calls per forward, median ms per forward, FLOPs per forward)}, forward ms, total FLOPs)."""
     model = msfin_fast.load_pretrained(preset, allow_download=False)
     engine = msfin_fast.optimize(model, dtype=dtype, backend="native", output_dtype=torch.float32)
-    impl = engine.impl
+    impl = engine.backend_object
     impl.records_calls = False  # every forward through the launches (a replay would bypass the wrappers)
     record: dict = defaultdict(lambda: [0, 0.0, 0.0])
 

@@ -387,7 +387,7 @@ def cmd_info(args) -> int:
 
     import torch
 
-    from .report import available_backends
+    from .engine.backends import statuses
     from .config import PRESETS
     from .model import MSFIN
     from .weights import REGISTRY, candidate_paths, locate, sha256_of
@@ -408,7 +408,7 @@ def cmd_info(args) -> int:
             ok = "SHA-256 ok" if sha256_of(path) == entry.sha256 else "SHA-256 MISMATCH (corrupt?)"
             print(f"  {name:<11} {path} ({ok})")
     print("backends:")
-    for b in available_backends():
+    for b in statuses():
         print(f"  {b.name:<20} {'yes' if b.available else 'no ':<4} {b.detail}")
     try:
         import av

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import MSFINConfig
-from .engine.graphs import CapturedGraph, ShapeCache
+from .engine.cuda_graphs import CapturedGraph, ShapeCache
 from .ensemble import self_ensemble as run_self_ensemble
 from .errors import DeviceError, InvalidInputError, NonFiniteOutputError
 from .model import MSFIN

@@ -39,7 +39,7 @@ import torch
 from torch import fx, nn
 
 from .errors import InvalidInputError
-from .graph import record, trace_features
+from .trace import record, trace_features
 from .model import MSFIN, RRCAB, check_input, pyramid_pad
 
 DEFAULT_TILE_PAD = 10

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from msfin_fast.engine.graphs import CapturedGraph
+from msfin_fast.engine.cuda_graphs import CapturedGraph
 from msfin_fast.model import MSFIN
 
 ROOT = Path(__file__).resolve().parent.parent

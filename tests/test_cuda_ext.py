@@ -25,7 +25,7 @@ from bounds import Guarded, assert_close, ca_length, initial_sums, tolerance
 from helpers import HAS_CUDA, missing
 
 import msfin_fast
-from msfin_fast.engine.backends import cuda as cuda_backend
+from msfin_fast.engine import cuda_ext
 from msfin_fast.errors import ConfigError, DeviceError, InvalidInputError
 from msfin_fast.model import RRCAB
 
@@ -93,12 +93,12 @@ EXTENSION_EXPECTED = (nvcc_present() and os.environ.get("MSFIN_NO_CUDA_EXT") != 
 
 @pytest.fixture(scope="module")
 def ext():
-    if not cuda_backend.built():
-        message = f"msfin_fast._C is not built: {cuda_backend.unavailable_reason()}"
+    if not cuda_ext.built():
+        message = f"msfin_fast._C is not built: {cuda_ext.extension_problem()}"
         if EXTENSION_EXPECTED:
             message = "nvcc is present, so the install must build the extension; " + message
         missing(message)
-    return cuda_backend._C
+    return cuda_ext._C
 
 
 @pytest.fixture
@@ -108,9 +108,9 @@ def gpu_ext():
     a skip: a GPU run must not turn green by testing nothing."""
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
-    if not cuda_backend.available():
-        missing(f"the CUDA extension cannot run the kernel here: {cuda_backend.unavailable_reason()}")
-    return cuda_backend._C
+    if not cuda_ext.available():
+        missing(f"the CUDA extension cannot run the kernel here: {cuda_ext.extension_problem()}")
+    return cuda_ext._C
 
 
 def make_block(channels: int, groups: int, reduction: int, seed: int = 0) -> RRCAB:
@@ -175,12 +175,12 @@ def test_reference_pass_reproduces_the_rrcab_module():
 
 
 def test_extension_absence_is_reported_not_raised():
-    if cuda_backend.built():
-        assert cuda_backend.compiled_archs()
+    if cuda_ext.built():
+        assert cuda_ext.compiled_archs()
         return
-    assert not cuda_backend.available()
-    assert "not built" in cuda_backend.unavailable_reason()
-    assert cuda_backend.compiled_archs() == []
+    assert not cuda_ext.available()
+    assert "not built" in cuda_ext.extension_problem()
+    assert cuda_ext.compiled_archs() == []
 
 
 def test_module_exposes_the_pass_and_what_it_was_built_for(ext):
@@ -237,8 +237,8 @@ def test_device_status_without_a_gpu_is_an_answer_not_a_crash(ext):
     count, why = ext.device_status()
     assert count == 0 and why
     assert ext.device_count() == 0
-    assert not cuda_backend.available()
-    assert "no" in cuda_backend.unavailable_reason()
+    assert not cuda_ext.available()
+    assert "no" in cuda_ext.extension_problem()
 
 
 def test_the_binding_refuses_missing_pointers_before_launching(ext):
@@ -256,9 +256,8 @@ def test_pure_python_install_reports_the_backend_unavailable(tmp_path):
     code = (
         "import sys\n"
         "sys.modules['msfin_fast._C'] = None  # import msfin_fast._C now fails as if never built\n"
-        "from msfin_fast.engine.backends import cuda as cb\n"
-        "from msfin_fast.report import cuda_extension_status\n"
-        "s = cuda_extension_status()\n"
+        "from msfin_fast.engine import cuda_ext as cb\n"
+        "s = cb.status()\n"
         "print(cb.built(), cb.available(), s.available, s.detail)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -270,7 +269,7 @@ def test_pure_python_install_reports_the_backend_unavailable(tmp_path):
 
 @pytest.fixture(scope="module")
 def packed_cpu():
-    return cuda_backend.pack_block(make_block(24, 6, 5), torch.float16, "cpu")
+    return cuda_ext.pack_block(make_block(24, 6, 5), torch.float16, "cpu")
 
 
 def cpu_args(n=2, h=5, w=7, c=24, dtype=torch.float16):
@@ -283,7 +282,7 @@ def cpu_args(n=2, h=5, w=7, c=24, dtype=torch.float16):
 
 def test_packing_lays_weights_out_as_the_kernel_reads_them():
     block = make_block(32, 4, 4)
-    p = cuda_backend.pack_block(block, "fp32", "cpu")
+    p = cuda_ext.pack_block(block, "fp32", "cpu")
     w1, w3 = block.body[0].weight, block.body[4].weight
     cg = 8
     for g, ci, dy, dx, co in [(0, 0, 0, 0, 0), (1, 3, 2, 1, 5), (3, 7, 1, 2, 7), (2, 5, 0, 2, 1)]:
@@ -296,18 +295,18 @@ def test_packing_lays_weights_out_as_the_kernel_reads_them():
 
 def test_packing_refuses_what_has_no_kernel(ext):
     """(40, 4) is not in the extension's own list (the only place that lists what it compiles)."""
-    assert (40, 4) not in cuda_backend.supported_configs()
+    assert (40, 4) not in cuda_ext.supported_configs()
     with pytest.raises(ConfigError, match="40 channels"):
-        cuda_backend.pack_block(RRCAB(40, 4, 4, 1), torch.float16, "cpu")
+        cuda_ext.pack_block(RRCAB(40, 4, 4, 1), torch.float16, "cpu")
     with pytest.raises(ConfigError, match="fp16 or fp32"):
-        cuda_backend.pack_block(make_block(24, 6, 5), torch.bfloat16, "cpu")
+        cuda_ext.pack_block(make_block(24, 6, 5), torch.bfloat16, "cpu")
     with pytest.raises(ConfigError, match="RRCAB"):
-        cuda_backend.pack_block(torch.nn.Conv2d(3, 3, 1), torch.float16, "cpu")
+        cuda_ext.pack_block(torch.nn.Conv2d(3, 3, 1), torch.float16, "cpu")
 
 
 def test_cpu_tensors_are_refused_with_a_clear_error(packed_cpu):
     with pytest.raises(InvalidInputError, match=r"t is on cpu; the CUDA backend runs on CUDA tensors"):
-        cuda_backend.rrcab_pass(packed_cpu, **cpu_args())
+        cuda_ext.rrcab_pass(packed_cpu, **cpu_args())
 
 
 @pytest.mark.parametrize(
@@ -335,18 +334,18 @@ def test_bad_arguments_are_refused_by_name(packed_cpu, change, message):
     args = cpu_args()
     change(args)
     with pytest.raises(InvalidInputError, match=message):
-        cuda_backend.rrcab_pass(packed_cpu, **args)
+        cuda_ext.rrcab_pass(packed_cpu, **args)
 
 
 def test_outputs_may_not_overlap_inputs(packed_cpu):
     args = cpu_args()
     with pytest.raises(InvalidInputError, match="x_out overlaps t"):
-        cuda_backend.rrcab_pass(packed_cpu, x_out=args["t"], **args)
+        cuda_ext.rrcab_pass(packed_cpu, x_out=args["t"], **args)
     buf = torch.zeros(2 * 2 * 5 * 7 * 24, dtype=torch.float16)
     u_out, x_out = buf.view(2, 2, 5, 7, 24)
     args.update(u_out=u_out)
     with pytest.raises(InvalidInputError, match="x_out overlaps u_out"):
-        cuda_backend.rrcab_pass(packed_cpu, x_out=buf[8:8 + x_out.numel()].view(x_out.shape), **args)
+        cuda_ext.rrcab_pass(packed_cpu, x_out=buf[8:8 + x_out.numel()].view(x_out.shape), **args)
 
 
 def test_misaligned_views_are_refused(packed_cpu):
@@ -354,35 +353,33 @@ def test_misaligned_views_are_refused(packed_cpu):
     buf = torch.zeros(args["t"].numel() + 1, dtype=torch.float16)
     args.update(t=buf[1:].view(args["t"].shape))
     with pytest.raises(InvalidInputError, match="t is not 16-byte aligned"):
-        cuda_backend.rrcab_pass(packed_cpu, **args)
+        cuda_ext.rrcab_pass(packed_cpu, **args)
 
 
 def test_unchecked_call_without_a_usable_gpu_is_a_device_error(packed_cpu):
-    if cuda_backend.available():
+    if cuda_ext.available():
         pytest.skip("this machine has a usable GPU")
     with pytest.raises(DeviceError, match="not built|no CUDA driver|no usable GPU|newer driver"):
-        cuda_backend.rrcab_pass(packed_cpu, **cpu_args(), check=False)
+        cuda_ext.rrcab_pass(packed_cpu, **cpu_args(), check=False)
 
 
 def test_ca_must_match_the_activations(packed_cpu):
     args = cpu_args()
-    other = cuda_backend.pack_block(make_block(16, 4, 4), torch.float16, "cpu")
+    other = cuda_ext.pack_block(make_block(16, 4, 4), torch.float16, "cpu")
     args.update(u=torch.zeros(2, 5, 7, 24, dtype=torch.float16), sums_in=torch.zeros(2, 24), ca=other)
     with pytest.raises(InvalidInputError, match="ca has 16 channels, the activations 24"):
-        cuda_backend.rrcab_pass(packed_cpu, **args)
+        cuda_ext.rrcab_pass(packed_cpu, **args)
 
 
 def test_packed_weights_must_come_from_pack_rrcab():
     with pytest.raises(InvalidInputError, match="pack_block"):
-        cuda_backend.rrcab_pass(object(), **cpu_args())
+        cuda_ext.rrcab_pass(object(), **cpu_args())
 
 
 def test_backend_report_says_what_was_built():
-    from msfin_fast.report import cuda_extension_status
-
-    status = cuda_extension_status()
-    assert status.available == cuda_backend.available()
-    if cuda_backend.built():
+    status = cuda_ext.status()
+    assert status.available == cuda_ext.available()
+    if cuda_ext.built():
         assert "built for sm_" in status.detail
     else:
         assert "not built" in status.detail
@@ -462,8 +459,8 @@ def test_kernel_source_matches_the_reference_on_the_cpu(emulator, dtype, c, g, r
     # Like the GPU test, smaller: an image inside one tile and ones across ragged tiles, with every
     # optional input, with none, and with u alone; outputs start as NaN inside NaN guard bands.
     block, producer = make_block(c, g, r), make_block(c, g, r, seed=1)
-    packed = cuda_backend.pack_block(block, dtype, "cpu")
-    ca = cuda_backend.pack_block(producer, dtype, "cpu")
+    packed = cuda_ext.pack_block(block, dtype, "cpu")
+    ca = cuda_ext.pack_block(producer, dtype, "cpu")
     gen = torch.Generator().manual_seed(c)
     for (n, h, w), inputs in (((1, 5, 3), "u e1 e2 x_out"), ((2, 19, 37), "x_out"), ((1, 13, 29), "u")):
         def act(scale=2.0):
@@ -530,7 +527,7 @@ def test_kernel_source_is_clean_under_host_sanitizers(tmp_path, sanitizer, flags
 def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
     block = make_block(c, g, r, seed).cuda()
     producer = make_block(c, g, r, seed + 1).cuda()
-    packed = cuda_backend.pack_block(block, dtype, "cuda")
+    packed = cuda_ext.pack_block(block, dtype, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def act(scale=2.0):
@@ -542,13 +539,13 @@ def run_case(c, g, r, dtype, n, h, w, with_inputs, seed=0):
         u = act()
         sums_in = torch.randn(n, c, device="cuda", generator=gen) * h * w
         e1, e2 = act(0.5), act(0.5)
-        kwargs = dict(u=u, sums_in=sums_in, ca=cuda_backend.pack_block(producer, dtype, "cuda"), e1=e1, e2=e2)
+        kwargs = dict(u=u, sums_in=sums_in, ca=cuda_ext.pack_block(producer, dtype, "cuda"), e1=e1, e2=e2)
         ref_kwargs = dict(u=u, sums_in=sums_in, ca=producer, e1=e1, e2=e2)
     out = Guarded("cuda")
     u_out, x_out = out.new("u_out", (n, h, w, c), dtype), out.new("x_out", (n, h, w, c), dtype)
     sums0 = initial_sums(n, c, h * w, "cuda", gen)
     sums_out = out.new("sums_out", (n, c), torch.float32, fill=sums0)
-    cuda_backend.rrcab_pass(packed, t, x_out=x_out, u_out=u_out, sums_out=sums_out, **kwargs)
+    cuda_ext.rrcab_pass(packed, t, x_out=x_out, u_out=u_out, sums_out=sums_out, **kwargs)
     torch.cuda.synchronize()
     with torch.no_grad():
         x_ref, u_ref, sums_ref = reference_pass(block, t, **ref_kwargs)
@@ -575,7 +572,7 @@ def check_two_passes_of_the_pretrained_block(pretrained, device, run_pass):
     module in float64. Bound: two passes' reductions plus the consumer's CA (tests/bounds.py), fp32."""
     model = pretrained("msfin-x4")
     block = model.ds0_body
-    packed = cuda_backend.pack_block(block, torch.float32, device)
+    packed = cuda_ext.pack_block(block, torch.float32, device)
     torch.manual_seed(0)
     t_nchw = torch.randn(2, 24, 31, 45) * 8
     with torch.no_grad():
@@ -598,27 +595,27 @@ def test_two_passes_are_the_pretrained_block_on_the_cpu(emulator, pretrained):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("gpu_ext")
 def test_two_passes_are_the_pretrained_block(pretrained):
-    check_two_passes_of_the_pretrained_block(pretrained, "cuda", cuda_backend.rrcab_pass)
+    check_two_passes_of_the_pretrained_block(pretrained, "cuda", cuda_ext.rrcab_pass)
 
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("gpu_ext")
 def test_pass_runs_on_the_current_stream_and_in_a_cuda_graph():
     c, g, r = 24, 6, 5
-    packed = cuda_backend.pack_block(make_block(c, g, r), torch.float16, "cuda")
+    packed = cuda_ext.pack_block(make_block(c, g, r), torch.float16, "cuda")
     t = (torch.randn(1, 20, 24, c, device="cuda") * 2).half()
     u_out, sums_out = torch.empty_like(t), torch.zeros(1, c, device="cuda")
     expected_u, expected_sums = torch.empty_like(t), torch.zeros(1, c, device="cuda")
-    cuda_backend.rrcab_pass(packed, t, u_out=expected_u, sums_out=expected_sums)
+    cuda_ext.rrcab_pass(packed, t, u_out=expected_u, sums_out=expected_sums)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
-        cuda_backend.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
+        cuda_ext.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sums_out.zero_()
-        cuda_backend.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
+        cuda_ext.rrcab_pass(packed, t, u_out=u_out, sums_out=sums_out)
     u_out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

@@ -400,22 +400,23 @@ class _ContractOfTheCudaKernel:
 
 
 def test_cuda_backend_wiring_against_the_reference(monkeypatch):
+    from msfin_fast.engine import cuda_ext
     from msfin_fast.engine.backends import cuda, emulate, triton
 
     model = random_model("msfin-x4")
 
-    monkeypatch.setattr(triton, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton, "device_problem", lambda device: None)
     monkeypatch.setattr(cuda.CudaBackend, "unavailable_reason", lambda self, model: None)
-    monkeypatch.setattr(cuda, "supported_configs", lambda: sorted(cuda.configs_of(model)))
-    monkeypatch.setattr(cuda, "_C", object())  # packing needs the extension to be there
+    monkeypatch.setattr(cuda_ext, "supported_configs", lambda: sorted(cuda.configs_of(model)))
+    monkeypatch.setattr(cuda_ext, "_C", object())  # packing needs the extension to be there
     fake = _ContractOfTheCudaKernel()
-    monkeypatch.setattr(cuda, "rrcab_pass", fake.rrcab_pass)
+    monkeypatch.setattr(cuda_ext, "rrcab_pass", fake.rrcab_pass)
     engine = optimize(model, dtype=torch.float32, backend="cuda")
     assert engine.backend == "cuda"
     assert all(launch.fused for launch in engine.plan.launches if isinstance(launch, P.RRCABPass))
     emulated = emulate.EmulateBackend()
     for name in ("head", "tail", "conv", "materialize"):  # the Triton launches, emulated for speed
-        setattr(engine.impl, name, getattr(emulated, name))
+        setattr(engine.backend_object, name, getattr(emulated, name))
     # The emulated launches read their own packed weights, and a deferred value's CA from its
     # producer's: the CUDA-packed blocks get the emulation's CA beside the kernel's weights.
     own = emulate.EmulateBackend().pack(model, engine.plan, torch.float32)

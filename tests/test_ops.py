@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msfin_fast import MSFIN, optimize
-from msfin_fast.engine import library
+from msfin_fast.engine import custom_op
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_custom_op_passes_opcheck_on_every_kind_of_launch(engine):
     assert {"Head", "RRCABPass", "Conv", "Materialize", "Tail"} <= kinds
     assert ("RRCABPass", True) in seen and ("RRCABPass", False) in seen
     for index, inputs in seen.values():
-        torch.library.opcheck(library.launch, (engine._key, index, inputs))
+        torch.library.opcheck(custom_op.launch, (engine._key, index, inputs))
 
 
 def test_whole_network_backends_compile_without_graph_breaks():

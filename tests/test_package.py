@@ -109,16 +109,16 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_layering_only_the_triton_backend_imports_kernels_and_only_the_cuda_backend_the_extension():
+def test_layering_only_the_triton_backend_imports_kernels_and_only_cuda_ext_the_extension():
     """The engine's layers know no kernel: kernels/ reaches the package through backends/triton.py
-    alone, the CUDA extension through backends/cuda.py alone; weights never build engines and
+    alone, the CUDA extension through engine/cuda_ext.py alone; weights never build engines and
     training resolves devices without the user API."""
     files = {p.relative_to(ROOT).as_posix(): _imports(p) for p in (ROOT / "msfin_fast").rglob("*.py")}
     assert len(files) > 20
     kernels = {f for f, mods in files.items() if any(m.startswith("msfin_fast.kernels") for m in mods)}
     extension = {f for f, mods in files.items() if "msfin_fast._C" in mods}
     assert kernels == {"msfin_fast/engine/backends/triton.py"}, kernels
-    assert extension == {"msfin_fast/engine/backends/cuda.py"}, extension
+    assert extension == {"msfin_fast/engine/cuda_ext.py"}, extension
     assert not any(m.startswith("msfin_fast.engine") for m in files["msfin_fast/weights.py"])
     training = [f for f in files if f.startswith("msfin_fast/train/")]
     assert len(training) >= 4

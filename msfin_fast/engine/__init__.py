@@ -29,10 +29,10 @@ from ..devices import ENGINE_DTYPES
 from ..errors import ConfigError, DeviceError, InvalidInputError
 from ..model import MSFIN, check_input
 from . import backends as B
-from . import library
+from . import custom_op
 from . import plan as P
 from .executor import Arena, Executor
-from .graphs import CapturedGraph, ShapeCache
+from .cuda_graphs import CapturedGraph, ShapeCache
 
 BACKENDS = ("auto",) + B.NAMES
 DTYPES = ENGINE_DTYPES
@@ -142,7 +142,7 @@ class Engine(nn.Module):
         self.graphs = ShapeCache(max_graphs)
         self._arenas = ShapeCache(max_arenas)
         self._version: tuple | None = None
-        self.impl, self.plan, self.fallback_reason = resolve(model, backend, fuse_rrcab, conv_kernels, dtype)
+        self.backend_object, self.plan, self.fallback_reason = resolve(model, backend, fuse_rrcab, conv_kernels, dtype)
         if self.fallback_reason is not None:
             _say_once(f"msfin_fast.optimize: running the PyTorch reference instead of the kernels: "
                       f"{self.fallback_reason}")
@@ -151,8 +151,8 @@ class Engine(nn.Module):
         # What activations are stored in: the engine's dtype, unless the backend has one of its own
         # (the native CPU kernels are fp32; the output is then cast to ``dtype``), and what the
         # buffers read only as addends are stored in (the native kernels' bf16 mode).
-        self.storage_dtype = getattr(self.impl, "storage_dtype", lambda d: d)(dtype)
-        self.addend_dtype = getattr(self.impl, "addend_dtype", lambda d: self.storage_dtype)(dtype)
+        self.storage_dtype = getattr(self.backend_object, "storage_dtype", lambda d: d)(dtype)
+        self.addend_dtype = getattr(self.backend_object, "addend_dtype", lambda d: self.storage_dtype)(dtype)
         self._key: int | None = None
         self._refresh()  # pack now: under torch.compile the forward must not pack
 
@@ -165,7 +165,7 @@ class Engine(nn.Module):
     @property
     def backend(self) -> str:
         """What actually runs: ``triton``, ``cuda``, ``emulate``, ``cpu`` or ``reference``."""
-        return self.impl.name
+        return self.backend_object.name
 
     @property
     def scale(self) -> int:
@@ -175,7 +175,7 @@ class Engine(nn.Module):
     def has_arena(self) -> bool:
         """Whether activations live in a planned arena (``arena_bytes`` sizes it); the whole-network
         backends allocate through PyTorch like the reference."""
-        return not self.impl.whole_network
+        return not self.backend_object.whole_network
 
     @property
     def config(self):
@@ -199,16 +199,16 @@ class Engine(nn.Module):
             return
         m = self.source
         with torch.inference_mode(False), torch.no_grad():  # the packed weights outlive this call
-            packed = self.impl.pack(m, self.plan, self.storage_dtype)
+            packed = self.backend_object.pack(m, self.plan, self.storage_dtype)
             for launch in self.plan.launches:
                 module = launch.torch_weights(m, self.storage_dtype)
                 if module is not None:
                     packed[launch.weights] = module
-        self.executor = Executor(self.plan, self.impl, packed, self.storage_dtype, self.scale, self.addend_dtype)
+        self.executor = Executor(self.plan, self.backend_object, packed, self.storage_dtype, self.scale, self.addend_dtype)
         if self._key is None:
-            self._key = library.register(self, self.executor)
+            self._key = custom_op.register(self, self.executor)
         else:
-            library.replace(self._key, self.executor)
+            custom_op.replace(self._key, self.executor)
         self._arenas.clear()
         self.graphs.clear()
         self._version = version
@@ -218,7 +218,7 @@ class Engine(nn.Module):
     def arena_bytes(self, n: int, h: int, w: int) -> int:
         """Bytes of the activation arena for an input [n, 3, h, w] (PyTorch-run layers come on top)."""
         self._refresh()
-        if self.impl.whole_network:
+        if self.backend_object.whole_network:
             raise DeviceError(f"the {self.backend} backend runs the model as one module and has no arena")
         s = self.scale
         return self.executor.arena(n, s * h, s * w, torch.device("meta")).nbytes
@@ -236,12 +236,12 @@ class Engine(nn.Module):
             raise DeviceError(f"input is on {x.device} but the engine's model is on {self.device}; move one of them")
         n, _, h, w = x.shape
         widest = n * (self.scale * h) * (self.scale * w) * self.source.config.n_feats
-        if widest >= 2**31 and not self.impl.whole_network:
+        if widest >= 2**31 and not self.backend_object.whole_network:
             raise InvalidInputError(
                 f"input {tuple(x.shape)} makes a {widest}-element activation, beyond the kernels' 32-bit "
                 "indexing; split the batch or run tiles (Upscaler(..., tile=512))"
             )
-        if not self.impl.whole_network:  # a whole-network backend takes the input in its own dtype
+        if not self.backend_object.whole_network:  # a whole-network backend takes the input in its own dtype
             x = x.to(self.storage_dtype).contiguous()
         if compiling:
             with torch.no_grad():

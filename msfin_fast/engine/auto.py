@@ -46,6 +46,18 @@ def load_choices(path: Path | None = None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def choices_status():
+    """``msfin-fast info``'s line on what ``auto`` has measured on this machine (and where it keeps it)."""
+    from .backends import BackendStatus
+
+    choices = load_choices()
+    if not choices:
+        return BackendStatus("auto choices", False, f"none measured yet ({cache_path()}); backend='auto' "
+                             "measures on first use per GPU and shape class")
+    said = "; ".join(f"{k.split(' | ')[-2]} on {k.split(' | ')[0]} → {v.get('backend')}" for k, v in choices.items())
+    return BackendStatus("auto choices", True, f"{len(choices)} measured in {cache_path()}: {said}")
+
+
 def save_choice(key: str, entry: dict, path: Path | None = None) -> None:
     path = path or cache_path()
     data = load_choices(path)

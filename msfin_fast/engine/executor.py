@@ -7,7 +7,7 @@ Layers run by PyTorch allocate their own outputs through its caching allocator a
 after their last reader.
 
 Both modes walk the same launches with the same ``Launch.run``: eagerly each launch writes into
-the arena; functionally each kernel launch goes through one ``torch.library`` op (library.py) that
+the arena; functionally each kernel launch goes through one ``torch.library`` op (custom_op.py) that
 allocates its outputs, so the compiler sees one graph and plans the memory itself.
 """
 
@@ -20,7 +20,7 @@ from fractions import Fraction
 
 import torch
 
-from . import graphs
+from . import cuda_graphs
 from . import plan as P
 
 
@@ -117,7 +117,7 @@ class Arena:
         return self.values[value]
 
 
-class Tensors:
+class Bindings:
     """The tensors of one run (or of one launch, under the custom op), by plan value: buffers,
     sums slots and the LR/SR images. ``operand`` binds a plan Source to its tensors and its producer's packed weights."""
 
@@ -183,14 +183,14 @@ class Executor:
             return Arena(self.plan, self.assignment, n, H, W, self.dtype, device,
                          self.scratch_numel(n, H, W, device), self.dtypes)
 
-    def _release(self, t: Tensors, i: int, launch: P.Launch) -> None:
+    def _release(self, t: Bindings, i: int, launch: P.Launch) -> None:
         for buf in launch.reads():
             if not buf.kernel and self.last_use[buf.id] == i:
                 t.local.pop(buf, None)
 
     def run(self, x: torch.Tensor, arena: Arena, out: torch.Tensor) -> torch.Tensor:
         """Eagerly: ``x`` LR NCHW contiguous in the engine dtype; ``out`` [N, 3, H, W] NCHW, written."""
-        graphs.hold(self, arena)  # a CUDA graph captured around this call replays into both
+        cuda_graphs.hold(self, arena)  # a CUDA graph captured around this call replays into both
         arena.sums_flat.zero_()
         # A backend that records its calls (native) replays them from the arena's second run on:
         # the same calls over the same tensors, without the Python of the launches in between.
@@ -198,7 +198,7 @@ class Executor:
         if records and arena.program is not None and self.backend.replay(arena.program, x, out):
             return out
         with self.backend.recording(x, out) if records else contextlib.nullcontext() as program:
-            t = Tensors(self.packed, arena.values, arena.scratch)
+            t = Bindings(self.packed, arena.values, arena.scratch)
             t.local[P.LR], t.local[P.SR] = x, out
             for i, launch in enumerate(self.plan.launches):
                 launch.run(self.backend, self.packed, t)
@@ -208,12 +208,12 @@ class Executor:
         return out
 
     def run_functional(self, x: torch.Tensor, key: int, record: list | None = None) -> torch.Tensor:
-        """The path ``torch.compile`` traces: every kernel launch through ``library.launch`` (which
+        """The path ``torch.compile`` traces: every kernel launch through ``custom_op.launch`` (which
         allocates its outputs); inline launches as plain PyTorch. ``key`` is this executor's entry
         in the op's registry; ``record`` collects (index, inputs) of each op call (for tests)."""
-        from . import library
+        from . import custom_op
 
-        t = Tensors(self.packed, {})
+        t = Bindings(self.packed, {})
         t.local[P.LR] = x
         for i, launch in enumerate(self.plan.launches):
             if launch.inline:
@@ -222,7 +222,7 @@ class Executor:
                 inputs = [t[v] for v in launch.inputs()]
                 if record is not None:
                     record.append((i, inputs))
-                t.local.update(zip(launch.outputs(), library.launch(key, i, inputs)))
+                t.local.update(zip(launch.outputs(), custom_op.launch(key, i, inputs)))
             self._release(t, i, launch)
         return t[P.SR]
 
@@ -257,7 +257,7 @@ class Executor:
     def launch(self, index: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run launch ``index`` on ``inputs`` into fresh outputs (the custom op's implementation)."""
         launch, made, scratch = self.allocate(index, inputs)
-        t = Tensors(self.packed, {**dict(zip(launch.inputs(), inputs)), **made}, scratch)
+        t = Bindings(self.packed, {**dict(zip(launch.inputs(), inputs)), **made}, scratch)
         launch.run(self.backend, self.packed, t)
         return [made[v] for v in launch.outputs()]
 

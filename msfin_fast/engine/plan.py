@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..graph import trace_features
+from ..trace import trace_features
 from ..model import MSFIN, RRCAB, Down2, Down4, Up2
 from .source import Source
 
@@ -85,7 +85,7 @@ Value = Plain | Deferred | Sum
 #
 # Every launch says what it reads (``inputs``), what it writes and hands on (``outputs``), what it
 # writes only for itself (``temps``), which packed weights it uses (``weights``) and how it runs
-# (``run``, given the backend, the packed weights and a ``Tensors`` view that maps each of those
+# (``run``, given the backend, the packed weights and a ``Bindings`` view that maps each of those
 # values to a tensor). The executor only ever calls these; it never asks what kind a launch is.
 
 

@@ -46,6 +46,16 @@ CHOICES = ("auto",) + tuple(n for n in NAMES if n not in CHECKING)
 
 
 @dataclass(frozen=True)
+class BackendStatus:
+    """One line of ``msfin-fast info``: a backend (or what it needs), whether it runs here, and why
+    not or with what."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class DenseCA:
     """A block's channel attention as dense fp32 matrices, the layout the CUDA and the C++ CPU kernels
     read: squeeze ``w1 [CR, C]``, ``b1 [CR]``, excite ``w2 [C, CR]``, ``b2 [C]``."""
@@ -147,10 +157,23 @@ def pack_plan(model: nn.Module, plan, dtype: torch.dtype, packers) -> dict:
     return packed
 
 
+def backend_class(name: str) -> type:
+    """The class of the backend called ``name`` (see ``NAMES``), its module imported on first use."""
+    module = importlib.import_module(f".{MODULES[name]}", __name__)
+    return module.BACKENDS[name]
+
+
 def create(name: str, **options) -> Backend:
     """The backend called ``name`` (see ``NAMES``); ``options``: ``fuse_rrcab`` for triton and emulate."""
-    module = importlib.import_module(f".{MODULES[name]}", __name__)
-    return module.BACKENDS[name](**options)
+    return backend_class(name)(**options)
+
+
+def statuses() -> list[BackendStatus]:
+    """What each backend the doors offer says about this machine (its class's ``status()``), in
+    registry order, and what ``auto`` has measured here: ``msfin-fast info``'s backends."""
+    from ..auto import choices_status
+
+    return [backend_class(name).status() for name in CHOICES if name != "auto"] + [choices_status()]
 
 
 def candidates(device: torch.device) -> dict[str, dict]:

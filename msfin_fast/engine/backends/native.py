@@ -33,7 +33,7 @@ from torch import nn
 
 from ...model import RRCAB
 from ..source import Source
-from . import DenseCA, fold_tail, pack_plan
+from . import BackendStatus, DenseCA, fold_tail, pack_plan
 
 try:
     from ... import _cpu
@@ -316,6 +316,17 @@ class NativeBackend:
     name = "native"
     whole_network = False
     fused_max_channels = 1 << 30  # every pass is one call, conv1's output never leaves the strip
+
+    @classmethod
+    def status(cls) -> BackendStatus:
+        """The C++ CPU kernels: built or not, and the instruction set they run with here."""
+        name = "native (C++ CPU kernels, msfin_fast._cpu)"
+        if _cpu is None:
+            return BackendStatus(name, False, not_built_reason())
+        others = [i for i in _cpu.isas() if i != isa()]
+        return BackendStatus(name, True, f"runs with {isa()}" + (f" (also built: {', '.join(others)})" if others else "")
+                             + f", {torch.get_num_threads()} threads, fp32 (--bf16: the addends stored in bf16); "
+                             "the default on a CPU (backend='auto')")
 
     def __init__(self, fuse_rrcab: bool = False, tile_cols: int | None = None, band_rows: int | None = None):
         self.tile_cols = tile_cols

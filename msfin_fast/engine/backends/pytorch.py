@@ -16,6 +16,7 @@ import copy
 import torch
 
 from ...model import MSFIN
+from . import BackendStatus
 
 
 class ReferenceBackend:
@@ -26,6 +27,12 @@ class ReferenceBackend:
 
     def __init__(self, fuse_rrcab: bool = False):
         pass
+
+    @classmethod
+    def status(cls) -> BackendStatus:
+        gpus = [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        return BackendStatus("reference (PyTorch)", True, f"torch {torch.__version__} on cpu" + "".join(", " + g for g in gpus))
 
     def unavailable_reason(self, model) -> str | None:
         return None
@@ -43,6 +50,11 @@ class ReferenceBackend:
 
 class CpuBackend(ReferenceBackend):
     name = "cpu"
+
+    @classmethod
+    def status(cls) -> BackendStatus:
+        return BackendStatus("cpu (PyTorch, fp32 channels-last)", True,
+                             "what backend='auto' runs on a CPU where the native kernels cannot")
 
     def unavailable_reason(self, model) -> str | None:
         device = model.head.weight.device

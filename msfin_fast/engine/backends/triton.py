@@ -18,7 +18,7 @@ from torch import nn
 from ...kernels.contract import FUSED_MAX_CHANNELS, CAWeights
 from ...model import RRCAB, ChannelAttention, MeanShift
 from ..source import Source
-from . import fold_tail, pack_plan
+from . import BackendStatus, fold_tail, pack_plan
 
 CHUNK = 16
 
@@ -174,7 +174,7 @@ def pack_conv(conv: nn.Conv2d | nn.ConvTranspose2d, n_src: int, dtype: torch.dty
     return PackedConv(out_channels, packed.to(dtype).contiguous(), pack_bias(bias, np_, w.device))
 
 
-def unavailable_reason(device: torch.device) -> str | None:
+def device_problem(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
@@ -206,7 +206,19 @@ class TritonBackend:
         self._conv, self._fused = conv, rrcab_fused
 
     def unavailable_reason(self, model) -> str | None:
-        return unavailable_reason(model.head.weight.device) or self._missing
+        return device_problem(model.head.weight.device) or self._missing
+
+    @classmethod
+    def status(cls) -> BackendStatus:
+        name = "triton kernels (msfin_fast.optimize)"
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(name, False, "triton is not installed")
+        import triton
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        problem = device_problem(device)
+        return BackendStatus(name, problem is None,
+                             f"triton {triton.__version__}; " + (f"runs on {device}" if problem is None else problem))
 
     def pack(self, model, plan, dtype):
         return pack_plan(model, plan, dtype, sys.modules[__name__])

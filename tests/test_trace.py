@@ -3,7 +3,7 @@ import operator
 import pytest
 import torch
 
-from msfin_fast.graph import run_graph, trace_features
+from msfin_fast.trace import run_graph, trace_features
 from msfin_fast.model import MSFIN, RRCAB
 
 
