@@ -1,9 +1,11 @@
 """msfin_fast: an inference engine for MSFIN / MSFIN-S image super-resolution.
 
 Read top-down, the package follows the data: ``config`` → ``model`` (the reference) →
-``weights`` (loading) → ``engine`` (``optimize``: backends and their kernels) → ``policy`` (how one
-forward runs: tiles, memory, checks) → ``upscaler`` (the user API) and ``serving`` (batching for
-services); ``devices`` resolves devices and dtypes for all of them; ``evaluate`` holds the paper's metrics.
+``weights`` (loading) → ``engine`` (``optimize``: backends and their kernels) → ``pictures`` (images
+in and out of the model's tensors) → ``run`` (how one forward runs: tiles, memory, self-ensemble,
+batches) → ``upscaler`` (the user API) → ``folders`` (``upscale_folder``) and ``serving`` (batching for
+services); ``video``, ``cluster`` (Ray) and ``train`` build on those; ``devices`` resolves devices
+and dtypes for all of them; ``evaluate`` holds the paper's metrics. ARCHITECTURE.md draws it.
 """
 
 __version__ = "0.1.0"
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 # Training (the paper's recipe). The function msfin_fast.train.train is not re-exported: the name
-# would hide the msfin_fast.train module.
+# would hide the msfin_fast.train package.
 from .errors import DatasetError, TrainingError  # noqa: E402
 from .train import TrainConfig, Trainer  # noqa: E402
 

@@ -182,25 +182,8 @@ def upscale_video(
         else:
             items = compute(decoded, runner, upscaler.options, batch_size, timings)
         try:
-            for item in items:
-                t0 = time.perf_counter()
-                if isinstance(item, Copy):
-                    item.packet.stream = mapped[item.packet.stream_index]
-                    out.mux(item.packet)
-                    summary.copied_packets += 1
-                else:
-                    if on_frame is not None:
-                        on_frame(item.index, item.rgb, item.sr)
-                    vf = colour.convert(av.VideoFrame.from_ndarray(item.sr, format="rgb24"), pix_fmt)
-                    vf.pts, vf.time_base = item.pts, time_base
-                    if item.duration:
-                        vf.duration = item.duration
-                    vf.color_primaries, vf.color_trc = colour.primaries, colour.trc
-                    out.mux(ostream.encode(vf))
-                    summary.frames += 1
-                    if progress is not None:
-                        progress(summary.frames, total, exact)
-                timings["encode"] += time.perf_counter() - t0
+            _encode(av, items, out, ostream, mapped, colour, time_base, pix_fmt, summary,
+                    lambda: progress(summary.frames, total, exact) if progress is not None else None, on_frame)
         except av.FFmpegError as exc:
             raise ImageWriteError(f"{dst}: encoding or writing failed ({exc})") from None
         finally:
@@ -249,3 +232,29 @@ def upscale_video(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _encode(av, items, out, ostream, mapped, colour, time_base, pix_fmt: str, summary: VideoSummary,
+            progressed, on_frame) -> None:
+    """The encode stage, in the caller's thread: each upscaled frame converted back to the output's
+    pixel format and colour, encoded with its source timestamp and muxed; each copied packet muxed
+    into its mapped stream. ``progressed()`` after each frame."""
+    timings = summary.timings
+    for item in items:
+        t0 = time.perf_counter()
+        if isinstance(item, Copy):
+            item.packet.stream = mapped[item.packet.stream_index]
+            out.mux(item.packet)
+            summary.copied_packets += 1
+        else:
+            if on_frame is not None:
+                on_frame(item.index, item.rgb, item.sr)
+            vf = colour.convert(av.VideoFrame.from_ndarray(item.sr, format="rgb24"), pix_fmt)
+            vf.pts, vf.time_base = item.pts, time_base
+            if item.duration:
+                vf.duration = item.duration
+            vf.color_primaries, vf.color_trc = colour.primaries, colour.trc
+            out.mux(ostream.encode(vf))
+            summary.frames += 1
+            progressed()
+        timings["encode"] += time.perf_counter() - t0
