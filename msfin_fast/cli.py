@@ -249,9 +249,8 @@ def _ray_upscale(args) -> int:
         if not row["ok"]:
             _error(row["error"])
 
-    summary = run_job(args.input, args.output, options, address=args.ray or None,
-                             recursive=args.recursive, overwrite=args.overwrite, progress=not args.quiet,
-                             on_row=report)
+    summary = run_job(args.input, args.output, options, address=args.ray or None, recursive=args.recursive,
+                      overwrite=args.overwrite, progress=not args.quiet, on_row=report)
     if not args.quiet:
         print(summary.line())
     return 1 if summary.failures else 0

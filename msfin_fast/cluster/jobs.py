@@ -48,8 +48,9 @@ class JobOptions:
 
     model, dtype, weights: as for :class:`~msfin_fast.Upscaler`.
     run:              how each image runs (:class:`~msfin_fast.run.RunOptions`: tiles, self-ensemble).
-    backend:          None: ``cpu`` on CPU workers (the reference for exact tiles), the reference on
-                      GPU workers, as the CLI; else any backend ``Upscaler`` takes.
+    backend:          None: every door's default for the worker's device (``auto`` on CPU workers,
+                      the reference on GPU workers and for exact tiles); else any of the registry's
+                      ``CHOICES``.
     device:           auto (a worker's GPU when it has one, else its CPU), cpu or cuda.
     workers:          actors in the pool; each builds the model once.
     gpus_per_worker:  GPUs Ray gives each worker (fractions share a GPU); 0 runs on CPUs.
@@ -306,8 +307,8 @@ def _worker_cpus(ray, options: JobOptions) -> float:
 
 
 def run_job(src: str | Path, dst: str | Path, options: JobOptions | None = None, *,
-                   address: str | None = None, recursive: bool = False, overwrite: bool = False,
-                   progress: bool = True, on_row=None) -> JobSummary:
+            address: str | None = None, recursive: bool = False, overwrite: bool = False,
+            progress: bool = True, on_row=None) -> JobSummary:
     """Upscale every image in ``src`` (its tree with ``recursive``) into the mirrored paths under
     ``dst`` with a pool of Ray workers; returns the :class:`JobSummary`.
 
