@@ -386,7 +386,7 @@ def cmd_info(args) -> int:
 
     import torch
 
-    from .engine.backends import statuses
+    from .engine import statuses
     from .config import PRESETS
     from .model import MSFIN
     from .weights import REGISTRY, candidate_paths, locate, sha256_of

@@ -317,6 +317,14 @@ def default_backend(device: torch.device | str, tile_mode: str = "plain", model=
     return "auto" if torch.device(device).type == "cpu" and tile_mode != "exact" else "reference"
 
 
+def statuses() -> list[B.BackendStatus]:
+    """What each backend the doors offer says about this machine (its class's ``status()``), in
+    the registry's order, and what ``auto`` has measured here: ``msfin-fast info``'s backends."""
+    from .auto import choices_status
+
+    return [B.backend_class(name).status() for name in B.CHOICES if name != "auto"] + [choices_status()]
+
+
 def variants(model: MSFIN) -> dict[str, dict]:
     """The engine configurations ``backend="auto"`` measures on ``model``'s device (those that can run)."""
     out = {}

@@ -22,7 +22,7 @@ The file is written beside the target under a temporary name and renamed when co
 any error) removes it, unless ``keep_partial`` asks for a playable file of the frames done so far.
 """
 
-from .job import VideoSummary, upscale_video
+from .job import upscale_video
 from .options import (
     CONTAINERS,
     DEFAULT_PIX_FMT,
@@ -33,6 +33,7 @@ from .options import (
     list_video_files,
     parse_frames,
 )
+from .summary import VideoSummary
 
 __all__ = ["CONTAINERS", "DEFAULT_PIX_FMT", "VIDEO_SUFFIXES", "EncodeOptions", "VideoSummary", "check_frames",
            "is_video", "list_video_files", "parse_frames", "upscale_video"]

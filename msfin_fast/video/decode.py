@@ -7,16 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ImageReadError, InvalidInputError
 from .colour import full_range, sws_matrix, sws_range
 from .options import import_av
-
-if TYPE_CHECKING:
-    from .job import VideoSummary
+from .summary import VideoSummary
 
 
 # After the last selected frame, packets of the copied streams are still read this far (seconds):

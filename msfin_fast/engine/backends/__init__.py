@@ -168,14 +168,6 @@ def create(name: str, **options) -> Backend:
     return backend_class(name)(**options)
 
 
-def statuses() -> list[BackendStatus]:
-    """What each backend the doors offer says about this machine (its class's ``status()``), in
-    registry order, and what ``auto`` has measured here: ``msfin-fast info``'s backends."""
-    from ..auto import choices_status
-
-    return [backend_class(name).status() for name in CHOICES if name != "auto"] + [choices_status()]
-
-
 def candidates(device: torch.device) -> dict[str, dict]:
     """What ``backend="auto"`` considers on ``device``: label → ``create`` arguments, in order of
     preference. On a GPU the kernel variants, which it measures (:func:`measures`); on a CPU the
