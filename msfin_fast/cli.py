@@ -265,7 +265,7 @@ def _video_args(args) -> dict:
 
 def _say_partial(exc: KeyboardInterrupt, video: dict | None) -> None:
     """After Ctrl-C in a video: whether a playable partial file was kept."""
-    from .folders import is_video
+    from .video import is_video
 
     source = getattr(exc, "source", None)
     if source is None or not is_video(source):
@@ -279,9 +279,9 @@ def _say_partial(exc: KeyboardInterrupt, video: dict | None) -> None:
 
 
 def cmd_upscale(args) -> int:
-    from .folders import FolderSummary, is_video, plan_folder, remove_stale, run_file, video_options
+    from .folders import FolderSummary, plan_folder, remove_stale, run_file, video_options
     from .images import check_writable
-    from .video import VIDEO_SUFFIXES
+    from .video import VIDEO_SUFFIXES, is_video
 
     src, dst = args.input, args.output
     _ray_only(args, RAY_UPSCALE_OPTIONS)

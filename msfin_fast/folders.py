@@ -24,21 +24,11 @@ from pathlib import Path
 
 from .errors import InvalidInputError, MSFINError
 from .images import DEFAULT_MAX_PIXELS, READ_SUFFIXES, check_output_folder, check_writable, list_files
+from .video import VIDEO_SUFFIXES, is_video
 
 #: The keyword arguments of :func:`~msfin_fast.video.upscale_video` that decide a video's encoding
 #: (they are what the resume manifest records for a video).
 ENCODE_KEYS = ("codec", "crf", "bitrate", "pix_fmt", "preset")
-
-
-def _video_suffixes() -> tuple[str, ...]:
-    from .video import VIDEO_SUFFIXES
-
-    return VIDEO_SUFFIXES
-
-
-def is_video(path: str | Path) -> bool:
-    """Whether ``path`` is taken as a video (by suffix: mp4, mkv, mov, webm)."""
-    return Path(path).suffix.lower() in _video_suffixes()
 
 
 def video_options(video: dict | None, suffixes=()) -> dict:
@@ -126,14 +116,14 @@ def plan_folder(src: str | Path, dst: str | Path, *, recursive: bool = False, vi
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InvalidInputError(f"{src}: not a folder" if src.exists() else f"{src}: no such file or folder")
-    suffixes = READ_SUFFIXES + (_video_suffixes() if videos else ())
+    suffixes = READ_SUFFIXES + (VIDEO_SUFFIXES if videos else ())
     files = list_files(src, suffixes, recursive=recursive)
     if not files:
         where = f"this folder{' tree' if recursive else ''}"
         if not videos:
             raise InvalidInputError(f"{src}: no images in {where} ({', '.join(READ_SUFFIXES)})")
         raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) or videos "
-                                f"({', '.join(_video_suffixes())}) in {where}")
+                                f"({', '.join(VIDEO_SUFFIXES)}) in {where}")
     check_output_folder(src, dst, recursive)
     pairs = [(f, dst / f.relative_to(src)) for f in files]
     video_outputs = {out.suffix.lower() for f, out in pairs if is_video(f)}

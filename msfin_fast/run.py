@@ -159,25 +159,21 @@ def _whole_or_tiled(model: torch.nn.Module, x: torch.Tensor, options: RunOptions
     if not options.auto_tile:
         return model(x)
     budget = available_memory(x.device)
-    arena = _engine_arena(model)
-    if arena is not None and not fits_whole(model, *_lr_shape(x), x.dtype, budget):
-        # The engine plans its activations per shape, so its own arena size is the estimate.
-        n, h, w = _lr_shape(x)
-        tile = max(h, w)
-        while tile > MIN_TILE and arena(n, tile + 2 * options.tile_pad, tile + 2 * options.tile_pad) * ENGINE_HEADROOM > budget:
-            tile //= 2
-        tile = max(tile, MIN_TILE)
-        warnings.warn(
-            f"a whole {h}×{w} run (batch {n}) would need a {arena(n, h, w) / 2**30:.1f} GiB arena, more than "
-            f"{budget / 2**30:.1f} GiB free on {x.device}; running {options.tile_mode} tiles of {tile} px"
-        )
-        return _tiled(model, x, tile, options)
-    if arena is None and not fits_whole(model, *_lr_shape(x), x.dtype, budget):
-        tile = choose_tile(config, x.dtype, x.shape[0], budget, options.tile_pad)
-        warnings.warn(
-            f"a whole {x.shape[-2]}×{x.shape[-1]} run (batch {x.shape[0]}) would not fit in "
-            f"{budget / 2**30:.1f} GiB on {x.device}; running {options.tile_mode} tiles of {tile} px"
-        )
+    n, h, w = _lr_shape(x)
+    if not fits_whole(model, n, h, w, x.dtype, budget):
+        arena = _engine_arena(model)
+        if arena is not None:
+            # The engine plans its activations per shape, so its own arena size is the estimate.
+            tile = max(h, w)
+            while tile > MIN_TILE and arena(n, tile + 2 * options.tile_pad, tile + 2 * options.tile_pad) * ENGINE_HEADROOM > budget:
+                tile //= 2
+            tile = max(tile, MIN_TILE)
+            need = f"would need a {arena(n, h, w) / 2**30:.1f} GiB arena, more than {budget / 2**30:.1f} GiB free"
+        else:
+            tile = choose_tile(config, x.dtype, n, budget, options.tile_pad)
+            need = f"would not fit in {budget / 2**30:.1f} GiB"
+        warnings.warn(f"a whole {h}×{w} run (batch {n}) {need} on {x.device}; running {options.tile_mode} "
+                      f"tiles of {tile} px")
         return _tiled(model, x, tile, options)
     try:
         return model(x)
