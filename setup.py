@@ -6,11 +6,16 @@ binding, the CUDA runtime linked statically — so no CUDA build of torch is nee
 nor to import it.
 
 ``MSFIN_CUDA_EXT`` says what the install does with the extension:
-  ``auto`` (default)  build it where nvcc is found (``CUDA_HOME``/``CUDA_PATH``, else ``PATH``); a
+  ``auto`` (default)  build it only where it can be used: nvcc is found (``CUDA_HOME``/``CUDA_PATH``,
+                      else ``PATH``) *and* the environment's torch is a CUDA build (or, with no
+                      torch installed yet, an NVIDIA driver is present). A CPU torch, or no nvcc,
+                      skips it — the build takes minutes and its kernels need CUDA tensors. A
                       failed build is reported and the package installs without it (its CUDA
                       backend then says it is not built);
   ``0``               skip it (``MSFIN_NO_CUDA_EXT=1`` means the same);
   ``1``               it must build: no nvcc, or a failed build, fails the command.
+What is built and why is printed; pip shows a build's output only with ``-v``, so the same lines
+also go to the terminal when there is one.
 Built as a separate step after a Python-only install:
 
     MSFIN_CUDA_EXT=0 pip install --no-build-isolation -e .
@@ -27,6 +32,7 @@ install without it; ``0``: skip; ``1``: it must build).
 """
 
 import glob
+import json
 import os
 import platform
 import shlex
@@ -34,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from functools import lru_cache
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -46,7 +53,71 @@ DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
 
 
 def note(message):
-    print(f"msfin_fast setup: {message}", file=sys.stderr)
+    """To stderr, and to the terminal when stderr is not one: pip captures a build's output and
+    shows it only with ``-v``, and a user waiting minutes on a build should know what it is."""
+    line = f"msfin_fast setup: {message}"
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty() or os.environ.get("MSFIN_SETUP_NO_TTY") == "1":
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass  # no terminal (CI, a pipe): stderr is all there is
+
+
+#: Run in a fresh interpreter so that the *target* environment's torch is seen, not the isolated
+#: build environment's (pip builds with PYTHONPATH set to a folder whose sitecustomize hides the
+#: environment's packages; that entry is dropped). Reads torch/version.py without importing torch.
+_TORCH_PROBE = """
+import importlib.util, json, os
+spec = importlib.util.find_spec("torch")
+if spec is None or not spec.submodule_search_locations:
+    print(json.dumps(None))
+else:
+    names = {}
+    with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
+        exec(f.read(), names)
+    print(json.dumps({"version": names.get("__version__"), "cuda": names.get("cuda")}))
+"""
+
+
+@lru_cache(maxsize=None)
+def target_torch():
+    """``{"version": "2.13.0+cpu", "cuda": None}`` for the torch the package installs beside, or
+    None where there is none yet (or it cannot be read)."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not os.path.exists(os.path.join(p, "sitecustomize.py"))]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
+    env.pop("PYTHONNOUSERSITE", None)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TORCH_PROBE], env=env, capture_output=True,
+                              text=True, timeout=60)
+        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def nvidia_driver():
+    """An NVIDIA kernel driver on this machine (the CUDA extension's kernels could run here)."""
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def matching_torchvision(torch_version):
+    """The torchvision release series built for a torch release: 2.N pairs with 0.(N+15) (2.1 ↔
+    0.16 … 2.13 ↔ 0.28, 2.14 ↔ 0.29). Pinning it keeps pip from replacing the user's torch with the
+    newest one when an extra (spandrel) needs torchvision. None for a version it cannot read."""
+    try:
+        major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    except (AttributeError, ValueError):
+        return None
+    if major != 2:
+        return None
+    return f"torchvision>=0.{minor + 15},<0.{minor + 16}"
 
 
 def version():
@@ -291,7 +362,8 @@ def cuda_extension():
     if mode == "0":
         note("MSFIN_CUDA_EXT=0: installing without the CUDA extension msfin_fast._C")
         return []
-    if find_nvcc() is None:
+    nvcc = find_nvcc()
+    if nvcc is None:
         if mode == "1":
             raise SystemExit("MSFIN_CUDA_EXT=1 but nvcc was not found: set CUDA_HOME or put nvcc on PATH")
         note(
@@ -299,7 +371,39 @@ def cuda_extension():
             "extension msfin_fast._C; the CUDA backend will report itself unavailable"
         )
         return []
-    return [CudaExtension("msfin_fast._C", sources, optional=mode != "1")]
+    if mode == "1":
+        note(f"MSFIN_CUDA_EXT=1: building the CUDA extension msfin_fast._C with {nvcc} (a few minutes)")
+        return [CudaExtension("msfin_fast._C", sources, optional=False)]
+    build, why = cuda_ext_wanted(target_torch(), nvidia_driver())
+    if not build:
+        note(f"skipping the CUDA extension msfin_fast._C: {why} (MSFIN_CUDA_EXT=1 builds it anyway)")
+        return []
+    note(f"building the CUDA extension msfin_fast._C with {nvcc}: {why}; this takes a few minutes "
+         "(MSFIN_CUDA_EXT=0 skips it)")
+    return [CudaExtension("msfin_fast._C", sources, optional=True)]
+
+
+def cuda_ext_wanted(torch_info, driver):
+    """(build?, why) for ``MSFIN_CUDA_EXT=auto`` once nvcc is found: the extension's kernels take
+    CUDA tensors, so it is of use only beside a CUDA build of torch."""
+    if torch_info is not None:
+        if torch_info.get("cuda"):
+            return True, f"torch {torch_info['version']} is a CUDA {torch_info['cuda']} build"
+        return False, f"torch {torch_info['version']} is a CPU-only build, which cannot run CUDA kernels"
+    if driver:
+        return True, "no torch installed yet, and an NVIDIA driver is present"
+    return False, "no torch installed yet, and no NVIDIA driver on this machine"
+
+
+def spandrel_pins():
+    """spandrel needs torchvision; an unpinned torchvision is the newest, which needs the newest
+    torch and replaces the environment's (a CPU torch by a multi-GB CUDA one). Pin the series that
+    matches the torch installed, when there is one."""
+    info = target_torch()
+    pin = matching_torchvision(info and info.get("version"))
+    if pin:
+        return [pin]
+    return []
 
 
 def cpu_extension():
@@ -335,7 +439,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
             # onnx 1.23, onnxscript 0.7 and onnxruntime 1.32 are tested.
             "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
             # spandrel (chaiNNer's model loader): msfin_fast.spandrel_arch.install() registers MSFIN.
-            "spandrel": ["spandrel>=0.4"],
+            "spandrel": ["spandrel>=0.4"] + spandrel_pins(),
             # 16-bit colour PNG and TIFF, which Pillow reduces to 8 bits: OpenCV's unchanged mode.
             "image16": ["opencv-python-headless>=4.8"],
             # The CPU peers benchmarks/latency.py times beside the native backend (OpenVINO 2026.4

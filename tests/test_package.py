@@ -71,16 +71,82 @@ def test_an_uninstalled_checkout_imports_its_kernels(tmp_path):
     assert kernel == str(src / "kernels" / "rrcab.py")
 
 
-def test_a_failed_cuda_build_leaves_an_install_without_the_extension(tmp_path):
-    """MSFIN_CUDA_EXT=auto (the default): a build that fails is reported and skipped; =1: an error."""
-    src = _checkout_copy(tmp_path)
-    (src / "csrc" / "bindings.cpp").unlink()  # the host compiler's part would only add time
+def _fake_torch(folder: Path, version: str, cuda: str | None) -> Path:
+    """A folder to put on PYTHONPATH holding a torch package with only its version.py, which is
+    all setup.py reads of the environment's torch."""
+    (folder / "torch").mkdir(parents=True)
+    (folder / "torch" / "__init__.py").write_text("")
+    (folder / "torch" / "version.py").write_text(f"__version__ = {version!r}\ncuda = {cuda!r}\n")
+    return folder
+
+
+def _planted_nvcc(tmp_path: Path) -> Path:
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'nvcc: planted failure' >&2\nexit 1\n")
     nvcc.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSFIN_")}
-    env.update(CUDA_HOME=str(nvcc.parent.parent), MSFIN_CUDA_ARCHS="90")
+    return nvcc
+
+
+def _setup_env(nvcc: Path, torch_folder: Path | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSFIN_") and k != "PYTHONPATH"}
+    env.update(CUDA_HOME=str(nvcc.parent.parent), MSFIN_CUDA_ARCHS="90", MSFIN_CPU_EXT="0",
+               MSFIN_SETUP_NO_TTY="1")
+    if torch_folder is not None:
+        env["PYTHONPATH"] = str(torch_folder)
+    return env
+
+
+def test_a_cpu_torch_skips_the_cuda_build_by_default(tmp_path):
+    """nvcc present but the environment's torch is a CPU build: the default install builds no CUDA
+    extension (minutes of nvcc for kernels that cannot get a CUDA tensor) and says so and why; a
+    CUDA torch builds it; MSFIN_CUDA_EXT=1 builds it whatever torch is."""
+    src = _checkout_copy(tmp_path)
+    nvcc = _planted_nvcc(tmp_path)
+    build = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    cpu = _fake_torch(tmp_path / "cpu_torch", "2.13.0+cpu", None)
+    skipped = subprocess.run(build, cwd=src, env=_setup_env(nvcc, cpu), capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "skipping the CUDA extension msfin_fast._C: torch 2.13.0+cpu is a CPU-only build" in skipped.stderr
+    assert "planted failure" not in skipped.stderr + skipped.stdout  # nvcc never ran
+    cuda = _fake_torch(tmp_path / "cuda_torch", "2.13.0+cu128", "12.8")
+    built = subprocess.run(build, cwd=src, env=_setup_env(nvcc, cuda), capture_output=True, text=True)
+    assert "building the CUDA extension msfin_fast._C" in built.stderr, built.stderr[-3000:]
+    assert "torch 2.13.0+cu128 is a CUDA 12.8 build" in built.stderr
+    assert "planted failure" in built.stderr + built.stdout  # nvcc ran
+    forced = subprocess.run(build, cwd=src, env=dict(_setup_env(nvcc, cpu), MSFIN_CUDA_EXT="1"),
+                            capture_output=True, text=True)
+    assert forced.returncode != 0 and "MSFIN_CUDA_EXT=1: building the CUDA extension" in forced.stderr
+
+
+def test_the_cuda_build_decision_without_torch_follows_the_driver():
+    wanted = _setup_module()["cuda_ext_wanted"]
+    assert wanted(None, True) == (True, "no torch installed yet, and an NVIDIA driver is present")
+    assert wanted(None, False)[0] is False
+    assert wanted({"version": "2.11.0", "cuda": "13.0"}, False)[0] is True
+    assert wanted({"version": "2.13.0+cpu", "cuda": None}, True)[0] is False
+
+
+def test_spandrel_extra_pins_the_torchvision_of_the_installed_torch():
+    setup = _setup_module()
+    match = setup["matching_torchvision"]
+    assert match("2.13.0+cpu") == "torchvision>=0.28,<0.29"
+    assert match("2.14.1") == "torchvision>=0.29,<0.30"
+    assert match("2.1.2") == "torchvision>=0.16,<0.17"
+    assert match(None) is None and match("garbage") is None
+    import torch
+
+    assert setup["target_torch"]()["version"] == torch.__version__  # the probe reads this environment's
+    assert setup["spandrel_pins"]() == [match(torch.__version__)]
+
+
+def test_a_failed_cuda_build_leaves_an_install_without_the_extension(tmp_path):
+    """MSFIN_CUDA_EXT=auto (the default) beside a CUDA torch: a build that fails is reported and
+    skipped; =1: an error."""
+    src = _checkout_copy(tmp_path)
+    (src / "csrc" / "bindings.cpp").unlink()  # the host compiler's part would only add time
+    nvcc = _planted_nvcc(tmp_path)
+    env = _setup_env(nvcc, _fake_torch(tmp_path / "cuda_torch", "2.13.0+cu128", "12.8"))
     build = [sys.executable, "setup.py", "build_ext", "--inplace"]
     auto = subprocess.run(build, cwd=src, env=env, capture_output=True, text=True)
     assert auto.returncode == 0, auto.stderr[-3000:]
