@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .console import FrameProgress, Progress, Terminated, stop_signals_interrupt
+from .console import FrameProgress, ImageProgress, Progress, Terminated, stop_signals_interrupt
 from .errors import InvalidInputError, MSFINError
 
 PROG = "msfin-fast"
@@ -25,7 +25,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
                       help="float32 (default; the exact reference)")
-    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+    prec.add_argument("--fp16", "--half", dest="precision", action="store_const", const="fp16",
                       help="float16 (for GPUs)")
     prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                       help="bfloat16 (on a CPU, the native kernels store what is added to the residual stream in "
@@ -52,7 +52,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=_positive_int, default=None, metavar="N",
+    p.add_argument("-t", "--tile", type=_positive_int, default=None, metavar="N",
                    help="run N×N LR-pixel tiles instead of the whole image (default: whole image, "
                         "falling back to tiles when it would not fit)")
     p.add_argument("--tile-pad", type=int, default=10, metavar="N",
@@ -64,6 +64,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="average the 8 flips/rotations (MSFIN+; 8× the work)")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
+    return value
+
+
+def _model_help(presets) -> str:
+    described = {"msfin-x4": "MSFIN ×4, the default (682k parameters, the better pictures)",
+                 "msfin-s-x4": "MSFIN-S ×4 (352k parameters, about 2.5× faster on a CPU)"}
+    return "the network: " + "; ".join(f"{name}: {described.get(name, name)}" for name in presets) + \
+        ". -n and --model-name (Real-ESRGAN's) are the same flag"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .images import DEFAULT_MAX_PIXELS
@@ -73,13 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("upscale", help="upscale an image file or every image in a folder")
-    up.add_argument("-i", "--input", required=True, type=Path, help="image file or folder")
-    up.add_argument("-o", "--output", required=True, type=Path,
-                    help="output file (its suffix picks the format) or folder")
-    up.add_argument("--model", default="msfin-x4", choices=list(PRESETS))
+    up = sub.add_parser("upscale", help="upscale an image file or every image in a folder",
+                        description="Upscale an image, a video, or every image and video in a folder. The "
+                                    "flags of Real-ESRGAN's inference script work too: -n, -s, -t, --suffix, "
+                                    "--ext, --half.")
+    up.add_argument("-i", "--input", required=True, type=Path, help="image or video file, or folder")
+    up.add_argument("-o", "--output", type=Path, default=None,
+                    help="output folder (default results/), or for one input file an output file name whose "
+                         "suffix picks the format. A path that exists as a folder, ends in /, or has no suffix "
+                         "is a folder")
+    up.add_argument("-n", "--model-name", "--model", dest="model", default="msfin-x4", choices=list(PRESETS),
+                    metavar="MODEL", help=_model_help(PRESETS))
+    up.add_argument("-s", "--outscale", type=_positive_float, default=None, metavar="S",
+                    help="output size as a multiple of the input's, any number > 0 (the ×4 result resized with "
+                         "Lanczos; default 4). Images only")
+    up.add_argument("--suffix", default="", metavar="TEXT",
+                    help="output names NAME_TEXT.EXT instead of the input's name (default: no suffix)")
+    up.add_argument("--ext", default="auto", metavar="EXT",
+                    help="output image format: auto (the input's; default), png, jpg, webp, bmp or tif")
     _add_model_options(up)
     _add_run_options(up)
+    up.add_argument("-v", "--verbose", action="store_true",
+                    help="with --ray: Ray's own log lines on the terminal (by default they go to its log folder)")
     up.add_argument("-r", "--recursive", action="store_true",
                     help="a folder input: its whole tree, mirrored under the output folder")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
@@ -200,7 +232,8 @@ def _make_upscaler(model: str, args):
 
     return Upscaler(model, device=args.device, dtype=args.precision, weights=args.weights,
                     tile=args.tile, tile_pad=args.tile_pad, tile_mode=args.tile_mode,
-                    self_ensemble=args.self_ensemble, backend=args.backend)
+                    self_ensemble=args.self_ensemble, backend=args.backend,
+                    outscale=getattr(args, "outscale", None))
 
 
 VIDEO_OPTIONS = ("codec", "crf", "bitrate", "pix_fmt", "preset", "frames", "frame_batch", "keep_partial")
@@ -234,6 +267,8 @@ def _ray_upscale(args) -> int:
     given = _given(args, VIDEO_OPTIONS)
     if given:
         raise InvalidInputError(f"{', '.join(given)} apply to videos, which --ray does not upscale")
+    if args.outscale is not None:
+        raise InvalidInputError("-s/--outscale does not apply with --ray yet; run without --ray")
     videos = list_video_files(args.input, args.recursive)
     if videos:
         warnings.warn(f"{len(videos)} video file(s) in {args.input} are left out (e.g. {videos[0].name}): --ray "
@@ -278,12 +313,42 @@ def _say_partial(exc: KeyboardInterrupt, video: dict | None) -> None:
               file=sys.stderr)
 
 
+DEFAULT_OUTPUT = Path("results")  # as Real-ESRGAN's inference script
+
+
+def _is_folder_target(text: str, path: Path) -> bool:
+    """-o names a folder: it is one, it ends in a separator, or it has no suffix (no file format)."""
+    return path.is_dir() or text.endswith(("/", "\\")) or not path.suffix
+
+
+def _single_output(args, src: Path) -> Path:
+    """The output file of one input file: -o itself when it is a file name, else the input's name
+    (with --suffix and --ext) in the -o folder (default results/), made if need be."""
+    from .folders import check_ext, output_name
+
+    ext = check_ext(args.ext)
+    text = str(args.output) if args.output is not None else ""
+    if args.output is not None and not _is_folder_target(text, args.output):
+        dst = args.output
+        if args.suffix:
+            raise InvalidInputError(f"--suffix names outputs in a folder; -o {dst} is a file name "
+                                    "(give a folder, or put the suffix in the name)")
+        if ext is not None and dst.suffix.lower() != ext:
+            raise InvalidInputError(f"--ext {args.ext} contradicts -o {dst}; its suffix picks the format")
+        return dst
+    folder = args.output if args.output is not None else DEFAULT_OUTPUT
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"{folder}: is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / output_name(src.name, args.suffix, ext)
+
+
 def cmd_upscale(args) -> int:
     from .folders import FolderSummary, plan_folder, remove_stale, run_file, video_options
     from .images import check_writable
     from .video import VIDEO_SUFFIXES, is_video
 
-    src, dst = args.input, args.output
+    src = args.input
     _ray_only(args, RAY_UPSCALE_OPTIONS)
     if args.skip_existing and args.overwrite:
         raise InvalidInputError("--skip-existing and --overwrite contradict each other; give one")
@@ -292,15 +357,18 @@ def cmd_upscale(args) -> int:
     if args.skip_existing and not src.is_dir():
         raise InvalidInputError(f"--skip-existing applies to a folder run; {src} is a file")
     if args.ray is not None:
+        if args.output is None:
+            args.output = DEFAULT_OUTPUT
         return _ray_upscale(args)
     given, video = _given(args, VIDEO_OPTIONS), _video_args(args)
     plan = None
     if src.is_dir():
-        plan = plan_folder(src, dst, recursive=args.recursive, video=video)  # checks everything, before the model
+        dst = args.output if args.output is not None else DEFAULT_OUTPUT
+        # checks everything, before the model loads
+        plan = plan_folder(src, dst, recursive=args.recursive, video=video, suffix=args.suffix, ext=args.ext)
         any_video, video = bool(plan.videos), plan.video
     else:
-        if dst.is_dir():
-            raise InvalidInputError(f"{dst}: is a folder; give an output file name such as {dst / src.name}")
+        dst = _single_output(args, src)
         if dst.resolve() == src.resolve():
             raise InvalidInputError(f"{dst}: would overwrite the input; choose another output name")
         any_video = is_video(src)
@@ -310,6 +378,10 @@ def cmd_upscale(args) -> int:
                                     f"(videos: {', '.join(VIDEO_SUFFIXES)})")
     if given and not any_video:
         raise InvalidInputError(f"{', '.join(given)} only apply to videos ({', '.join(VIDEO_SUFFIXES)})")
+    if args.outscale is not None and any_video and (plan is None or len(plan.videos) == len(plan.pairs)):
+        raise InvalidInputError("-s/--outscale applies to images; videos are upscaled ×4")
+    if args.outscale is not None and any_video:
+        warnings.warn(f"-s/--outscale applies to images; the {len(plan.videos)} video(s) are upscaled ×4")
     if plan is None:
         video = video_options(video, {dst.suffix.lower()}) if any_video else None
         check_writable(dst, image=not any_video)
@@ -317,6 +389,7 @@ def cmd_upscale(args) -> int:
 
     upscaler = _make_upscaler(args.model, args)
     frames = None if args.quiet else (lambda path: FrameProgress(path.name))
+    tiles = None if args.quiet else (lambda path: ImageProgress(path.name))
     progress = Progress(0, enabled=False)
 
     def start(summary) -> None:
@@ -335,15 +408,16 @@ def cmd_upscale(args) -> int:
     try:
         if plan is not None:
             summary = plan.run(upscaler, skip_existing=args.skip_existing, max_pixels=args.max_pixels,
-                               on_start=start, on_file=done, frame_progress=frames)
+                               on_start=start, on_file=done, frame_progress=frames, image_progress=tiles)
             results, line = summary.results, summary.line()
         else:
-            result = run_file(upscaler, src, dst, max_pixels=args.max_pixels, video=video, frame_progress=frames)
+            result = run_file(upscaler, src, dst, max_pixels=args.max_pixels, video=video, frame_progress=frames,
+                              image_progress=tiles)
             if not result.ok:
                 _error(result.error)
                 return 1
             done(result)
-            summary = FolderSummary(upscaler.describe(), upscaler.scale, todo=1, results=[result])
+            summary = FolderSummary(upscaler.describe(), upscaler.output_scale, todo=1, results=[result])
             results, line = summary.results, summary.line()
     except KeyboardInterrupt as exc:
         _say_partial(exc, video)
@@ -593,11 +667,39 @@ COMMANDS = {"upscale": cmd_upscale, "eval": cmd_eval, "info": cmd_info, "sample"
             "serve": cmd_serve, "train": cmd_train, "export": cmd_export}
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed; an unknown flag is reported with its command's usage (``msfin-fast
+    upscale --bogus`` shows ``upscale``'s, not the top-level one), exit status 2."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings as ``msfin-fast: warning: …``; any other library's (Ray's, torch's)
+    in Python's usual form, so that nobody takes them for this package's."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if ours:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     with warnings.catch_warnings(), stop_signals_interrupt():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
+        # every warning of this package, each time; other libraries' as Python's filters have them
+        warnings.filterwarnings("always", module=r"msfin_fast(\.|$)")
+        warnings.showwarning = _show_warning
         try:
             return COMMANDS[args.command](args)
         except MSFINError as exc:

@@ -134,6 +134,54 @@ class FrameProgress(Bar):
             self.stream.flush()
 
 
+class ImageProgress(Bar):
+    """One image's run, on a terminal only, once it has taken ``after`` seconds: as
+    ``tiling.tile_progress``'s callback ``(done, total)`` a bar of tiles with the ETA; without tiles
+    (one whole-image call, which reports nothing until it ends) the seconds so far. A thread redraws
+    it every ``every`` seconds; ``close`` stops it and clears the line."""
+
+    def __init__(self, label: str, stream=None, after: float = 1.0, every: float = 0.5):
+        super().__init__(None, stream=stream)
+        self.enabled = self.enabled and self.tty
+        self.label, self.after, self.every = printable(label)[:30], after, every
+        self.done, self.pass_start, self.width_drawn = 0, self.started, 0
+        self._stop = threading.Event()
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, name="msfin-image-progress", daemon=True)
+            self._thread.start()
+
+    def __call__(self, done: int, total: int) -> None:
+        if done < self.done:  # another pass (self-ensemble, a retry): its own ETA
+            self.pass_start = time.perf_counter()
+        self.done, self.total = done, total
+
+    def text(self) -> str:
+        now = time.perf_counter()
+        if self.total:
+            rate = self.done / max(now - self.pass_start, 1e-9)
+            left = (self.total - self.done) / rate if self.done else None
+            eta = "…" if left is None else clock(left)
+            return f"{self.label}: {self.bar(self.done)} tile {self.done}/{self.total}, ETA {eta}"
+        return f"{self.label}: upscaling the whole image, {clock(now - self.started)} so far"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            if time.perf_counter() - self.started >= self.after:
+                text = self.text()
+                self.width_drawn = max(self.width_drawn, len(text))
+                self.draw(text.ljust(self.width_drawn))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.enabled and self.open:
+            self.stream.write("\r" + " " * self.width_drawn + "\r")
+            self.stream.flush()
+            self.open = False
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or SIGHUP: the terminal closed), raised in the main thread so that it unwinds like
     Ctrl-C: temporary files are removed, training saves its checkpoint, a local Ray cluster the

@@ -75,7 +75,7 @@ class FolderPlan:
         return [pair for pair in self.pairs if is_video(pair[0])]
 
     def run(self, upscaler, *, skip_existing: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-            on_start=None, on_file=None, frame_progress=None) -> FolderSummary:
+            on_start=None, on_file=None, frame_progress=None, image_progress=None) -> FolderSummary:
         """Upscale every pair with ``upscaler`` (an :class:`~msfin_fast.Upscaler`); see
         :func:`upscale_folder`."""
         from .resume import Manifest, extend, file_stat, plan
@@ -89,16 +89,16 @@ class FolderPlan:
 
         pairs, resumed = self.pairs, None
         if skip_existing:
-            resumed = plan(pairs, manifest, made, lambda path: None if is_video(path) else upscaler.scale)
+            resumed = plan(pairs, manifest, made, lambda path: None if is_video(path) else upscaler.output_scale)
             pairs = resumed.todo
-        summary = FolderSummary(upscaler.describe(), upscaler.scale, todo=len(pairs), resumed=resumed)
+        summary = FolderSummary(upscaler.describe(), upscaler.output_scale, todo=len(pairs), resumed=resumed)
         if on_start is not None:
             on_start(summary)
         started = time.perf_counter()
         for src, out in pairs:
             result = run_file(upscaler, src, out, max_pixels=max_pixels, video=self.video,
-                              frame_progress=frame_progress, manifest=manifest, made=made(src),
-                              input_stat=file_stat(src))
+                              frame_progress=frame_progress, image_progress=image_progress, manifest=manifest,
+                              made=made(src), input_stat=file_stat(src))
             summary.add(result)
             if on_file is not None:
                 on_file(result)
@@ -106,11 +106,33 @@ class FolderPlan:
         return summary
 
 
+def check_ext(ext: str | None) -> str | None:
+    """An output format as ``--ext`` takes it (``png``, ``.JPG``, ``auto``…) → ``".png"``, or None
+    for ``auto``/None (each output keeps its input's format)."""
+    if ext is None or str(ext).strip().lower() in ("", "auto"):
+        return None
+    suffix = "." + str(ext).strip().lower().lstrip(".")
+    if suffix not in READ_SUFFIXES:
+        raise InvalidInputError(f"--ext {ext!r}: not an image format this package writes; use auto or one of "
+                                f"{', '.join(s.lstrip('.') for s in READ_SUFFIXES)}")
+    return suffix
+
+
+def output_name(name: str, suffix: str = "", ext: str | None = None) -> str:
+    """The output file name of input ``name``: ``photo.jpg`` with suffix ``x4`` and ext ``png`` →
+    ``photo_x4.png`` (Real-ESRGAN's ``{name}_{suffix}.{ext}``). A video keeps its container."""
+    path = Path(name)
+    stem = f"{path.stem}_{suffix}" if suffix else path.stem
+    ext = None if is_video(path) else check_ext(ext)
+    return stem + (path.suffix if ext is None else ext)
+
+
 def plan_folder(src: str | Path, dst: str | Path, *, recursive: bool = False, videos: bool = True,
-                video: dict | None = None) -> FolderPlan:
+                video: dict | None = None, suffix: str = "", ext: str | None = None) -> FolderPlan:
     """The checked plan of a folder run: every image (and, with ``videos``, every video) in ``src``
-    (its whole tree with ``recursive``) → the same relative path under ``dst``. ``video``: the
-    ``upscale_video`` options, checked for each video output's container. Raises
+    (its whole tree with ``recursive``) → the same relative path under ``dst``, its name changed by
+    ``suffix`` and ``ext`` (:func:`output_name`; two inputs that would write the one output are
+    refused). ``video``: the ``upscale_video`` options, checked for each video output's container. Raises
     :class:`~msfin_fast.InvalidInputError` (or ImageWriteError) for what cannot work; removes this
     package's temporary files left in the output folders by writers that are gone, with a warning."""
     src, dst = Path(src), Path(dst)
@@ -125,7 +147,16 @@ def plan_folder(src: str | Path, dst: str | Path, *, recursive: bool = False, vi
         raise InvalidInputError(f"{src}: no images ({', '.join(READ_SUFFIXES)}) or videos "
                                 f"({', '.join(VIDEO_SUFFIXES)}) in {where}")
     check_output_folder(src, dst, recursive)
-    pairs = [(f, dst / f.relative_to(src)) for f in files]
+    check_ext(ext)
+    if suffix and ("/" in suffix or "\\" in suffix):
+        raise InvalidInputError(f"--suffix {suffix!r}: a name suffix cannot hold a path separator")
+    pairs = [(f, dst / f.relative_to(src).with_name(output_name(f.name, suffix, ext))) for f in files]
+    seen: dict[Path, Path] = {}
+    for f, out in pairs:
+        if out in seen:
+            raise InvalidInputError(f"{seen[out]} and {f} would both be written to {out}; give another --ext "
+                                    "or move one of them")
+        seen[out] = f
     video_outputs = {out.suffix.lower() for f, out in pairs if is_video(f)}
     checked = video_options(video, video_outputs) if video_outputs else None
     for f, out in pairs:
@@ -136,7 +167,8 @@ def plan_folder(src: str | Path, dst: str | Path, *, recursive: bool = False, vi
 
 def upscale_folder(upscaler, src: str | Path, dst: str | Path, *, recursive: bool = False,
                    skip_existing: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                   video: dict | None = None, on_start=None, on_file=None, frame_progress=None) -> FolderSummary:
+                   video: dict | None = None, suffix: str = "", ext: str | None = None, on_start=None,
+                   on_file=None, frame_progress=None, image_progress=None) -> FolderSummary:
     """Upscale every image and video in ``src`` (its tree with ``recursive``) into the same relative
     paths under ``dst``, with ``upscaler`` (an :class:`~msfin_fast.Upscaler`); returns a
     :class:`FolderSummary` whose ``results`` hold one :class:`FileResult` per file run.
@@ -145,10 +177,13 @@ def upscale_folder(upscaler, src: str | Path, dst: str | Path, *, recursive: boo
     ``skip_existing``: skip outputs already made from the same input with the same settings (the
     output folder's manifest); the summary's ``resumed`` says why the rest are redone.
     ``max_pixels``: an image over this many pixels (read from its header) is that file's error.
-    ``video``: ``upscale_video`` options for the videos (codec, crf, bitrate, pix_fmt, preset,
+    ``suffix``/``ext``: output names ``{name}_{suffix}.{ext}`` (:func:`output_name`; default: the
+    input's name and format). ``video``: ``upscale_video`` options for the videos (codec, crf, bitrate, pix_fmt, preset,
     frames, batch_size, keep_partial). ``on_start(summary)`` is called once the work is known and
     before it starts, ``on_file(result)`` after each file, ``frame_progress(src)`` may return a
-    video's ``progress`` callable (closed after, if it has ``close``). Ctrl-C stops the run; the
+    video's ``progress`` callable (closed after, if it has ``close``), ``image_progress(src)`` an
+    image's ``callback(done, total)`` for its tiles (:func:`msfin_fast.tiling.tile_progress`; closed
+    after, if it has ``close``). Ctrl-C stops the run; the
     unfinished output is removed (a video with ``keep_partial`` is finished and kept), and the
     KeyboardInterrupt carries ``source`` and ``output`` (and a video's ``summary``).
 
@@ -156,9 +191,9 @@ def upscale_folder(upscaler, src: str | Path, dst: str | Path, *, recursive: boo
     >>> upscale_folder(Upscaler("msfin-s-x4"), "photos", "photos_x4").line()  # doctest: +SKIP
     'upscaled 12 images ×4 with msfin-s-x4 on cpu (fp32): 2.95 → 47.19 Mpx in 9.61 s, 4.91 Mpx/s out'
     """
-    return plan_folder(src, dst, recursive=recursive, video=video).run(
+    return plan_folder(src, dst, recursive=recursive, video=video, suffix=suffix, ext=ext).run(
         upscaler, skip_existing=skip_existing, max_pixels=max_pixels, on_start=on_start, on_file=on_file,
-        frame_progress=frame_progress)
+        frame_progress=frame_progress, image_progress=image_progress)
 
 
 @dataclass
@@ -182,8 +217,8 @@ class FileResult:
 
 
 def run_file(upscaler, src: Path, out: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-             video: dict | None = None, frame_progress=None, manifest=None, made: dict | None = None,
-             input_stat=None) -> FileResult:
+             video: dict | None = None, frame_progress=None, image_progress=None, manifest=None,
+             made: dict | None = None, input_stat=None) -> FileResult:
     """Upscale one image or video file (``video``: its checked :func:`video_options`) into ``out``;
     a failure is the result's ``error``. With a ``manifest``, the output is recorded with ``made``
     (and the input's ``input_stat``, taken before it is read) just before its rename."""
@@ -207,8 +242,16 @@ def run_file(upscaler, src: Path, out: Path, *, max_pixels: int | None = DEFAULT
         def record(tmp):
             manifest.record(src, out, made, tmp, input_stat)
 
-        (w, h), (W, H) = upscaler.upscale_file(src, out, max_pixels=max_pixels,
-                                               before_commit=None if manifest is None else record)
+        from .tiling import tile_progress
+
+        bar = None if image_progress is None else image_progress(src)
+        try:
+            with tile_progress(bar):
+                (w, h), (W, H) = upscaler.upscale_file(src, out, max_pixels=max_pixels,
+                                                       before_commit=None if manifest is None else record)
+        finally:
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
         return FileResult(src, out, True, "", w * h, W * H, time.perf_counter() - started)
     except MSFINError as exc:
         return FileResult(src, out, False, str(exc), seconds=time.perf_counter() - started)
@@ -233,7 +276,7 @@ def images_line(images: int, scale: int, model: str, where: str, in_pixels: int,
     """The summary of a run of images, as the CLI prints it for a folder, a file and a Ray job:
     ``upscaled 12 images ×4 with msfin-x4 on cpu (fp32): 2.95 → 47.19 Mpx in 9.61 s, 4.91 Mpx/s out``
     and, when there are any, failures, skipped outputs and why outputs were redone."""
-    text = (f"upscaled {images} image{'s' if images != 1 else ''} ×{scale} with {model} on {where}: "
+    text = (f"upscaled {images} image{'s' if images != 1 else ''} ×{scale:g} with {model} on {where}: "
             f"{in_pixels / 1e6:.2f} → {out_pixels / 1e6:.2f} Mpx in {seconds:.2f} s, "
             f"{out_pixels / max(seconds, 1e-9) / 1e6:.2f} Mpx/s out")
     if failed:
@@ -286,5 +329,5 @@ class FolderSummary:
                            failed=len(self.failures))
 
 
-__all__ = ["FileResult", "FolderPlan", "FolderSummary", "images_line", "plan_folder", "remove_stale", "run_file",
-           "upscale_folder", "video_options"]
+__all__ = ["FileResult", "FolderPlan", "FolderSummary", "check_ext", "images_line", "output_name", "plan_folder",
+           "remove_stale", "run_file", "upscale_folder", "video_options"]

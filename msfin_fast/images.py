@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, ImageWriteError, InvalidInputError, MSFINError
 from .fileio import atomic_write
-from .pictures import Picture, from_pil, grey_of, picture_from_array, to_pil
+from .pictures import Picture, from_pil, grey_of, outscaled_size, picture_from_array, to_pil
 
 # suffix → (Pillow format, save options)
 WRITE_FORMATS: dict[str, tuple[str, dict]] = {
@@ -194,8 +194,9 @@ def _trailer_complete(path: Path, fmt: str | None) -> bool:
     return True
 
 
-def output_is_complete(src: str | Path, out: str | Path, scale: int) -> bool:
-    """Whether ``out`` already holds a whole ×``scale`` output of ``src``: a readable image of
+def output_is_complete(src: str | Path, out: str | Path, scale: float) -> bool:
+    """Whether ``out`` already holds a whole ×``scale`` output of ``src`` (a fractional scale as
+    ``outscale`` rounds it): a readable image of
     :data:`READ_FORMATS`, ``scale`` times the source's size (either way round, since EXIF
     orientation may swap the sides), that ends where its format says it ends. The header and the
     last bytes are read, no pixels. Batch jobs use it to resume (this package writes atomically,
@@ -207,8 +208,8 @@ def output_is_complete(src: str | Path, out: str | Path, scale: int) -> bool:
         source, result = header_size(src), header_size(out)
         if source is None or result is None:
             return False
-        w, h = source
-        if result not in ((scale * w, scale * h), (scale * h, scale * w)):
+        w, h = outscaled_size(source, scale)
+        if result not in ((w, h), (h, w)):
             return False
         fmt = _output_format(out)[0]
         return _trailer_complete(out, fmt)

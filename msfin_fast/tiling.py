@@ -25,12 +25,14 @@ any number of threads may run tiles and estimates at once, beside any other mode
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
 import os
 import threading
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterator
@@ -57,6 +59,28 @@ def _check_tile(tile: int, tile_pad: int) -> None:
         raise InvalidInputError(f"tile_pad must be a non-negative number of LR pixels, got {tile_pad!r}")
 
 
+#: ``callback(done, total)`` that the tile loops call after each tile (exact tiles: after each layer)
+#: while :func:`tile_progress` has set it. A context variable, so that only the code that set it
+#: (the CLI's progress display) is called, never a serving thread's run.
+_TILE_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("msfin_fast_tile_progress", default=None)
+
+
+@contextlib.contextmanager
+def tile_progress(callback: Callable[[int, int], None] | None):
+    """Within the block, tiled runs report ``callback(done, total)`` as they go (None: nothing)."""
+    token = _TILE_PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _TILE_PROGRESS.reset(token)
+
+
+def _report(done: int, total: int) -> None:
+    callback = _TILE_PROGRESS.get()
+    if callback is not None:
+        callback(done, total)
+
+
 def _spans(length: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, length, size):
         yield start, min(start + size, length)
@@ -79,6 +103,7 @@ def tiled_forward(model: nn.Module, x: torch.Tensor, tile: int, tile_pad: int = 
     device = _module_device(model, x.device)
     n, _, h, w = x.shape
     out, scale = None, None
+    done, total = 0, len(range(0, h, tile)) * len(range(0, w, tile))
     for y0, y1 in _spans(h, tile):
         a_y, b_y = max(y0 - tile_pad, 0), min(y1 + tile_pad, h)
         for x0, x1 in _spans(w, tile):
@@ -95,6 +120,8 @@ def tiled_forward(model: nn.Module, x: torch.Tensor, tile: int, tile_pad: int = 
             if out is None:
                 out = torch.empty(n, result.shape[1], h * scale, w * scale, dtype=result.dtype, device=x.device)
             out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale].copy_(core)
+            done += 1
+            _report(done, total)
     return out
 
 
@@ -342,6 +369,9 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
     freed = _graph_last_uses(graph)
     env: dict[fx.Node, torch.Tensor] = {}
     features = None
+    layers = sum(node.op == "call_module" for node in graph.nodes) + 2  # and the upsample, the tail
+    done = 1
+    _report(done, layers)
     for node in graph.nodes:
         args = fx.node.map_arg(node.args, lambda a: env[a])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
@@ -354,6 +384,8 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
                 env[node] = tiler.rrcab(layer, *args)
             else:
                 env[node] = tiler.apply(layer, cached_footprint(layer), *args)
+            done += 1
+            _report(done, layers)
         elif node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         elif node.op == "output":
@@ -363,6 +395,7 @@ def exact_tiled_forward(model: MSFIN, x: torch.Tensor, tile: int = 64,
 
     tail = nn.Sequential(model.tail2, model.add_mean)
     out = tiler.apply(tail, cached_footprint(model.tail2).then(cached_footprint(model.add_mean)), features)
+    _report(layers, layers)
     return out[..., :H, :W]
 
 

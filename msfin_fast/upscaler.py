@@ -23,7 +23,9 @@ from .pictures import (
     from_pil,
     picture_from_array,
     picture_to_array,
+    outscaled_size,
     quantize,
+    resized,
     to_model_input,
     to_pil,
     upscaled,
@@ -45,7 +47,10 @@ class Upscaler:
     Greyscale stays greyscale; an alpha channel is upscaled bicubically beside the colour.
 
     ``tile``/``tile_pad``/``tile_mode``/``self_ensemble``/``auto_tile`` are the fields of
-    :class:`RunOptions`. ``model`` may be a preset name, a reference ``MSFIN`` or any module with
+    :class:`RunOptions`. ``outscale``: the size of a picture's output (PIL, numpy, files) as a
+    multiple of its input, any number > 0 (the network's ×4 result resized with Lanczos, as
+    Real-ESRGAN's ``--outscale``); None (the default) keeps the network's scale. Tensors always get
+    the network's scale. ``model`` may be a preset name, a reference ``MSFIN`` or any module with
     its call signature (float [N,3,h,w] in 0–255 → [N,3,s·h,s·w]; without a ``scale`` attribute it
     is taken as ×4; exact tiles need the reference MSFIN).
     """
@@ -64,7 +69,9 @@ class Upscaler:
         self_ensemble: bool = False,
         auto_tile: bool = True,
         backend: str | None = None,
+        outscale: float | None = None,
     ):
+        self.outscale = check_outscale(outscale)
         self.options = RunOptions(tile, tile_pad, tile_mode, self_ensemble, auto_tile)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -113,8 +120,15 @@ class Upscaler:
         weights = self.weights
         if self.name == "custom":
             weights = self.model  # hashed from its parameters
+        # outscale only when given: manifests written before the option still match
+        extra = {} if self.outscale is None else {"outscale": self.outscale}
         return recipe(self.name, weights, dtype=dtype_name(self.dtype), backend=self.requested_backend,
-                      options=self.options)
+                      options=self.options, **extra)
+
+    @property
+    def output_scale(self) -> float:
+        """How many times larger a picture's output is: ``outscale``, else the network's scale."""
+        return self.scale if self.outscale is None else self.outscale
 
     def describe(self) -> tuple[str, str]:
         """(model, where) as the summaries say them: ``("msfin-x4+", "cpu (fp32)")``."""
@@ -149,7 +163,10 @@ class Upscaler:
 
     @torch.inference_mode()
     def upscale_picture(self, picture: Picture) -> Picture:
-        return upscaled(picture, self.upscale_rgb(picture.rgb), self.scale)
+        result = upscaled(picture, self.upscale_rgb(picture.rgb), self.scale)
+        if self.outscale is not None:
+            result = resized(result, outscaled_size(picture.size, self.outscale))
+        return result
 
     def upscale(self, image):
         if isinstance(image, Image.Image):
@@ -176,4 +193,16 @@ class Upscaler:
         write_image(dst, result, before_commit)
         return picture.size, result.size
 
+
+def check_outscale(outscale) -> float | None:
+    """``outscale`` as a float, or None; InvalidInputError for anything not a finite number > 0."""
+    if outscale is None:
+        return None
+    try:
+        value = float(outscale)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"outscale must be a number, got {outscale!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidInputError(f"outscale must be a number above 0, got {outscale!r}")
+    return value
 

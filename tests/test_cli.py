@@ -98,7 +98,7 @@ def test_corrupt_released_weights(tmp_path, weights_dir, capsys, monkeypatch, on
 
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["upscale", "-i", "x.png"])
+        main(["upscale", "-o", "x.png"])
     assert info.value.code == 2
     with pytest.raises(SystemExit) as info:
         main(["upscale", "-i", "x", "-o", "y", "--model", "edsr"])
@@ -294,3 +294,156 @@ def test_bf16_on_a_cpu_runs_the_native_kernels_within_a_grey_level(tmp_path, wei
     a, b = (np.asarray(Image.open(tmp_path / f"sr{flag}.png"), dtype=int) for flag in ("--fp32", "--bf16"))
     assert a.shape == b.shape == (80, 80, 3)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05
+
+
+# --- The conventions users bring from Real-ESRGAN's inference script ---------------------------------
+
+
+def test_real_esrgan_flags_are_the_same_options_as_ours():
+    from msfin_fast.cli import parse
+
+    short = parse(["upscale", "-i", "a.png", "-n", "msfin-s-x4", "-t", "32", "--half", "-s", "2.5",
+                   "--suffix", "out", "--ext", "jpg"])
+    long = parse(["upscale", "-i", "a.png", "--model", "msfin-s-x4", "--tile", "32", "--fp16", "--outscale", "2.5",
+                  "--suffix", "out", "--ext", "jpg"])
+    assert vars(short) == vars(long)
+    assert (short.model, short.tile, short.precision, short.outscale) == ("msfin-s-x4", 32, "fp16", 2.5)
+    assert parse(["upscale", "-i", "a.png", "--model-name", "msfin-s-x4"]).model == "msfin-s-x4"
+    assert parse(["upscale", "-i", "a.png"]).output is None  # -o is optional
+
+
+@pytest.mark.parametrize("flag", ["-s", "--outscale"])
+@pytest.mark.parametrize("bad", ["0", "-2", "nan", "inf", "x"])
+def test_outscale_must_be_a_number_above_0(capsys, flag, bad):
+    from msfin_fast.cli import parse
+
+    with pytest.raises(SystemExit) as info:
+        parse(["upscale", "-i", "a.png", flag, bad])
+    assert info.value.code == 2
+    assert "usage: msfin-fast upscale" in capsys.readouterr().err
+
+
+def test_an_unknown_flag_shows_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["upscale", "-i", "a.png", "--out-scale", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: msfin-fast upscale ") and "[-s S]" in err
+    assert "msfin-fast upscale: error: unrecognized arguments: --out-scale 2" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", "x", "--bogus"])
+    assert "usage: msfin-fast eval " in capsys.readouterr().err
+
+
+def test_the_model_flag_has_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["upscale", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "-n MODEL, --model-name MODEL, --model MODEL" in out
+    assert "msfin-x4: MSFIN ×4, the default" in out and "msfin-s-x4: MSFIN-S ×4" in out
+    for flag in ("-s S, --outscale S", "--suffix TEXT", "--ext EXT", "-t N, --tile N", "--fp16, --half",
+                 "(default results/)"):
+        assert flag in out, flag
+
+
+def test_output_defaults_to_results_and_takes_suffix_ext_and_outscale(tmp_path, weights_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "photo.png", (10, 12, 3))
+    assert main(["upscale", "-i", "photo.png", "-n", "msfin-s-x4"]) == 0
+    assert Image.open(tmp_path / "results" / "photo.png").size == (48, 40)  # results/, the input's name
+    assert main(["upscale", "-i", "photo.png", "-n", "msfin-s-x4", "-s", "2.5", "--suffix", "x2.5",
+                 "--ext", "jpg"]) == 0
+    out = Image.open(tmp_path / "results" / "photo_x2.5.jpg")
+    assert out.format == "JPEG" and out.size == (30, 25)  # round(12·2.5) × round(10·2.5)
+    assert "upscaled 1 image ×2.5 with msfin-s-x4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("output", ["existing", "slash/", "nosuffix"])
+def test_o_may_name_a_folder_for_a_single_input(tmp_path, weights_dir, output):
+    _png(tmp_path / "photo.png")
+    (tmp_path / "existing").mkdir()
+    target = str(tmp_path / output)
+    assert main(["upscale", "-i", str(tmp_path / "photo.png"), "-o", target, "-n", "msfin-s-x4"]) == 0
+    assert Image.open(tmp_path / output.rstrip("/") / "photo.png").size == (40, 48)
+
+
+def test_outscale_resizes_the_x4_result_with_lanczos(weights_dir):
+    from msfin_fast import Upscaler
+
+    # A smooth picture: on noise Pillow's 8-bit Lanczos clips between its two passes, ours does not
+    yy, xx = np.mgrid[0:14, 0:11]
+    smooth = np.stack([60 + 8 * yy + 5 * xx, 200 - 6 * xx, 90 + 40 * np.sin(yy / 3.0)], axis=-1)
+    img = Image.fromarray(smooth.astype(np.uint8))
+    x4 = Upscaler("msfin-s-x4").upscale(img)
+    assert np.array_equal(np.asarray(Upscaler("msfin-s-x4", outscale=4).upscale(img)), np.asarray(x4))
+    for outscale, size in ((2, (22, 28)), (1.5, (16, 21)), (6, (66, 84))):
+        got = np.asarray(Upscaler("msfin-s-x4", outscale=outscale).upscale(img)).astype(int)
+        want = np.asarray(x4.resize(size, Image.Resampling.LANCZOS)).astype(int)
+        assert got.shape == (size[1], size[0], 3)
+        assert np.abs(got - want).max() <= 1  # Pillow's 8-bit Lanczos rounds per pass; ours in float
+    rgba = Image.fromarray(RNG.integers(0, 256, (9, 9, 4), dtype=np.uint8), "RGBA")
+    assert Upscaler("msfin-s-x4", outscale=2).upscale(rgba).size == (18, 18)
+    with pytest.raises(InvalidInputError, match="outscale must be a number above 0"):
+        Upscaler("msfin-s-x4", outscale=0)
+
+
+def test_a_folder_run_with_suffix_ext_and_outscale_resumes(tmp_path, weights_dir, capsys):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _png(src / "a.png", (8, 10, 3))
+    _png(src / "b.bmp", (6, 6, 3))
+    argv = ["upscale", "-i", str(src), "-o", str(dst), "-n", "msfin-s-x4", "-s", "3", "--suffix", "big",
+            "--ext", "webp"]
+    assert main(argv) == 0
+    assert Image.open(dst / "a_big.webp").size == (30, 24) and Image.open(dst / "b_big.webp").size == (18, 18)
+    capsys.readouterr()
+    assert main(argv + ["--skip-existing"]) == 0
+    assert "2 already done (skipped)" in capsys.readouterr().out  # the manifest knows -s 3 and the names
+    assert main(argv[:-6] + ["-s", "2", "--suffix", "big", "--ext", "webp", "--skip-existing"]) == 0
+    assert "0 already done (skipped); 2 redone: 2 made with other settings (outscale 3.0 → 2.0)" in \
+        capsys.readouterr().out  # another outscale redoes them, saying why
+    assert Image.open(dst / "a_big.webp").size == (20, 16)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["-o", "{d}/o.png", "--suffix", "x4"], "--suffix names outputs in a folder"),
+        (["-o", "{d}/o.png", "--ext", "jpg"], "--ext jpg contradicts -o"),
+        (["-o", "{d}/out", "--ext", "gif"], "--ext 'gif': not an image format"),
+        (["-o", "{d}/out", "--ray", "-s", "2"], "-s/--outscale does not apply with --ray"),
+    ],
+    ids=["suffix-with-file", "ext-contradicts", "bad-ext", "outscale-ray"],
+)
+def test_naming_flags_that_cannot_work_are_one_line_errors(tmp_path, weights_dir, capsys, one_line_error, args,
+                                                           fragment):
+    _png(tmp_path / "x.png")
+    (tmp_path / "folder").mkdir()
+    _png(tmp_path / "folder" / "x.png")
+    source = "folder" if "--ray" in args else "x.png"
+    assert main(["upscale", "-i", str(tmp_path / source)] + [a.format(d=tmp_path) for a in args]) == 1
+    one_line_error(fragment)
+
+
+def test_two_inputs_that_would_write_one_output_are_refused(tmp_path, weights_dir, capsys, one_line_error):
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png")
+    _png(src / "a.bmp")
+    assert main(["upscale", "-i", str(src), "-o", str(tmp_path / "out"), "--ext", "png"]) == 1
+    one_line_error("would both be written to", "a.png")
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_the_packages_warnings_carry_its_name(capsys):
+    import warnings
+
+    from msfin_fast import cli
+
+    cli._show_warning(UserWarning("ours"), UserWarning, cli.__file__, 1)
+    cli._show_warning(DeprecationWarning("theirs"), DeprecationWarning, "/somewhere/ray/_private/worker.py", 7)
+    err = capsys.readouterr().err
+    assert "msfin-fast: warning: ours" in err
+    assert "msfin-fast: warning: theirs" not in err
+    assert "/somewhere/ray/_private/worker.py:7: DeprecationWarning: theirs" in err
+    assert warnings.showwarning is not cli._show_warning  # only main() installs it, for its run

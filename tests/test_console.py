@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from msfin_fast.console import FrameProgress, Progress, Terminated, clock, on_signals, stop_signals_interrupt
+from msfin_fast.console import (
+    FrameProgress,
+    ImageProgress,
+    Progress,
+    Terminated,
+    clock,
+    on_signals,
+    stop_signals_interrupt,
+)
 
 
 class Terminal(io.StringIO):
@@ -63,3 +71,36 @@ def test_signals_are_handled_in_the_block_and_put_back_after():
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(1)
     assert caught.value.signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) is not None
+
+
+def test_an_images_tiles_on_a_terminal_show_a_bar_with_eta_then_clear():
+    stream = Terminal()
+    bar = ImageProgress("big.png", stream=stream, after=0.0, every=0.01)
+    time.sleep(0.05)
+    whole = stream.getvalue()
+    assert "big.png: upscaling the whole image, 0:00 so far" in whole  # before any tile is reported
+    for done in range(1, 4):
+        bar(done, 12)
+        time.sleep(0.05)
+    bar.close()
+    out = stream.getvalue()
+    assert "big.png: [" in out and "tile 3/12, ETA 0:0" in out
+    assert "\n" not in out and out.endswith("\r")  # redrawn in place, the line cleared at the end
+    drawn = stream.tell()
+    time.sleep(0.05)
+    assert stream.tell() == drawn  # the thread has stopped
+
+
+def test_an_images_progress_draws_nothing_off_a_terminal_or_before_its_delay():
+    stream = io.StringIO()
+    bar = ImageProgress("big.png", stream=stream, after=0.0, every=0.01)
+    bar(1, 4)
+    time.sleep(0.05)
+    bar.close()
+    assert stream.getvalue() == ""
+    quick = Terminal()
+    bar = ImageProgress("small.png", stream=quick, after=3600, every=0.01)
+    bar(1, 4)
+    time.sleep(0.05)
+    bar.close()
+    assert quick.getvalue() == ""  # a quick image shows nothing

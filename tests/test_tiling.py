@@ -199,3 +199,49 @@ def test_cli_exact_tiles_match_the_whole_image(tmp_path, weights_dir, capsys):
     assert np.abs(plain - whole).max() > 1
     assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "x.png"), "--tile-pad", "-1"]) == 1
     assert "tile_pad must be a non-negative" in capsys.readouterr().err
+
+
+def test_tiled_runs_report_their_progress_only_where_asked(pretrained):
+    """tile_progress: plain tiles report each tile, exact tiles each layer, up to (total, total);
+    outside the block nothing is called."""
+    model = pretrained("msfin-s-x4")
+    x = torch.rand(1, 3, 20, 30) * 255
+    seen = []
+    with tiling.tile_progress(lambda done, total: seen.append((done, total))):
+        tiling.tiled_forward(model, x, 8, 2)
+    assert seen == [(i, 12) for i in range(1, 13)]  # 3 rows × 4 columns of 8-px tiles
+    seen.clear()
+    with tiling.tile_progress(lambda done, total: seen.append((done, total))):
+        tiling.exact_tiled_forward(model, x, 16)
+    dones, totals = [d for d, _ in seen], {t for _, t in seen}
+    assert len(totals) == 1 and dones == sorted(dones) and dones[-1] == totals.pop() > 5
+    seen.clear()
+    tiling.tiled_forward(model, x, 8, 2)
+    assert seen == []
+
+
+def test_the_cli_shows_tile_progress_for_one_image(tmp_path, weights_dir, monkeypatch):
+    """The CLI hands each image its ImageProgress as the tile callback (drawn only on a terminal)."""
+    from msfin_fast import cli
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, label):
+            self.label = label
+
+        def __call__(self, done, total):
+            calls.append((self.label, done, total))
+
+        def close(self):
+            calls.append((self.label, "closed"))
+
+    monkeypatch.setattr(cli, "ImageProgress", Recorder)
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"), "-n", "msfin-s-x4",
+                 "-t", "8"]) == 0
+    assert calls == [("a.png", i, 6) for i in range(1, 7)] + [("a.png", "closed")]
+    calls.clear()
+    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png"), "-n", "msfin-s-x4",
+                 "-q", "-t", "8"]) == 0
+    assert calls == []  # -q: no progress
