@@ -6,15 +6,27 @@ awaits futures; decoding and PNG encoding run in a thread pool, and the model ru
 ServingUpscaler's own worker thread, which batches requests of the same shape.
 
 Endpoints:
-  POST /upscale   raw image bytes as the body (any Content-Type; PNG, JPEG, BMP, WebP or TIFF, no
-                  other decoder is run) → the ×4 image as PNG. Query: ``self_ensemble=1``,
-                  ``tile=N`` (N ≥ 8), ``tile_mode=exact``.
+  POST /upscale   the image (PNG, JPEG, BMP, WebP or TIFF; no other decoder is run) → the ×4 image
+                  as PNG, equal pixel for pixel to the CLI's file (the service encodes its PNGs
+                  with zlib level 1 for speed, the CLI with Pillow's default 6: the same pixels in
+                  other bytes). Options: ``self_ensemble=1``, ``tile=N`` (N ≥ 8), ``tile_mode=exact``.
+                  The body is either
+                  - the raw image file (any Content-Type but multipart/form-data), options in the
+                    query string; or
+                  - multipart/form-data (``curl -F image=@photo.png``; see :func:`parse_form`): one
+                    image part, which is the field named ``image`` (with or without a filename) or
+                    else the one file part (a part with a filename) whatever its name; every other
+                    field is an option, by the query's names and values. An option given both as a
+                    field and in the query must have the same value in both, else 400 naming it.
+                    No image part or more than one, a repeated or unknown field, or a malformed or
+                    truncated body → 400 saying which.
+                  Either body is read under the same size limit and deadline.
   GET  /healthz   JSON: status, model, device.
   GET  /metrics   Prometheus text (prometheus-client): requests by status, refusals by reason,
                   the latency histogram, batch sizes, queue depth.
 
 Every refusal is answered by this module and counted in /metrics (see :class:`Limits`):
-  400  not an image, a format not listed, too many pixels, too much work, a bad query
+  400  not an image, a format not listed, too many pixels, too much work, a bad query or form
   408  the request head or body did not arrive within its deadline
   413  a body over the size limit
   499  (metrics only) the client went away; its queued work is cancelled
@@ -164,11 +176,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None) -> Picture:
+def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None,
+                  label: str = "the body") -> Picture:
     """Bytes of an uploaded image → Picture, refusing non-images, formats other than PNG, JPEG, BMP,
     WebP and TIFF, and images over ``limits.max_pixels`` or (with ``options``) ``limits.max_work``,
-    both checked from the header before any pixel is decoded."""
+    both checked from the header before any pixel is decoded. ``label`` names the bytes in errors."""
     if not body:
+        if label != "the body":
+            raise _Refused(400, f"{label} is empty; it must hold the image file's bytes", "bad_request")
         raise _Refused(400, "empty body; POST the image file's bytes as the request body", "bad_request")
 
     def check_size(w: int, h: int) -> None:
@@ -189,7 +204,7 @@ def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None
                                     "(send a smaller image, larger tiles, or no self_ensemble)", "too_much_work")
 
     try:
-        return decode_image(io.BytesIO(body), "the body", check_size)
+        return decode_image(io.BytesIO(body), label, check_size)
     except ImageReadError as exc:
         # Pillow's own decompression-bomb limit (far above max_pixels) is the one read error that is
         # about size.
@@ -197,8 +212,139 @@ def decode_upload(body: bytes, limits: Limits, options: RunOptions | None = None
         raise _Refused(400, str(exc), reason) from None
 
 
+OPTION_NAMES = ("self_ensemble", "tile", "tile_mode")
+IMAGE_FIELD = "image"
+# A form holds the image and at most the three options; more parts than this is not a request for
+# this service, and each part's head is parsed in Python, so their number is bounded before that.
+MAX_FORM_PARTS = 8
+MAX_PART_HEAD = 8192  # bytes of one part's headers
+
+
+def is_form(content_type: str | None) -> bool:
+    """Whether a request's Content-Type is multipart/form-data (its body is then a form)."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "multipart/form-data"
+
+
+def _bad_form(message: str) -> _Refused:
+    return _Refused(400, f"multipart/form-data body: {message}", "bad_request")
+
+
+def _boundary(content_type: str) -> bytes:
+    from email.message import Message
+
+    header = Message()
+    header["Content-Type"] = content_type
+    boundary = header.get_boundary()
+    if not boundary:
+        raise _bad_form("the Content-Type has no boundary parameter "
+                        "(let the client write the header: curl -F image=@photo.png)")
+    if not (boundary.isascii() and 1 <= len(boundary) <= 70):
+        raise _bad_form(f"the boundary {boundary!r} must be 1 to 70 ASCII characters")
+    return boundary.encode("ascii")
+
+
+def parse_form(body: bytes, content_type: str) -> tuple[bytes, str, dict[str, str]]:
+    """A multipart/form-data body (RFC 7578) → (the image's bytes, a label naming its part for
+    errors, the other fields as text).
+
+    The image part is the field named ``image`` (with or without a filename), else the one file
+    part (a part with a ``filename``) whatever its name. Every other part is a text field (UTF-8).
+    Parts are delimited by CRLF and ``--boundary`` as RFC 2046 says; the body must end with the
+    closing delimiter (else it is truncated). Nothing is decoded from a part (a
+    Content-Transfer-Encoding other than 7bit, 8bit or binary is refused) and nested multiparts are
+    not taken. Refusals are 400s (``bad_request``) naming the problem: no boundary, a body that does
+    not start with its boundary or lacks its closing one, more than :data:`MAX_FORM_PARTS` parts, a
+    part without ``Content-Disposition: form-data; name=…``, no image part or more than one, a field
+    given twice, a field that is not UTF-8. Unknown field names are for the caller to refuse.
+    """
+    from email import policy
+    from email.parser import BytesHeaderParser
+
+    delimiter = b"--" + _boundary(content_type)
+    separator = b"\r\n" + delimiter
+    if body.startswith(delimiter):
+        pos = len(delimiter)
+    else:  # a preamble before the first delimiter is allowed, and ignored
+        first = body.find(separator)
+        if first < 0:
+            raise _bad_form("the body does not contain the boundary its Content-Type names")
+        pos = first + len(separator)
+    spans = []
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
+        line_end = body.find(b"\r\n", pos, pos + 256)
+        if line_end < 0 or body[pos:line_end].strip(b" \t"):
+            raise _bad_form("malformed or truncated: a boundary is followed by neither a line break nor "
+                            "'--' (the closing boundary is cut off, or the boundary occurs inside a part)")
+        end = body.find(separator, line_end + 2)
+        if end < 0:
+            raise _bad_form("truncated: its closing boundary is missing")
+        if len(spans) == MAX_FORM_PARTS:
+            raise _bad_form(f"more than {MAX_FORM_PARTS} parts; send one image and its options")
+        spans.append((line_end + 2, end))
+        pos = end + len(separator)
+    if not spans:
+        raise _bad_form(f"no parts; send the image as a file field named {IMAGE_FIELD!r}")
+
+    images, fields = [], {}
+    for start, end in spans:
+        if body.startswith(b"\r\n", start):  # a part without headers
+            head_end = start
+        else:
+            head_end = body.find(b"\r\n\r\n", start, min(end, start + MAX_PART_HEAD))
+            if head_end < 0:
+                raise _bad_form(f"a part's headers do not end with a blank line within {MAX_PART_HEAD} bytes")
+        head = BytesHeaderParser(policy=policy.HTTP).parsebytes(body[start:head_end] + b"\r\n\r\n")
+        name = head.get_param("name", header="content-disposition")
+        if head.get_content_disposition() != "form-data" or not isinstance(name, str):
+            raise _bad_form("each part needs a 'Content-Disposition: form-data; name=\"…\"' header")
+        if head.get_content_maintype() == "multipart":
+            raise _bad_form(f"the part {name!r} is itself multipart; send one file per field")
+        encoding = str(head.get("content-transfer-encoding", "binary")).strip().lower()
+        if encoding not in ("binary", "8bit", "7bit"):
+            raise _bad_form(f"the part {name!r} has Content-Transfer-Encoding {encoding!r}; send it as binary")
+        content = (start, end) if head_end == start else (head_end + 4, end)
+        if name == IMAGE_FIELD or head.get_filename() is not None:
+            images.append((name, content))
+        elif name in fields:
+            raise _bad_form(f"the field {name!r} is given twice")
+        else:
+            try:
+                fields[name] = body[content[0]:content[1]].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _bad_form(f"the field {name!r} is not UTF-8 text") from None
+    if not images:
+        raise _bad_form(f"no image: send it as a file field named {IMAGE_FIELD!r} (curl -F image=@photo.png)"
+                        + (f"; the fields were {', '.join(map(repr, fields))}" if fields else ""))
+    if len(images) > 1:
+        raise _bad_form(f"{len(images)} image parts ({', '.join(repr(name) for name, _ in images)}); "
+                        "send exactly one image per request")
+    name, (start, end) = images[0]
+    return body[start:end], f"the form's file field {name!r}", fields
+
+
+def request_options(query, fields: dict[str, str] | None) -> dict[str, str]:
+    """The options of a request: its query parameters, and (for a form) its text fields. A field
+    that is not an option, or one given in both with different values, is refused (400)."""
+    options = dict(query)
+    if fields:
+        unknown = set(fields) - set(OPTION_NAMES)
+        if unknown:
+            raise _Refused(400, f"unknown form field(s) {', '.join(map(repr, sorted(unknown)))}; use "
+                                f"{IMAGE_FIELD} (the image) and {', '.join(OPTION_NAMES)}", "bad_request")
+        for name, value in fields.items():
+            if name in options and options[name] != value:
+                raise _Refused(400, f"{name} is {value!r} in the form but {options[name]!r} in the query; "
+                                    "give it once", "bad_request")
+            options[name] = value
+    return options
+
+
 def encode_png(picture: Picture, rgb: np.ndarray, scale: int) -> bytes:
-    """The result as PNG bytes, in the upload's form: grey, alpha, and 16 bits stay."""
+    """The result as PNG bytes, in the upload's form: grey, alpha, and 16 bits stay.
+
+    zlib level 1, for latency: the CLI's files (Pillow's default, 6) hold the same pixels in other
+    bytes, and level 6 costs about 5× the time (a 1024² output: 0.46 s against 0.08 s).
+    """
     return encode_image(upscaled(picture, rgb, scale), "PNG", "the result", compress_level=1)
 
 
@@ -207,7 +353,7 @@ def _flag(value: str, name: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise _Refused(400, f"query parameter {name}={value!r} must be 0/1 or true/false", "bad_request")
+    raise _Refused(400, f"{name}={value!r} must be 0/1 or true/false", "bad_request")
 
 
 def _text(status: int, message: str, close: bool = False, retry: bool = False):
@@ -238,7 +384,7 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
     body_slots = asyncio.Semaphore(limits.max_bodies)
 
     def options_from(query) -> RunOptions:
-        unknown = set(query) - {"self_ensemble", "tile", "tile_mode"}
+        unknown = set(query) - set(OPTION_NAMES)
         if unknown:
             raise _Refused(400, f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
                                 "use self_ensemble, tile, tile_mode", "bad_request")
@@ -302,8 +448,11 @@ def create_app(upscaler: ServingUpscaler, limits: Limits = Limits(), metrics: Me
             try:
                 body = await read_body(request)
                 body_read = True
-                options = options_from(request.query_params)
-                picture = await run_in_threadpool(decode_upload, body, limits, options)
+                label, fields = "the body", None
+                if is_form(request.headers.get("content-type")):
+                    body, label, fields = await run_in_threadpool(parse_form, body, request.headers["content-type"])
+                options = options_from(request_options(request.query_params, fields))
+                picture = await run_in_threadpool(decode_upload, body, limits, options, label)
                 del body
             finally:
                 body_slots.release()

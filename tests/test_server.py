@@ -3,6 +3,7 @@ with the right status, a full queue answers 503, and /metrics counts what happen
 
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,3 +131,143 @@ def test_msfin_fast_serve_command(weights_dir, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert f"at http://127.0.0.1:{port}" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# multipart/form-data uploads (curl -F, browsers)
+
+BOUNDARY = "----msfinFormBoundary7MA4YWxkTrZu0gW"
+
+
+def form(*parts, boundary=BOUNDARY):
+    """A multipart/form-data body built by hand, as browsers and curl write it, and its Content-Type.
+    ``parts``: (name, value, filename or None); a part with a filename is a file part."""
+    body = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + ("" if filename is None else f'; filename="{filename}"')
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if filename is not None:
+            body += b"Content-Type: image/png\r\n"
+        body += b"\r\n" + (value.encode() if isinstance(value, str) else value) + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post(port, path, body, content_type):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def test_a_form_upload_gets_the_same_png_as_the_raw_body(model):
+    """The image as the field ``image`` (file or text), or as the one file field of another name:
+    the same PNG as the raw body. Options as form fields act as the same query parameters do."""
+    image = RNG.integers(0, 256, (10, 9, 3), dtype=np.uint8)
+    data = png(image)
+    up = ServingUpscaler(model, device="cpu", backend="reference")  # exact tiles are served
+    with Running(up) as srv:
+        raw = request(srv.port, "/upscale", data)
+        forms = {
+            "image file": post(srv.port, "/upscale", *form(("image", data, "photo.png"))),
+            "image text field": post(srv.port, "/upscale", *form(("image", data, None))),
+            "one file, another name": post(srv.port, "/upscale", *form(("upload", data, "фото.png"))),
+            "after a text field": post(srv.port, "/upscale", *form(("tile_mode", "plain", None),
+                                                                     ("file", data, "p.png"))),
+        }
+        options = "self_ensemble=1&tile=8&tile_mode=exact"
+        by_query = request(srv.port, f"/upscale?{options}", data)
+        by_fields = post(srv.port, "/upscale", *form(("self_ensemble", "1", None), ("image", data, "a.png"),
+                                                     ("tile", "8", None), ("tile_mode", "exact", None)))
+        mixed = post(srv.port, "/upscale?tile=8&self_ensemble=true",
+                     *form(("image", data, "a.png"), ("tile", "8", None), ("tile_mode", "exact", None)))
+        conflict = post(srv.port, "/upscale?tile=8", *form(("image", data, "a.png"), ("tile", "16", None)))
+    assert raw[0] == 200 and raw[1]["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(raw[2])).size == (36, 40)
+    for name, (status, headers, body) in forms.items():
+        assert status == 200 and headers["Content-Type"] == "image/png", (name, status, body[:200])
+        assert body == raw[2], f"{name}: the form upload's PNG differs from the raw body's"
+    assert by_query[0] == 200 and by_query[2] != raw[2]  # the options change the result...
+    assert by_fields[0] == 200 and by_fields[2] == by_query[2]  # ...and as fields, the same way
+    assert mixed[0] == 200 and mixed[2] == by_query[2]
+    assert conflict[0] == 400 and b"tile is '16' in the form but '8' in the query" in conflict[2]
+
+
+def test_bad_forms_are_refused_with_clear_messages(model):
+    up = ServingUpscaler(model, device="cpu")
+    small = png(np.zeros((8, 8, 3), np.uint8))
+    body, content_type = form(("image", small, "a.png"))
+    with Running(up, Limits(max_body=4000, max_pixels=600)) as srv:
+        cases = {
+            "no file": post(srv.port, "/upscale", *form(("tile", "8", None))),
+            "two files": post(srv.port, "/upscale", *form(("a", small, "a.png"), ("b", small, "b.png"))),
+            "image twice": post(srv.port, "/upscale", *form(("image", small, None), ("b", small, "b.png"))),
+            "no boundary": post(srv.port, "/upscale", body, "multipart/form-data"),
+            "truncated": post(srv.port, "/upscale", body[:-40], content_type),
+            "not its boundary": post(srv.port, "/upscale", small, content_type),
+            "unknown field": post(srv.port, "/upscale", *form(("image", small, "a.png"), ("scale", "2", None))),
+            "repeated field": post(srv.port, "/upscale", *form(("image", small, "a.png"), ("tile", "8", None),
+                                                                 ("tile", "8", None))),
+            "bad option": post(srv.port, "/upscale", *form(("image", small, "a.png"), ("tile", "-3", None))),
+            "empty file": post(srv.port, "/upscale", *form(("image", b"", ""))),
+            "not an image": post(srv.port, "/upscale", *form(("image", b"this is text", "a.png"))),
+            "too many pixels": post(srv.port, "/upscale", *form(("image", png(np.zeros((30, 30, 3), np.uint8)),
+                                                                  "a.png"))),
+            "too large": post(srv.port, "/upscale", *form(("image", os.urandom(5000), "a.png"))),
+        }
+        raw_too_large = request(srv.port, "/upscale", os.urandom(5000))
+        still_serving = post(srv.port, "/upscale", body, content_type)
+        metrics = request(srv.port, "/metrics")[2].decode()
+    expected = {
+        "no file": (400, "no image: send it as a file field named 'image'"),
+        "two files": (400, "2 image parts ('a', 'b'); send exactly one image"),
+        "image twice": (400, "2 image parts ('image', 'b')"),
+        "no boundary": (400, "the Content-Type has no boundary parameter"),
+        "truncated": (400, "truncated: its closing boundary is missing"),
+        "not its boundary": (400, "the body does not contain the boundary its Content-Type names"),
+        "unknown field": (400, "unknown form field(s) 'scale'"),
+        "repeated field": (400, "the field 'tile' is given twice"),
+        "bad option": (400, "tile='-3' must be an integer"),
+        "empty file": (400, "the form's file field 'image' is empty"),
+        "not an image": (400, "the form's file field 'image': not an image file"),
+        "too many pixels": (400, "at most 600 pixels"),
+        "too large": (413, "the limit is 4000 bytes"),
+    }
+    for name, (status, message) in expected.items():
+        got_status, _, reply = cases[name]
+        assert got_status == status and message in reply.decode(), (name, got_status, reply)
+    assert cases["too large"][1]["Connection"] == "close"
+    def sizeless(reply):  # the message names the body's declared size
+        return re.sub(rb"body is \d+ bytes", b"body is N bytes", reply)
+
+    assert raw_too_large[0] == 413 and sizeless(raw_too_large[2]) == sizeless(cases["too large"][2])  # as raw
+    assert still_serving[0] == 200 and Image.open(io.BytesIO(still_serving[2])).size == (32, 32)
+    assert 'msfin_refused_total{reason="bad_request"} 11.0' in metrics
+    assert 'msfin_refused_total{reason="body_too_large"} 2.0' in metrics
+
+
+def test_curl_form_upload(model, tmp_path):
+    """A real ``curl -F image=@file.png`` (over 1 KiB, so curl sends ``Expect: 100-continue``), with an
+    option as a field: the same PNG as the raw body with the option in the query."""
+    import shutil
+
+    from helpers import missing
+
+    if shutil.which("curl") is None:
+        missing("curl is not on PATH")
+    data = png(RNG.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    assert len(data) > 1024
+    (tmp_path / "photo.png").write_bytes(data)
+    up = ServingUpscaler(model, device="cpu")
+    with Running(up) as srv:
+        raw = request(srv.port, "/upscale?self_ensemble=1", data)
+        done = subprocess.run(["curl", "-sS", "-F", "image=@photo.png", "-F", "self_ensemble=1",
+                               "-o", "out.png", "-w", "%{http_code}", f"http://127.0.0.1:{srv.port}/upscale"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout == "200", (done.stdout, done.stderr)
+    assert raw[0] == 200 and (tmp_path / "out.png").read_bytes() == raw[2]

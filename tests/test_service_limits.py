@@ -240,7 +240,7 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it():
         assert metric(srv.port, "msfin_cancelled_total") == 1
 
 
-def test_the_service_the_api_and_the_cli_give_the_same_bytes(model, tmp_path, weights_dir):
+def test_the_service_the_api_and_the_cli_give_the_same_pixels(model, tmp_path, weights_dir):
     """The same file through the CLI, Upscaler.upscale_file, Upscaler.upscale and the service (with
     concurrent requests, so that they share batches) decodes to identical pixels. The service used
     to differ by ±1 on some pixels: its input had another memory layout, and batches round
