@@ -278,6 +278,7 @@ def _ray_upscale(args) -> int:
         weights=_worker_weights(args), run=RunOptions(args.tile, args.tile_pad, args.tile_mode, args.self_ensemble),
         workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size or 8, max_pixels=args.max_pixels,
+        suffix=args.suffix, ext=args.ext, verbose=args.verbose,
     )
 
     def report(row) -> None:

@@ -13,11 +13,14 @@ replica answers, in local testing mode and over HTTP on 127.0.0.1 with 2 CPU rep
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from msfin_fast.cluster import (  # noqa: E402
     service,
     run_job,
 )
+from msfin_fast.cluster.jobs import plan_batches  # noqa: E402
 from msfin_fast.resume import MANIFEST_NAME  # noqa: E402
 from msfin_fast.run import RunOptions  # noqa: E402
 from msfin_fast.server import Limits  # noqa: E402
@@ -144,7 +148,7 @@ def test_batch_job_writes_what_upscale_file_writes(ray_cluster, archive, referen
     summary = run(archive, tmp_path / "out", rows, workers=2, batch_size=4)
     by_name = {Path(r["path"]).relative_to(archive.resolve()).as_posix(): r for r in rows}
     assert sorted(by_name) == sorted([*IMAGES, *BAD]) and len(rows) == len(by_name)
-    assert set(rows[0]) == {"path", "ok", "error", "seconds", "out_pixels"}
+    assert set(rows[0]) == {"path", "ok", "error", "seconds", "out_pixels", "worker"}
     assert (tmp_path / "out" / MANIFEST_NAME).is_file()
     for name, ((w, h), _) in IMAGES.items():
         row = by_name[name]
@@ -247,6 +251,121 @@ def test_cli_ray_upscale(ray_cluster, archive, reference, tmp_path, capsys):
     assert code == 1 and "upscaled 0 images" in printed and "12 already done (skipped)" in printed
 
 
+def test_batches_are_sized_to_spread_the_images_over_the_workers():
+    # (images, workers, batch_size) → (images per call, blocks of the dataset)
+    assert plan_batches(5, 2, 8) == (3, 5)  # not one batch of 5 for one worker of two
+    assert plan_batches(5, 1, 8) == (5, 5)
+    assert plan_batches(1, 4, 8) == (1, 1)
+    assert plan_batches(7, 4, 8) == (2, 7)
+    assert plan_batches(100, 2, 8) == (8, 100)
+    assert plan_batches(1000, 2, 8) == (8, 125)  # above ROW_BLOCKS: blocks of at least a batch
+    assert plan_batches(1003, 2, 8) == (8, 125)
+    assert plan_batches(300, 100, 8) == (3, 100)
+    for images, workers, batch_size in [(5, 2, 8), (7, 4, 8), (1, 4, 8), (1000, 2, 8), (300, 100, 8), (9, 3, 2)]:
+        batch, blocks = plan_batches(images, workers, batch_size)
+        assert 1 <= batch <= batch_size and blocks <= images
+        assert math.ceil(images / batch) >= min(workers, math.ceil(images / batch_size))  # enough for the workers
+    with pytest.raises(InvalidInputError, match="workers must be an integer >= 1"):
+        plan_batches(5, 0, 8)
+
+
+def test_a_small_job_runs_on_every_worker_and_keeps_ray_quiet(ray_cluster, tmp_path, capfd, monkeypatch):
+    """5 images, 2 workers, --batch-size 8: batches of 3 and 2, one for each worker (the job waits
+    for both to be up). On the terminal: the line naming Ray's logs, not Ray's own lines."""
+    from msfin_fast.cluster.common import ray_logs_dir
+
+    src = tmp_path / "in"
+    synthesise(src, {f"{i}.png": ((12, 10), "RGB") for i in range(5)}, seed=6)
+    monkeypatch.setattr(ray.data.context, "_default_context", None)  # made anew in the job, as in a CLI run
+    rows = []
+    capfd.readouterr()
+    summary = run_job(src, tmp_path / "out", JobOptions(model=MODEL, workers=2, batch_size=8, cpus_per_worker=1),
+                      progress=True, on_row=rows.append)
+    out, err = capfd.readouterr()
+    assert summary.images == 5 and not summary.failures
+    per_worker = {}
+    for row in rows:
+        per_worker.setdefault(row["worker"], []).append(Path(row["path"]).name)
+    assert sorted(len(names) for names in per_worker.values()) == [2, 3], per_worker
+    assert out == "" and err == f"msfin-fast: Ray logs: {ray_logs_dir(ray)}\n", err
+
+
+def _ray_talks(quiet: bool) -> None:
+    """Inside ray_session (Ray already up), with the CLI's warnings: Ray Data's own
+    DeprecationWarnings, a warning of this package, a line Ray's C++ core writes to stderr, Ray's
+    log lines."""
+    from msfin_fast import cli
+    from msfin_fast.cluster.common import ray_session
+
+    # Ray's console handlers write to the stream sys.stderr was when they were made: in a CLI run
+    # the terminal, here pytest's; for this test, to what sys.stderr is now.
+    consoles = [(h, h.stream) for name in ("ray", "ray.data") for h in logging.getLogger(name).handlers
+                if type(h).__name__ == "PlainRayHandler"]
+    assert len(consoles) == 2
+    for handler, _ in consoles:
+        handler.setStream(sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = cli._show_warning
+            with ray_session(quiet=quiet):
+                ray.data.DataContext()  # `use_push_based_shuffle` is deprecated! (and two more)
+                warnings.warn_explicit("a warning of this package", UserWarning, cli.__file__, 1)
+                os.write(2, b"[E 1 1] core_worker.cc:1: a line of Ray's C++ core\n")
+                logging.getLogger("ray.data.spam").info("an INFO line of Ray Data")
+                logging.getLogger("ray.spam").warning("a WARNING line of Ray")
+    finally:
+        for handler, stream in consoles:
+            handler.setStream(stream)
+
+
+def test_ray_s_own_output_goes_to_its_logs_unless_verbose(ray_cluster, capfd, monkeypatch):
+    from msfin_fast.cluster.common import DRIVER_LOG, ray_logs_dir
+
+    logs = Path(ray_logs_dir(ray))
+    driver_log = logs / DRIVER_LOG.format(pid=os.getpid())
+    before = driver_log.read_text() if driver_log.exists() else ""
+    # sys.stderr on descriptor 2, as in a terminal: descriptor 2 goes to the file, Python's stderr
+    # still to the terminal.
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    capfd.readouterr()
+    _ray_talks(quiet=True)
+    monkeypatch.undo()
+    err = capfd.readouterr().err
+    assert err.splitlines() == [f"msfin-fast: Ray logs: {logs}", "msfin-fast: warning: a warning of this package"]
+    written = driver_log.read_text()[len(before):]
+    assert "DeprecationWarning: `use_push_based_shuffle` is deprecated" in written
+    assert "a line of Ray's C++ core" in written and "a WARNING line of Ray" in written
+    assert "an INFO line of Ray Data" in (logs / "ray-data" / "ray-data.log").read_text()
+    # Verbose: all of it on the terminal, as Ray prints it; Ray's warnings in Python's form, not
+    # labelled as this package's.
+    _ray_talks(quiet=False)
+    err = capfd.readouterr().err
+    assert "msfin-fast: warning: a warning of this package" in err
+    assert "DeprecationWarning: `use_push_based_shuffle` is deprecated" in err
+    assert "msfin-fast: warning: `use_push_based_shuffle`" not in err and "Ray logs" not in err
+    for line in ("a line of Ray's C++ core", "INFO", "an INFO line of Ray Data", "a WARNING line of Ray"):
+        assert line in err, (line, err)
+
+
+def test_a_quiet_session_starts_ray_quietly(ray_cluster, monkeypatch, capfd):
+    """What ray_session passes to ray.init when it starts Ray (here a stand-in, on the running
+    cluster): workers' output not sent to the driver while quiet; Ray's own way with -v."""
+    from msfin_fast.cluster.common import ray_session
+
+    calls, up = [], [False]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: up[0])
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), up.__setitem__(0, True)))
+    monkeypatch.setattr(ray, "shutdown", lambda: (calls.append("shutdown"), up.__setitem__(0, False)))
+    for quiet in (True, False):
+        with ray_session(quiet=quiet):
+            pass
+    assert calls == [{"address": None, "logging_level": logging.WARNING, "log_to_driver": False,
+                      "include_dashboard": False}, "shutdown",
+                     {"address": None, "logging_level": logging.WARNING, "include_dashboard": False}, "shutdown"]
+
+
 def test_bad_job_options_are_refused_before_any_work(archive, tmp_path, capsys):
     for options, message in [
         ({"workers": 0}, "workers must be an integer >= 1"),
@@ -287,6 +406,20 @@ def test_plan_job_keeps_a_linked_file_at_its_link(tmp_path):
     job = plan_job(src, tmp_path / "out", recursive=True)
     files = [f for f, _ in job.todo]
     assert files == [src.resolve() / "a.png", src.resolve() / "sub" / "link.png"] and job.skipped == 0
+
+
+def test_a_job_names_its_outputs_with_suffix_and_ext_as_the_cli(tmp_path):
+    from msfin_fast.folders import plan_folder
+
+    src = tmp_path / "in"
+    synthesise(src, {"a.png": ((9, 9), "RGB"), "b.jpg": ((9, 9), "RGB")})
+    options = JobOptions(model=MODEL, suffix="x4", ext="webp")
+    job = plan_job(src, tmp_path / "out", options)
+    assert [out.name for _, out in job.todo] == ["a_x4.webp", "b_x4.webp"]
+    cli_plan = plan_folder(src, tmp_path / "out", suffix="x4", ext="webp")
+    assert [out.resolve() for _, out in cli_plan.pairs] == [out for _, out in job.todo]
+    with pytest.raises(InvalidInputError, match="--ext 'gif'"):
+        JobOptions(model=MODEL, ext="gif")
 
 
 def test_plain_cli_folder_walks_the_tree_with_recursive(archive, reference, tmp_path, capsys):

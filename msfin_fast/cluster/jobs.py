@@ -5,15 +5,17 @@ checks), leaves out every image whose output was already made from the same inpu
 settings (the output folder's manifest, :mod:`msfin_fast.resume`), so a killed job resumes where it
 stopped and a changed model, option or input redoes what it changes, and hands the rest to Ray Data
 as paths (``from_items``): the object store carries names, never decoded pixels (a ×4 output is 16×
-its input). An actor pool of :class:`UpscaleWorker` (``map_batches``) builds the model once per
-worker. Each worker reads and decodes its files with this package's own reader, which handles
-alpha, grey, 16-bit grey and EXIF orientation, and gives the CLI's errors: a file that is gone,
-unreadable or over ``max_pixels`` is that file's error row. It runs a batch's images grouped by
+its input), in batches sized to spread the images over the workers (:func:`plan_batches`). An actor
+pool of :class:`UpscaleWorker` (``map_batches``) builds the model once per worker. Each worker
+reads and decodes its files with this package's own reader, which handles alpha, grey, 16-bit grey
+and EXIF orientation, and gives the CLI's errors: a file that is gone, unreadable or over
+``max_pixels`` is that file's error row. It runs a batch's images grouped by
 shape, through a :class:`~msfin_fast.serving.ServingUpscaler`, so a GPU worker gets batches, pinned
 copies and CUDA graphs, and a CPU worker gives the API's bytes. It writes each output atomically to
 the mirrored path under the output root, recording it in the manifest just before the rename. Every
-image gives one row ``{path, ok, error, seconds, out_pixels}``; a file that cannot be read, run or
-written is an error row, never a failed job.
+image gives one row ``{path, ok, error, seconds, out_pixels, worker}``; a file that cannot be read, run
+or written is an error row, never a failed job. Ray's own output goes to its logs folder unless
+``JobOptions.verbose`` (:func:`~.common.quiet_ray`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +61,15 @@ class JobOptions:
     cpus_per_worker:  CPUs Ray gives each worker, which are also its torch threads and its decode
                       and encode threads. None: the cluster's CPUs shared among CPU workers (at
                       most one node's worth); 1 for GPU workers.
-    batch_size:       images handed to a worker at once; those of one shape run as one batch on a GPU.
+    batch_size:       the most images handed to a worker at once (fewer when there are too few images
+                      to give every worker a batch: :func:`plan_batches`); those of one shape run as
+                      one batch on a GPU.
     max_pixels:       the largest image in LR pixels (w·h, read from its header), else an error row.
+    suffix, ext:      output names ``{name}_{suffix}.{ext}``, as the CLI's ``--suffix`` and ``--ext``
+                      (:func:`msfin_fast.folders.output_name`); default: the input's name and format.
+    verbose:          Ray's own output (its log lines, its C++ core's stderr, its warnings, its
+                      workers' output) on the terminal, as Ray prints it; by default it goes to the
+                      session's logs folder, named in one line on stderr (:func:`~.common.quiet_ray`).
     """
 
     model: str = "msfin-x4"
@@ -72,8 +83,14 @@ class JobOptions:
     cpus_per_worker: float | None = None
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
+    suffix: str = ""
+    ext: str | None = None
+    verbose: bool = False
 
     def __post_init__(self) -> None:
+        from ..folders import check_ext
+
+        check_ext(self.ext)
         check_engine(self.model, self.dtype, self.backend)
         check_count("workers", self.workers, 1, integer=True)
         check_count("batch_size", self.batch_size, 1, integer=True)
@@ -110,7 +127,8 @@ class UpscaleWorker:
 
     Built once per actor (the model loads once). Each call takes a batch ``{"path"}`` and returns a
     row per image: ``path``, ``ok``, ``error`` ("" when ok), ``seconds`` (the image's read, decode
-    and write, plus its share of its shape group's model time) and ``out_pixels`` (0 on error). The
+    and write, plus its share of its shape group's model time), ``out_pixels`` (0 on error) and
+    ``worker`` (``host:pid`` of the worker that ran it). The
     output goes to ``out_root`` / (the path relative to ``in_root``), written atomically, in the
     input's format, and is recorded with ``options.recipe`` in the output root's manifest.
     """
@@ -136,6 +154,7 @@ class UpscaleWorker:
                                         max_queue=options.batch_size)
         self.run_options = upscaler.options
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="msfin-io")
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def _decode(self, path: str) -> tuple[Picture | None, str, float]:
         from ..resume import file_stat
@@ -216,6 +235,7 @@ class UpscaleWorker:
             "error": np.array(errors, dtype=object),
             "seconds": np.array(seconds, dtype=np.float64),
             "out_pixels": np.array(out_pixels, dtype=np.int64),
+            "worker": np.array([self.name] * len(paths), dtype=object),
         }
 
     def __del__(self) -> None:
@@ -287,13 +307,36 @@ def plan_job(src: str | Path, dst: str | Path, options: JobOptions | None = None
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InvalidInputError(f"{src}: not a folder (a Ray job upscales a folder of images)")
-    listed = plan_folder(src, dst, recursive=recursive, videos=False)
+    listed = plan_folder(src, dst, recursive=recursive, videos=False, suffix=options.suffix, ext=options.ext)
     # Workers may run elsewhere: each file keeps its path under the resolved roots (a link to a
     # file elsewhere is read through the link and written at the link's mirrored path).
     s, d = src.resolve(), dst.resolve()
     pairs = [(s / f.relative_to(src), d / out.relative_to(dst)) for f, out in listed.pairs]
     made, scale = options.recipe, get_config(options.model).scale
     return plan(pairs, Manifest(d), lambda _: made, lambda _: scale, overwrite=overwrite, threads=CHECK_THREADS)
+
+
+# Up to this many images, each is its own block of the dataset, and ``map_batches`` bundles exactly
+# a batch of them for each call; above it, fewer blocks (a block is an object in Ray's store: about
+# 1.5 ms each to put on a 2-core machine), each at least a batch.
+ROW_BLOCKS = 256
+# Seconds for every worker of a job to start (its process, imports and model) before the job is an error.
+WORKERS_START_TIMEOUT = 600
+
+
+def plan_batches(images: int, workers: int, batch_size: int) -> tuple[int, int]:
+    """(batch, blocks): the images per worker call and the blocks of the dataset, so that the work is
+    spread over the workers. The batch is ``batch_size``, or fewer when there are too few images for
+    every worker to get one: ``max(1, min(batch_size, ceil(images / workers)))`` (5 images, 2 workers,
+    ``batch_size`` 8: batches of 3 and 2). Up to ``ROW_BLOCKS`` images each is a block, and Ray Data
+    bundles blocks up to a batch per call; above it, ``images // batch`` blocks (at least
+    ``workers``), each at least a batch, so that no two are bundled into one call."""
+    check_count("images", images, 1, integer=True)
+    check_count("workers", workers, 1, integer=True)
+    check_count("batch_size", batch_size, 1, integer=True)
+    batch = max(1, min(batch_size, math.ceil(images / workers)))
+    blocks = images if images <= ROW_BLOCKS else min(images, max(workers, images // batch))
+    return batch, blocks
 
 
 def _worker_cpus(ray, options: JobOptions) -> float:
@@ -304,6 +347,58 @@ def _worker_cpus(ray, options: JobOptions) -> float:
     total = ray.cluster_resources().get("CPU", 1)
     node_max = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=total)
     return max(1, min(int(total // options.workers), int(node_max)))
+
+
+@contextlib.contextmanager
+def _data_logs(options: JobOptions, progress: bool):
+    """Verbose without progress: Ray Data's log from WARNING, for the job (quiet, it goes to its file)."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    if options.verbose and not progress:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _rows(ray, src, dst, files: list[Path], options: JobOptions, progress: bool):
+    """The job's rows, as the workers give them."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.enable_auto_log_stats = False
+    # The job starts once every worker is up (its model built), so that the first batches go to
+    # all of them rather than all to the first one up; workers that cannot start in this time
+    # (resources the cluster lacks) are an error, not a wait for ever.
+    context.wait_for_min_actors_s = WORKERS_START_TIMEOUT
+    per_call, blocks = plan_batches(len(files), options.workers, options.batch_size)
+    # Paths, not file contents: a worker reads its own files, so a name Ray's path expansion
+    # would misread (a newline in it) or a file gone since the listing is that file's error row.
+    ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        UpscaleWorker,
+        fn_constructor_kwargs={"in_root": str(Path(src).resolve()), "out_root": str(Path(dst).resolve()),
+                               "options": options},
+        batch_size=per_call, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=options.workers, max_tasks_in_flight_per_actor=1),
+        num_cpus=_worker_cpus(ray, options), num_gpus=options.gpus_per_worker or None,
+        runtime_env={"env_vars": forwarded_env()},
+    )
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ray.exceptions.GetTimeoutError:
+            gpus = f" and {options.gpus_per_worker:g} GPU" if options.gpus_per_worker else ""
+            raise MSFINError(f"the {options.workers} Ray worker(s) did not all start within "
+                             f"{WORKERS_START_TIMEOUT:g} s: does the cluster have {_worker_cpus(ray, options):g} "
+                             f"CPU{gpus} for each (ray status)?") from None
+        for i in range(len(batch["path"])):
+            yield {"path": str(batch["path"][i]), "ok": bool(batch["ok"][i]), "error": str(batch["error"][i]),
+                   "seconds": float(batch["seconds"][i]), "out_pixels": int(batch["out_pixels"][i]),
+                   "worker": str(batch["worker"][i])}
 
 
 def run_job(src: str | Path, dst: str | Path, options: JobOptions | None = None, *,
@@ -317,8 +412,9 @@ def run_job(src: str | Path, dst: str | Path, options: JobOptions | None = None,
     does only what is left, and a rerun with another model or option redoes everything it changes;
     ``JobSummary.redone`` says why. ``address``: a Ray cluster to connect to (``"auto"``, an
     ``ip:port`` or ``ray://…``); None uses Ray as it is initialised in this process, else
-    ``RAY_ADDRESS``, else a local cluster for the job. ``progress``: Ray's progress bars.
-    ``on_row(row)`` sees every row as it arrives.
+    ``RAY_ADDRESS``, else a local cluster for the job. ``progress``: Ray's progress bars, and (unless
+    ``options.verbose``) the line naming Ray's logs folder. ``on_row(row)`` sees every row as it
+    arrives.
     """
     options = options or JobOptions()
     scale = get_config(options.model).scale
@@ -329,37 +425,16 @@ def run_job(src: str | Path, dst: str | Path, options: JobOptions | None = None,
     if not files:
         summary.seconds = time.perf_counter() - start
         return summary
-    with ray_session(address) as ray:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        context.enable_auto_log_stats = False
-        if not progress:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-        cpus = _worker_cpus(ray, options)
-        # Paths, not file contents: a worker reads its own files, so a name Ray's path expansion
-        # would misread (a newline in it) or a file gone since the listing is that file's error row.
-        ds = ray.data.from_items([{"path": str(f)} for f in files])
-        ds = ds.map_batches(
-            UpscaleWorker,
-            fn_constructor_kwargs={"in_root": str(Path(src).resolve()), "out_root": str(Path(dst).resolve()),
-                                   "options": options},
-            batch_size=options.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=options.workers),
-            num_cpus=cpus, num_gpus=options.gpus_per_worker or None,
-            runtime_env={"env_vars": forwarded_env()},
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["path"])):
-                row = {"path": str(batch["path"][i]), "ok": bool(batch["ok"][i]), "error": str(batch["error"][i]),
-                       "seconds": float(batch["seconds"][i]), "out_pixels": int(batch["out_pixels"][i])}
-                if row["ok"]:
-                    summary.images += 1
-                    summary.out_pixels += row["out_pixels"]
-                    summary.in_pixels += row["out_pixels"] // (scale * scale)
-                else:
-                    summary.failures.append((row["path"], row["error"]))
-                summary.worker_seconds += row["seconds"]
-                if on_row is not None:
-                    on_row(row)
+    with ray_session(address, quiet=not options.verbose, announce=progress) as ray, _data_logs(options, progress):
+        for row in _rows(ray, src, dst, files, options, progress):
+            if row["ok"]:
+                summary.images += 1
+                summary.out_pixels += row["out_pixels"]
+                summary.in_pixels += row["out_pixels"] // (scale * scale)
+            else:
+                summary.failures.append((row["path"], row["error"]))
+            summary.worker_seconds += row["seconds"]
+            if on_row is not None:
+                on_row(row)
     summary.seconds = time.perf_counter() - start
     return summary
