@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags of Real-ESRGAN's inference script work too: -n, -s, -t, --suffix, "
                                     "--ext, --half.")
     up.add_argument("-i", "--input", required=True, type=Path, help="image or video file, or folder")
-    up.add_argument("-o", "--output", type=Path, default=None,
+    up.add_argument("-o", "--output", default=None,  # text: a trailing / says "a folder"
                     help="output folder (default results/), or for one input file an output file name whose "
                          "suffix picks the format. A path that exists as a folder, ends in /, or has no suffix "
                          "is a folder")
@@ -319,16 +320,15 @@ DEFAULT_OUTPUT = Path("results")  # as Real-ESRGAN's inference script
 
 def _is_folder_target(text: str, path: Path) -> bool:
     """-o names a folder: it is one, it ends in a separator, or it has no suffix (no file format)."""
-    return path.is_dir() or text.endswith(("/", "\\")) or not path.suffix
+    return path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix
 
 
-def _single_output(args, src: Path) -> Path:
-    """The output file of one input file: -o itself when it is a file name, else the input's name
-    (with --suffix and --ext) in the -o folder (default results/), made if need be."""
+def _single_output(args, text: str | None, src: Path) -> Path:
+    """The output file of one input file: -o itself (``text`` as given) when it is a file name, else
+    the input's name (with --suffix and --ext) in the -o folder (default results/), made if need be."""
     from .folders import check_ext, output_name
 
     ext = check_ext(args.ext)
-    text = str(args.output) if args.output is not None else ""
     if args.output is not None and not _is_folder_target(text, args.output):
         dst = args.output
         if args.suffix:
@@ -349,7 +349,8 @@ def cmd_upscale(args) -> int:
     from .images import check_writable
     from .video import VIDEO_SUFFIXES, is_video
 
-    src = args.input
+    src, text = args.input, args.output
+    args.output = None if text is None else Path(text)
     _ray_only(args, RAY_UPSCALE_OPTIONS)
     if args.skip_existing and args.overwrite:
         raise InvalidInputError("--skip-existing and --overwrite contradict each other; give one")
@@ -369,7 +370,7 @@ def cmd_upscale(args) -> int:
         plan = plan_folder(src, dst, recursive=args.recursive, video=video, suffix=args.suffix, ext=args.ext)
         any_video, video = bool(plan.videos), plan.video
     else:
-        dst = _single_output(args, src)
+        dst = _single_output(args, text, src)
         if dst.resolve() == src.resolve():
             raise InvalidInputError(f"{dst}: would overwrite the input; choose another output name")
         any_video = is_video(src)

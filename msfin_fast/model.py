@@ -2,7 +2,8 @@
 
 Attribute names are the state_dict keys of the authors' released checkpoints, so
 ``load_state_dict(torch.load(...), strict=True)`` works on both files. The forward follows the
-network as the released weights need it (see the README, "Architecture"); for the ×4 presets it
+network as the released weights need it (see docs/results.md, "The network, as the released
+weights need it"); for the ×4 presets it
 reproduces the authors' outputs. Every faster backend is checked against this module.
 
 Layout: NCHW float tensors, pixels in [0, rgb_range] (0–255 for the presets), RGB order.

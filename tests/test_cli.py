@@ -310,6 +310,7 @@ def test_real_esrgan_flags_are_the_same_options_as_ours():
     assert (short.model, short.tile, short.precision, short.outscale) == ("msfin-s-x4", 32, "fp16", 2.5)
     assert parse(["upscale", "-i", "a.png", "--model-name", "msfin-s-x4"]).model == "msfin-s-x4"
     assert parse(["upscale", "-i", "a.png"]).output is None  # -o is optional
+    assert parse(["upscale", "-i", "a.png", "-o", "out.d/"]).output == "out.d/"  # the / is kept: a folder
 
 
 @pytest.mark.parametrize("flag", ["-s", "--outscale"])
@@ -358,11 +359,11 @@ def test_output_defaults_to_results_and_takes_suffix_ext_and_outscale(tmp_path, 
     assert "upscaled 1 image ×2.5 with msfin-s-x4" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("output", ["existing", "slash/", "nosuffix"])
+@pytest.mark.parametrize("output", ["existing", "slash.d/", "nosuffix"])
 def test_o_may_name_a_folder_for_a_single_input(tmp_path, weights_dir, output):
     _png(tmp_path / "photo.png")
     (tmp_path / "existing").mkdir()
-    target = str(tmp_path / output)
+    target = f"{tmp_path}/{output}"  # a Path would drop the trailing /
     assert main(["upscale", "-i", str(tmp_path / "photo.png"), "-o", target, "-n", "msfin-s-x4"]) == 0
     assert Image.open(tmp_path / output.rstrip("/") / "photo.png").size == (40, 48)
 
