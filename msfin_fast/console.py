@@ -87,7 +87,7 @@ class Bar:
 
 class Progress(Bar):
     """A folder's files: ``step(label)`` after each; on a terminal a bar with files per second and
-    the ETA, elsewhere ``[3/12] name`` lines."""
+    the ETA, elsewhere ``[3/12] name, ETA 0:42`` lines (the last without an ETA)."""
 
     def __init__(self, total: int, enabled: bool = True, stream=None):
         super().__init__(total, enabled=enabled, stream=stream)
@@ -99,6 +99,8 @@ class Progress(Bar):
         if self.tty:
             text = (f"{self.bar(self.done)} {self.done}/{self.total} {self.rate(self.done):.2f} img/s, "
                     f"ETA {clock(self.eta(self.done))}  {label[:40]:<40}")
+        elif self.done < self.total:
+            text = f"[{self.done}/{self.total}] {label}, ETA {clock(self.eta(self.done))}"
         else:
             text = f"[{self.done}/{self.total}] {label}"
         self.draw(text, keep=True, final=self.done == self.total)
