@@ -382,8 +382,6 @@ def cmd_upscale(args) -> int:
         raise InvalidInputError(f"{', '.join(given)} only apply to videos ({', '.join(VIDEO_SUFFIXES)})")
     if args.outscale is not None and any_video and (plan is None or len(plan.videos) == len(plan.pairs)):
         raise InvalidInputError("-s/--outscale applies to images; videos are upscaled ×4")
-    if args.outscale is not None and any_video:
-        warnings.warn(f"-s/--outscale applies to images; the {len(plan.videos)} video(s) are upscaled ×4")
     if plan is None:
         video = video_options(video, {dst.suffix.lower()}) if any_video else None
         check_writable(dst, image=not any_video)

@@ -82,6 +82,9 @@ class ServingUpscaler:
                                         "which is built already")
         else:
             upscaler = Upscaler(upscaler, **upscaler_options)
+        if upscaler.outscale is not None:  # its answers are the network's ×s RGB: refuse, never ignore
+            raise InvalidInputError(f"outscale={upscaler.outscale:g}: a ServingUpscaler answers at the network's "
+                                    f"×{upscaler.scale}; resize its results, or build the Upscaler without outscale")
         self.upscaler = upscaler
         self.model, self.device, self.dtype = upscaler.model, upscaler.device, upscaler.dtype
         self.name, self.scale, self.backend = upscaler.name, upscaler.scale, upscaler.backend

@@ -448,3 +448,12 @@ def test_only_the_packages_warnings_carry_its_name(capsys):
     assert "msfin-fast: warning: theirs" not in err
     assert "/somewhere/ray/_private/worker.py:7: DeprecationWarning: theirs" in err
     assert warnings.showwarning is not cli._show_warning  # only main() installs it, for its run
+
+
+def test_outscale_is_refused_where_it_cannot_apply_never_ignored(weights_dir):
+    from msfin_fast import ServingUpscaler, Upscaler
+
+    with pytest.raises(InvalidInputError, match="outscale=2: a ServingUpscaler answers at the network's ×4"):
+        ServingUpscaler(Upscaler("msfin-s-x4", outscale=2))
+    with pytest.raises(InvalidInputError, match="outscale must be a number above 0"):
+        ServingUpscaler("msfin-s-x4", outscale=-1)

@@ -363,6 +363,24 @@ def test_cli_folder_with_images_and_videos_and_encoder_options(tmp_path, upscale
         assert c.streams.video[0].codec_context.name == "vp9" and len([*c.decode(video=0)]) == 3
 
 
+def test_outscale_resizes_the_images_of_a_mixed_folder_and_says_the_videos_stay_x4(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_clip(src / "clip.mp4", n=3, rate=24)
+    Image.fromarray(picture(1)).save(src / "still.png")
+    dst = tmp_path / "out"
+    assert main(["upscale", "-i", str(src), "-o", str(dst), "-n", "msfin-s-x4", "--device", "cpu", "-s", "2"]) == 0
+    assert "msfin-fast: warning: clip.mp4: outscale applies to images; the video is upscaled ×4" in \
+        capsys.readouterr().err
+    assert Image.open(dst / "still.png").size == (2 * W, 2 * H)
+    with av.open(str(dst / "clip.mp4")) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (4 * W, 4 * H)
+    assert main(["upscale", "-i", str(src / "clip.mp4"), "-o", str(tmp_path / "c.mp4"), "-s", "2"]) == 1
+    assert "-s/--outscale applies to images; videos are upscaled ×4" in capsys.readouterr().err
+
+
 def test_info_names_the_video_library(capsys):
     assert main(["info"]) == 0
     assert f"video: PyAV {av.__version__}, FFmpeg" in capsys.readouterr().out

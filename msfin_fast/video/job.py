@@ -7,6 +7,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -93,6 +94,8 @@ def upscale_video(
         if upscaler is None or isinstance(upscaler, str):
             upscaler = Upscaler(upscaler or "msfin-x4")
         scale = upscaler.scale
+        if getattr(upscaler, "outscale", None) is not None:
+            warnings.warn(f"{src.name}: outscale applies to images; the video is upscaled ×{scale}", stacklevel=2)
         cc = stream.codec_context
         if not (cc.width and cc.height):
             raise ImageReadError(f"{src}: the video stream has no frame size")
