@@ -108,12 +108,13 @@ def test_a_cpu_torch_skips_the_cuda_build_by_default(tmp_path):
     skipped = subprocess.run(build, cwd=src, env=_setup_env(nvcc, cpu), capture_output=True, text=True)
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "skipping the CUDA extension msfin_fast._C: torch 2.13.0+cpu is a CPU-only build" in skipped.stderr
-    assert "planted failure" not in skipped.stderr + skipped.stdout  # nvcc never ran
+    attempted = ("planted failure", "building msfin_fast._C needs pybind11")  # nvcc ran, or it would have
+    assert not any(a in skipped.stderr + skipped.stdout for a in attempted)  # no build was tried
     cuda = _fake_torch(tmp_path / "cuda_torch", "2.13.0+cu128", "12.8")
     built = subprocess.run(build, cwd=src, env=_setup_env(nvcc, cuda), capture_output=True, text=True)
     assert "building the CUDA extension msfin_fast._C" in built.stderr, built.stderr[-3000:]
     assert "torch 2.13.0+cu128 is a CUDA 12.8 build" in built.stderr
-    assert "planted failure" in built.stderr + built.stdout  # nvcc ran
+    assert any(a in built.stderr + built.stdout for a in attempted)  # the build was tried
     forced = subprocess.run(build, cwd=src, env=dict(_setup_env(nvcc, cpu), MSFIN_CUDA_EXT="1"),
                             capture_output=True, text=True)
     assert forced.returncode != 0 and "MSFIN_CUDA_EXT=1: building the CUDA extension" in forced.stderr
