@@ -290,6 +290,34 @@ def test_a_small_job_runs_on_every_worker_and_keeps_ray_quiet(ray_cluster, tmp_p
     assert out == "" and err == f"msfin-fast: Ray logs: {ray_logs_dir(ray)}\n", err
 
 
+def test_workers_that_cannot_start_are_one_line_not_ray_tracebacks(ray_cluster, tmp_path, capfd, monkeypatch):
+    """No weights where the workers look: the CLI says so in one line; none of the workers'
+    tracebacks that Ray's error listener prints reaches the terminal."""
+    src = tmp_path / "in"
+    synthesise(src, {"a.png": ((12, 10), "RGB")}, seed=7)
+    monkeypatch.setenv("MSFIN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("MSFIN_OFFLINE", "1")
+    monkeypatch.setattr(ray.data.context, "_default_context", None)
+    capfd.readouterr()
+    assert main(["upscale", "-i", str(src), "-o", str(tmp_path / "out"), "--ray", "-n", MODEL, "--device", "cpu"]) == 1
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "(raylet)" not in out + err, out + err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("msfin-fast: Ray logs: ") and len(lines) == 2, err
+    assert lines[1].startswith("msfin-fast: error: the Ray workers could not start: msfin-s-x4: weights")
+
+
+def test_worker_failure_finds_the_packages_message():
+    from msfin_fast.cluster.jobs import worker_failure
+
+    text = ("ActorDiedError: the actor died\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+            "msfin_fast.errors.WeightsError: msfin-x4: weights MSFIN_X4.pt not found\n\nAnother: x\n")
+    assert worker_failure(RuntimeError(text)) == "msfin-x4: weights MSFIN_X4.pt not found"
+    assert worker_failure(RuntimeError("boom\n  torch.OutOfMemoryError: CUDA out of memory\n")) == \
+        "OutOfMemoryError: CUDA out of memory"
+    assert worker_failure(RuntimeError("just this")) == "just this"
+
+
 def _ray_talks(quiet: bool) -> None:
     """Inside ray_session (Ray already up), with the CLI's warnings: Ray Data's own
     DeprecationWarnings, a warning of this package, a line Ray's C++ core writes to stderr, Ray's
@@ -418,6 +446,11 @@ def test_a_job_names_its_outputs_with_suffix_and_ext_as_the_cli(tmp_path):
     assert [out.name for _, out in job.todo] == ["a_x4.webp", "b_x4.webp"]
     cli_plan = plan_folder(src, tmp_path / "out", suffix="x4", ext="webp")
     assert [out.resolve() for _, out in cli_plan.pairs] == [out for _, out in job.todo]
+    # and the workers write where the plan says (the manifest and resume check look there)
+    from msfin_fast.cluster.jobs import output_path
+
+    root_in, root_out = src.resolve(), (tmp_path / "out").resolve()
+    assert [output_path(root_in, root_out, str(f), options) for f, _ in job.todo] == [out for _, out in job.todo]
     with pytest.raises(InvalidInputError, match="--ext 'gif'"):
         JobOptions(model=MODEL, ext="gif")
 

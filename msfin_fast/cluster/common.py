@@ -214,9 +214,31 @@ def quiet_ray(ray, announce: bool = True):
         warnings.showwarning = show
         for handler, _ in consoles:
             handler.setLevel(logging.ERROR)
+        # Ray's error listener prints the errors it is sent (a worker's failed task, with its
+        # traceback) to sys.stdout as "(raylet) …" lines: into the file as well. A private function,
+        # replaced only where it exists; the error still reaches the caller as an exception.
+        # And when Ray was already up with its workers' output forwarded (log_to_driver), the
+        # dispatcher's printing handler is swapped for the file for the block.
+        def to_file(data, ignore_prefix=False):
+            for line in data.get("lines", ()):
+                ray_logger.warning(f"({data.get('pid', 'ray')}) {line}")
+
+        private = getattr(ray, "_private", None)
+        printer = getattr(getattr(private, "worker", None), "print_to_stdstream", None)
+        if printer is not None:
+            ray._private.worker.print_to_stdstream = to_file
+        dispatcher = getattr(getattr(private, "ray_logging", None), "global_worker_stdstream_dispatcher", None)
+        forwarded = {}
+        if isinstance(getattr(dispatcher, "handlers", None), list):
+            forwarded = {name: handler for name, handler in dispatcher.handlers if name == "ray_print_logs"}
+            dispatcher.handlers = [(n, to_file if n in forwarded else h) for n, h in dispatcher.handlers]
         try:
             yield into_file
         finally:
+            if printer is not None:
+                ray._private.worker.print_to_stdstream = printer
+            if forwarded:
+                dispatcher.handlers = [(n, forwarded.get(n, h) if h is to_file else h) for n, h in dispatcher.handlers]
             redirect.close()
             for handler, level in consoles:
                 handler.setLevel(level)

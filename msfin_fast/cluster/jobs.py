@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,17 @@ class JobOptions:
         return recipe(self.model, self.weights, dtype=self.dtype, backend=self.worker_backend, options=self.run)
 
 
+def output_path(in_root: Path, out_root: Path, path: str, options: JobOptions) -> Path:
+    """Where a worker writes the output of ``path``: its place under ``out_root`` mirrored from
+    ``in_root``, named as :func:`plan_job` (and the CLI) name it (``options.suffix``/``ext``)."""
+    from ..folders import output_name
+
+    rel = Path(os.path.relpath(path, in_root))
+    if rel.parts[:1] == (os.pardir,) or rel.is_absolute():
+        raise InvalidInputError(f"{path}: not inside the input folder {in_root}")
+    return out_root / rel.with_name(output_name(rel.name, options.suffix, options.ext))
+
+
 class UpscaleWorker:
     """The stateful function of the job's actor pool: ``map_batches(UpscaleWorker, ...)``.
 
@@ -129,8 +141,8 @@ class UpscaleWorker:
     row per image: ``path``, ``ok``, ``error`` ("" when ok), ``seconds`` (the image's read, decode
     and write, plus its share of its shape group's model time), ``out_pixels`` (0 on error) and
     ``worker`` (``host:pid`` of the worker that ran it). The
-    output goes to ``out_root`` / (the path relative to ``in_root``), written atomically, in the
-    input's format, and is recorded with ``options.recipe`` in the output root's manifest.
+    output goes to ``out_root`` / (the path relative to ``in_root``), named by :func:`output_path`
+    (the input's name and format unless ``options.suffix``/``ext``), written atomically, and is recorded with ``options.recipe`` in the output root's manifest.
     """
 
     def __init__(self, in_root: str, out_root: str, options: JobOptions):
@@ -177,10 +189,7 @@ class UpscaleWorker:
             return None, f"{path}: cannot read image ({type(exc).__name__}: {exc})", time.perf_counter() - start
 
     def _output_path(self, path: str) -> Path:
-        rel = os.path.relpath(path, self.in_root)
-        if rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
-            raise InvalidInputError(f"{path}: not inside the input folder {self.in_root}")
-        return self.out_root / rel
+        return output_path(self.in_root, self.out_root, path, self.options)
 
     def _write(self, path: str, picture: Picture, rgb: np.ndarray) -> tuple[str, float, int]:
         start = time.perf_counter()
@@ -395,10 +404,24 @@ def _rows(ray, src, dst, files: list[Path], options: JobOptions, progress: bool)
             raise MSFINError(f"the {options.workers} Ray worker(s) did not all start within "
                              f"{WORKERS_START_TIMEOUT:g} s: does the cluster have {_worker_cpus(ray, options):g} "
                              f"CPU{gpus} for each (ray status)?") from None
+        except ray.exceptions.ActorDiedError as exc:  # a worker's constructor failed: weights, device, …
+            raise MSFINError(f"the Ray workers could not start: {worker_failure(exc)}") from None
         for i in range(len(batch["path"])):
             yield {"path": str(batch["path"][i]), "ok": bool(batch["ok"][i]), "error": str(batch["error"][i]),
                    "seconds": float(batch["seconds"][i]), "out_pixels": int(batch["out_pixels"][i]),
                    "worker": str(batch["worker"][i])}
+
+
+def worker_failure(exc: BaseException) -> str:
+    """The one-line cause in a Ray error that carries a worker's traceback: this package's error
+    message (``msfin_fast.errors.WeightsError: msfin-x4: weights … not found``) when there is one,
+    else the last ``SomeError: message`` line, else the error's first line."""
+    text = str(exc)
+    ours = re.findall(r"msfin_fast\.errors\.\w+: (.+)", text)
+    if ours:
+        return ours[-1].strip()
+    errors = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception): .+)$", text, flags=re.M)
+    return (errors[-1] if errors else (text.strip().splitlines() or [type(exc).__name__])[0]).strip()
 
 
 def run_job(src: str | Path, dst: str | Path, options: JobOptions | None = None, *,
