@@ -65,14 +65,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="average the 8 flips/rotations (MSFIN+; 8× the work)")
 
 
-def _positive_float(text: str) -> float:
+def _outscale(text: str) -> float:
+    """-s as the Upscaler checks it, refused at parse time (exit 2 with the usage)."""
+    from .upscaler import check_outscale
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
-    return value
+        return check_outscale(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _model_help(presets) -> str:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "is a folder")
     up.add_argument("-n", "--model-name", "--model", dest="model", default="msfin-x4", choices=list(PRESETS),
                     metavar="MODEL", help=_model_help(PRESETS))
-    up.add_argument("-s", "--outscale", type=_positive_float, default=None, metavar="S",
+    up.add_argument("-s", "--outscale", type=_outscale, default=None, metavar="S",
                     help="output size as a multiple of the input's, any number > 0 (the ×4 result resized with "
                          "Lanczos; default 4). Images only")
     up.add_argument("--suffix", default="", metavar="TEXT",

@@ -142,7 +142,8 @@ class UpscaleWorker:
     and write, plus its share of its shape group's model time), ``out_pixels`` (0 on error) and
     ``worker`` (``host:pid`` of the worker that ran it). The
     output goes to ``out_root`` / (the path relative to ``in_root``), named by :func:`output_path`
-    (the input's name and format unless ``options.suffix``/``ext``), written atomically, and is recorded with ``options.recipe`` in the output root's manifest.
+    (the input's name and format unless ``options.suffix``/``ext``), written atomically, and is
+    recorded with ``options.recipe`` in the output root's manifest.
     """
 
     def __init__(self, in_root: str, out_root: str, options: JobOptions):
@@ -188,14 +189,11 @@ class UpscaleWorker:
         except Exception as exc:  # a decoder's own bug: this file's row, not the job
             return None, f"{path}: cannot read image ({type(exc).__name__}: {exc})", time.perf_counter() - start
 
-    def _output_path(self, path: str) -> Path:
-        return output_path(self.in_root, self.out_root, path, self.options)
-
     def _write(self, path: str, picture: Picture, rgb: np.ndarray) -> tuple[str, float, int]:
         start = time.perf_counter()
         try:
             result = upscaled(picture, rgb, self.upscaler.scale)
-            out = self._output_path(path)
+            out = output_path(self.in_root, self.out_root, path, self.options)
             stat = self.read_stats.pop(path, None)
             write_image(out, result, lambda tmp: self.manifest.record(path, out, self.options.recipe, tmp, stat))
             w, h = result.size
